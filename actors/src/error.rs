@@ -1,0 +1,136 @@
+//! `VramError`: every failure a caller of the manager can act on, each with
+//! a stable code string (shown by the CLI and in JSON) and the numbers that
+//! explain it.
+
+/// Why a request to the manager failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VramError {
+    /// The model id is not in the catalog.
+    #[error("unknown model {model:?}")]
+    UnknownModel {
+        /// The id that was asked for.
+        model: String,
+    },
+    /// The model is larger than the whole usable card; no eviction helps.
+    #[error("{model} needs {needed} bytes but the card's capacity is {capacity} bytes")]
+    ExceedsCapacity {
+        /// The model asked for.
+        model: String,
+        /// Its size in bytes.
+        needed: u64,
+        /// The usable capacity in bytes.
+        capacity: u64,
+    },
+    /// Evicting everything this request may evict would still not make room.
+    /// Nothing was evicted.
+    #[error(
+        "not enough VRAM for {model}: needs {needed} bytes, {free} free, {evictable} evictable ({leased} more held by leases)"
+    )]
+    InsufficientVram {
+        /// The model asked for.
+        model: String,
+        /// Its size in bytes.
+        needed: u64,
+        /// Free bytes when the request was planned.
+        free: u64,
+        /// Bytes the request was allowed to evict.
+        evictable: u64,
+        /// Bytes of otherwise evictable models that were leased.
+        leased: u64,
+    },
+    /// The model is leased by a request that is still using it.
+    #[error("{model} is in use by {leases} lease(s)")]
+    InUse {
+        /// The model asked for.
+        model: String,
+        /// How many leases still hold it.
+        leases: u32,
+    },
+    /// The backend refused, failed or panicked.
+    #[error("backend for {model} failed: {reason}")]
+    BackendFailed {
+        /// The model being loaded or unloaded.
+        model: String,
+        /// What the backend said.
+        reason: String,
+    },
+    /// The backend did not answer within its timeout.
+    #[error("backend for {model} did not answer within {after_ms} ms")]
+    Timeout {
+        /// The model being loaded or unloaded.
+        model: String,
+        /// The timeout that ran out, in milliseconds.
+        after_ms: u64,
+    },
+    /// The manager's queue is full; try again later.
+    #[error("queue full ({queued} operations waiting)")]
+    Busy {
+        /// How many operations were waiting.
+        queued: usize,
+    },
+}
+
+impl VramError {
+    /// The stable, lower snake case code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownModel { .. } => "unknown_model",
+            Self::ExceedsCapacity { .. } => "exceeds_capacity",
+            Self::InsufficientVram { .. } => "insufficient_vram",
+            Self::InUse { .. } => "in_use",
+            Self::BackendFailed { .. } => "backend_failed",
+            Self::Timeout { .. } => "timeout",
+            Self::Busy { .. } => "busy",
+        }
+    }
+
+    /// Every code the manager can answer, in the order DESIGN.md lists them.
+    pub const CODES: [&'static str; 7] = [
+        "unknown_model",
+        "exceeds_capacity",
+        "insufficient_vram",
+        "in_use",
+        "backend_failed",
+        "timeout",
+        "busy",
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_stable_strings() {
+        let errors = [
+            VramError::UnknownModel { model: "m".into() },
+            VramError::ExceedsCapacity { model: "m".into(), needed: 2, capacity: 1 },
+            VramError::InsufficientVram {
+                model: "m".into(),
+                needed: 2,
+                free: 0,
+                evictable: 1,
+                leased: 0,
+            },
+            VramError::InUse { model: "m".into(), leases: 1 },
+            VramError::BackendFailed { model: "m".into(), reason: "x".into() },
+            VramError::Timeout { model: "m".into(), after_ms: 5 },
+            VramError::Busy { queued: 64 },
+        ];
+        let codes: Vec<_> = errors.iter().map(VramError::code).collect();
+        assert_eq!(codes, VramError::CODES);
+    }
+
+    #[test]
+    fn messages_carry_the_numbers() {
+        let e = VramError::InsufficientVram {
+            model: "llm2".into(),
+            needed: 7,
+            free: 2,
+            evictable: 4,
+            leased: 0,
+        };
+        let text = e.to_string();
+        assert!(text.contains("llm2") && text.contains("7") && text.contains("4 evictable"));
+    }
+}

@@ -1,0 +1,296 @@
+//! The ledger: which models hold VRAM, how many bytes, and in which state.
+//!
+//! Pure data, no actix and no clock. A model's bytes count from the moment
+//! its load is planned (`Loading`) until its backend confirms the unload
+//! (`Unloading` still counts), so the ledger never promises memory that a
+//! backend may still be using.
+
+use std::collections::BTreeMap;
+
+use crate::model::ModelSpec;
+
+/// Where a model is in its life on the card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    /// Planned and reserved; the backend is loading it.
+    Loading,
+    /// Loaded and usable.
+    Resident,
+    /// The backend is unloading it; its bytes still count.
+    Unloading,
+}
+
+/// One model that holds (or is about to hold) VRAM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    /// The model's id.
+    pub id: String,
+    /// The model's kind name.
+    pub kind: String,
+    /// Bytes charged to this model.
+    pub bytes: u64,
+    /// Where the model is in its life on the card.
+    pub state: ModelState,
+    /// How many leases hold it; a leased model is never evicted.
+    pub leases: u32,
+    /// A pinned model is never evicted.
+    pub pinned: bool,
+    /// Sequence number of its last load, acquire, release or touch: larger
+    /// means more recently used. Unique across the ledger, so no two models
+    /// ever tie in least-recently-used order.
+    pub recency: u64,
+}
+
+/// The record of what is on the card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ledger {
+    capacity: u64,
+    used: u64,
+    next_recency: u64,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Ledger {
+    /// An empty ledger for a card with `capacity` usable bytes.
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            capacity,
+            used: 0,
+            next_recency: 0,
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Usable bytes of the card (its total less the reserve).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes charged to models in any state.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Capacity less used bytes (never negative).
+    pub fn free(&self) -> u64 {
+        self.capacity.saturating_sub(self.used)
+    }
+
+    /// The entry of model `id`, if it holds VRAM.
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    /// Whether `id` is loaded and usable.
+    pub fn is_resident(&self, id: &str) -> bool {
+        self.get(id).is_some_and(|e| e.state == ModelState::Resident)
+    }
+
+    /// Every entry, by id.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// How many models hold VRAM.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no model holds VRAM.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn next_recency(&mut self) -> u64 {
+        self.next_recency += 1;
+        self.next_recency
+    }
+
+    /// Reserves the bytes of `model` in state `Loading`. Does nothing if
+    /// the model already has an entry.
+    pub fn reserve(&mut self, model: &ModelSpec) {
+        self.insert(model, ModelState::Loading);
+    }
+
+    /// Records `model` as resident at once (used when a backend reports a
+    /// model the ledger did not know of). Does nothing if it has an entry.
+    pub fn insert_resident(&mut self, model: &ModelSpec) {
+        self.insert(model, ModelState::Resident);
+    }
+
+    fn insert(&mut self, model: &ModelSpec, state: ModelState) {
+        if self.entries.contains_key(&model.id) {
+            return;
+        }
+        let recency = self.next_recency();
+        self.used += model.bytes;
+        self.entries.insert(
+            model.id.clone(),
+            Entry {
+                id: model.id.clone(),
+                kind: model.kind.clone(),
+                bytes: model.bytes,
+                state,
+                leases: 0,
+                pinned: model.pinned,
+                recency,
+            },
+        );
+    }
+
+    /// Marks a reserved model resident and most recently used. Returns
+    /// false if it has no entry.
+    pub fn commit(&mut self, id: &str) -> bool {
+        self.set_state(id, ModelState::Resident)
+    }
+
+    /// Marks a model as being unloaded; its bytes keep counting until
+    /// [`Ledger::remove`]. Returns false if it has no entry.
+    pub fn begin_unload(&mut self, id: &str) -> bool {
+        self.set_state(id, ModelState::Unloading)
+    }
+
+    fn set_state(&mut self, id: &str, state: ModelState) -> bool {
+        let recency = self.next_recency();
+        match self.entries.get_mut(id) {
+            Some(entry) => {
+                entry.state = state;
+                if state == ModelState::Resident {
+                    entry.recency = recency;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes a model and frees its bytes, answering its last entry.
+    pub fn remove(&mut self, id: &str) -> Option<Entry> {
+        let entry = self.entries.remove(id)?;
+        self.used -= entry.bytes;
+        Some(entry)
+    }
+
+    /// Makes `id` the most recently used model. Returns false if unknown.
+    pub fn touch(&mut self, id: &str) -> bool {
+        let recency = self.next_recency();
+        match self.entries.get_mut(id) {
+            Some(entry) => {
+                entry.recency = recency;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds a lease to a resident model (and touches it). Returns false if
+    /// the model is not resident.
+    pub fn lease(&mut self, id: &str) -> bool {
+        let recency = self.next_recency();
+        match self.entries.get_mut(id) {
+            Some(entry) if entry.state == ModelState::Resident => {
+                entry.leases += 1;
+                entry.recency = recency;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops one lease of `id` (and touches it). Returns false if it held
+    /// none.
+    pub fn release(&mut self, id: &str) -> bool {
+        let recency = self.next_recency();
+        match self.entries.get_mut(id) {
+            Some(entry) if entry.leases > 0 => {
+                entry.leases -= 1;
+                entry.recency = recency;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Charges `bytes` to `id` instead of what it was charged before (a
+    /// measured footprint). Returns false if unknown.
+    pub fn set_bytes(&mut self, id: &str, bytes: u64) -> bool {
+        match self.entries.get_mut(id) {
+            Some(entry) => {
+                self.used = self.used - entry.bytes + bytes;
+                entry.bytes = bytes;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn bytes_count_from_reservation_until_removal() {
+        let mut ledger = Ledger::new(16 * GIB);
+        let m = ModelSpec::new("m", "llm", 4 * GIB);
+        ledger.reserve(&m);
+        assert_eq!(ledger.get("m").unwrap().state, ModelState::Loading);
+        assert_eq!(ledger.free(), 12 * GIB);
+        assert!(!ledger.is_resident("m"));
+        assert!(ledger.commit("m"));
+        assert!(ledger.is_resident("m"));
+        assert!(ledger.begin_unload("m"));
+        assert_eq!(ledger.used(), 4 * GIB, "an unloading model still counts");
+        assert_eq!(ledger.remove("m").unwrap().bytes, 4 * GIB);
+        assert_eq!((ledger.used(), ledger.free()), (0, 16 * GIB));
+    }
+
+    #[test]
+    fn reserving_twice_charges_once() {
+        let mut ledger = Ledger::new(16 * GIB);
+        let m = ModelSpec::new("m", "llm", 4 * GIB);
+        ledger.reserve(&m);
+        ledger.reserve(&m);
+        assert_eq!(ledger.used(), 4 * GIB);
+        assert_eq!(ledger.len(), 1);
+    }
+
+    #[test]
+    fn recency_is_unique_and_follows_use() {
+        let mut ledger = Ledger::new(16 * GIB);
+        for id in ["a", "b"] {
+            ledger.reserve(&ModelSpec::new(id, "llm", GIB));
+            ledger.commit(id);
+        }
+        let r = |l: &Ledger, id| l.get(id).unwrap().recency;
+        assert!(r(&ledger, "a") < r(&ledger, "b"));
+        ledger.touch("a");
+        assert!(r(&ledger, "a") > r(&ledger, "b"));
+        assert!(ledger.lease("b"));
+        assert!(r(&ledger, "b") > r(&ledger, "a"));
+    }
+
+    #[test]
+    fn leases_only_on_resident_models_and_never_below_zero() {
+        let mut ledger = Ledger::new(16 * GIB);
+        ledger.reserve(&ModelSpec::new("m", "llm", GIB));
+        assert!(!ledger.lease("m"), "a loading model cannot be leased");
+        ledger.commit("m");
+        assert!(ledger.lease("m"));
+        assert!(ledger.release("m"));
+        assert!(!ledger.release("m"));
+        assert_eq!(ledger.get("m").unwrap().leases, 0);
+    }
+
+    #[test]
+    fn set_bytes_recharges_the_model() {
+        let mut ledger = Ledger::new(16 * GIB);
+        ledger.insert_resident(&ModelSpec::new("m", "llm", GIB));
+        assert!(ledger.set_bytes("m", 3 * GIB));
+        assert_eq!(ledger.used(), 3 * GIB);
+        assert!(!ledger.set_bytes("x", GIB));
+    }
+}

@@ -1,0 +1,83 @@
+//! The models a manager may load: their ids, kinds and declared sizes.
+
+use std::collections::BTreeMap;
+
+/// One model the manager knows how to load.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModelSpec {
+    /// Unique id, e.g. `"whisper-large-v3"`.
+    pub id: String,
+    /// Name of the model's kind (see [`crate::Kinds`]).
+    pub kind: String,
+    /// Declared VRAM footprint in bytes.
+    pub bytes: u64,
+    /// A pinned model is never evicted nor expired; only an explicit
+    /// `Unload` removes it.
+    pub pinned: bool,
+}
+
+impl ModelSpec {
+    /// A model that is not pinned.
+    pub fn new(id: impl Into<String>, kind: impl Into<String>, bytes: u64) -> Self {
+        Self {
+            id: id.into(),
+            kind: kind.into(),
+            bytes,
+            pinned: false,
+        }
+    }
+
+    /// The same model, pinned or not.
+    pub fn pinned(mut self, pinned: bool) -> Self {
+        self.pinned = pinned;
+        self
+    }
+}
+
+/// Every model a manager may load, by id.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Catalog {
+    by_id: BTreeMap<String, ModelSpec>,
+}
+
+impl Catalog {
+    /// An empty catalog.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a model, replacing any model with the same id.
+    pub fn insert(&mut self, model: ModelSpec) {
+        self.by_id.insert(model.id.clone(), model);
+    }
+
+    /// The model with this id, if known.
+    pub fn get(&self, id: &str) -> Option<&ModelSpec> {
+        self.by_id.get(id)
+    }
+
+    /// All models, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &ModelSpec> {
+        self.by_id.values()
+    }
+
+    /// How many models there are.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether the catalog is empty.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+impl FromIterator<ModelSpec> for Catalog {
+    fn from_iter<I: IntoIterator<Item = ModelSpec>>(iter: I) -> Self {
+        let mut catalog = Self::new();
+        for model in iter {
+            catalog.insert(model);
+        }
+        catalog
+    }
+}
