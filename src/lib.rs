@@ -1,1 +1,11 @@
-//! placeholder
+//! vram-manager: shares one GPU between the models of a voice assistant.
+//!
+//! This crate is the application around [`vram_actors`] (re-exported here):
+//! layered settings, the backends, and the scenario runner behind the
+//! `vram-manager` command.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+
+pub use vram_actors::*;

@@ -104,7 +104,11 @@ mod tests {
     fn codes_are_stable_strings() {
         let errors = [
             VramError::UnknownModel { model: "m".into() },
-            VramError::ExceedsCapacity { model: "m".into(), needed: 2, capacity: 1 },
+            VramError::ExceedsCapacity {
+                model: "m".into(),
+                needed: 2,
+                capacity: 1,
+            },
             VramError::InsufficientVram {
                 model: "m".into(),
                 needed: 2,
@@ -112,9 +116,18 @@ mod tests {
                 evictable: 1,
                 leased: 0,
             },
-            VramError::InUse { model: "m".into(), leases: 1 },
-            VramError::BackendFailed { model: "m".into(), reason: "x".into() },
-            VramError::Timeout { model: "m".into(), after_ms: 5 },
+            VramError::InUse {
+                model: "m".into(),
+                leases: 1,
+            },
+            VramError::BackendFailed {
+                model: "m".into(),
+                reason: "x".into(),
+            },
+            VramError::Timeout {
+                model: "m".into(),
+                after_ms: 5,
+            },
             VramError::Busy { queued: 64 },
         ];
         let codes: Vec<_> = errors.iter().map(VramError::code).collect();

@@ -114,6 +114,11 @@ mod tests {
         assert!(!asr.evictable_by(kinds.get("llm").unwrap()));
         assert!(asr.evictable_by(asr));
         // Unprotected kinds fall to anyone, even a lower kind.
-        assert!(kinds.get("tts").unwrap().evictable_by(kinds.get("llm").unwrap()));
+        assert!(
+            kinds
+                .get("tts")
+                .unwrap()
+                .evictable_by(kinds.get("llm").unwrap())
+        );
     }
 }

@@ -84,7 +84,8 @@ impl Ledger {
 
     /// Whether `id` is loaded and usable.
     pub fn is_resident(&self, id: &str) -> bool {
-        self.get(id).is_some_and(|e| e.state == ModelState::Resident)
+        self.get(id)
+            .is_some_and(|e| e.state == ModelState::Resident)
     }
 
     /// Every entry, by id.

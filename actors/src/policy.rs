@@ -179,7 +179,13 @@ mod tests {
         }
 
         fn plan(&self, id: &str) -> Result<Plan, VramError> {
-            plan(&self.ledger, &self.kinds, &self.catalog, id, self.ledger.free())
+            plan(
+                &self.ledger,
+                &self.kinds,
+                &self.catalog,
+                id,
+                self.ledger.free(),
+            )
         }
 
         /// Plans and carries out a load; answers the victims.
@@ -204,7 +210,11 @@ mod tests {
 
     fn loaded(card: &mut Card, ids: &[&str]) {
         for id in ids {
-            assert_eq!(card.load(id), Ok(vec![]), "{id} should fit without eviction");
+            assert_eq!(
+                card.load(id),
+                Ok(vec![]),
+                "{id} should fit without eviction"
+            );
         }
     }
 
@@ -347,7 +357,12 @@ mod tests {
 
     #[test]
     fn step4_lowest_priority_goes_first() {
-        let mut card = Card::new(&[("t", "tts", 4), ("l", "llm", 4), ("a", "asr", 4), ("x", "asr", 8)]);
+        let mut card = Card::new(&[
+            ("t", "tts", 4),
+            ("l", "llm", 4),
+            ("a", "asr", 4),
+            ("x", "asr", 8),
+        ]);
         loaded(&mut card, &["t", "l", "a"]);
         // The tts was loaded first, yet the llm goes first.
         assert_eq!(card.load("x").unwrap(), ["l"]);
@@ -376,7 +391,9 @@ mod tests {
         loaded(&mut card, &["a"]);
         card.ledger.lease("a");
         match card.plan("c").unwrap_err() {
-            VramError::InsufficientVram { evictable, leased, .. } => {
+            VramError::InsufficientVram {
+                evictable, leased, ..
+            } => {
                 assert_eq!((evictable, leased), (0, 10 * GIB));
             }
             other => panic!("unexpected {other:?}"),
@@ -386,7 +403,8 @@ mod tests {
     #[test]
     fn step4_pinned_models_are_not_candidates() {
         let mut card = Card::new(&[("b", "llm", 6), ("c", "llm", 6)]);
-        card.catalog.insert(ModelSpec::new("a", "llm", 6 * GIB).pinned(true));
+        card.catalog
+            .insert(ModelSpec::new("a", "llm", 6 * GIB).pinned(true));
         loaded(&mut card, &["a", "b"]);
         assert_eq!(card.load("c").unwrap(), ["b"]);
         assert!(card.ledger.get("a").is_some());
@@ -402,7 +420,12 @@ mod tests {
 
     #[test]
     fn step5_shortest_prefix_stops_as_soon_as_it_fits() {
-        let mut card = Card::new(&[("a", "llm", 4), ("b", "llm", 4), ("c", "llm", 4), ("d", "llm", 8)]);
+        let mut card = Card::new(&[
+            ("a", "llm", 4),
+            ("b", "llm", 4),
+            ("c", "llm", 4),
+            ("d", "llm", 8),
+        ]);
         loaded(&mut card, &["a", "b", "c"]);
         // free 4, needs 8: a alone is enough, b and c stay.
         assert_eq!(card.load("d").unwrap(), ["a"]);
@@ -411,7 +434,12 @@ mod tests {
 
     #[test]
     fn step6_trim_spares_victims_that_are_not_needed() {
-        let mut card = Card::new(&[("small", "llm", 2), ("big", "llm", 8), ("tts", "tts", 2), ("huge", "llm", 12)]);
+        let mut card = Card::new(&[
+            ("small", "llm", 2),
+            ("big", "llm", 8),
+            ("tts", "tts", 2),
+            ("huge", "llm", 12),
+        ]);
         loaded(&mut card, &["small", "big", "tts"]);
         // free 4, needs 12: the prefix is [small, big] (14 free); without
         // small, big alone still frees 12, so small is spared.
@@ -421,7 +449,12 @@ mod tests {
 
     #[test]
     fn step7_victims_come_in_unload_order() {
-        let mut card = Card::new(&[("l", "llm", 5), ("t", "tts", 5), ("a", "asr", 5), ("x", "asr", 10)]);
+        let mut card = Card::new(&[
+            ("l", "llm", 5),
+            ("t", "tts", 5),
+            ("a", "asr", 5),
+            ("x", "asr", 10),
+        ]);
         loaded(&mut card, &["t", "l", "a"]);
         assert_eq!(card.plan("x").unwrap().victims(), ["l", "t"]);
     }

@@ -98,7 +98,11 @@ impl World {
     }
 
     fn used(&self) -> u64 {
-        self.reference.resident.keys().map(|id| self.spec(id).bytes).sum()
+        self.reference
+            .resident
+            .keys()
+            .map(|id| self.spec(id).bytes)
+            .sum()
     }
 
     /// Loads `id` through the planner, checking the plan against the
@@ -107,7 +111,13 @@ impl World {
         let needed = self.spec(id).bytes;
         let free = CAPACITY - self.used();
         let before = self.ledger.clone();
-        let result = plan(&self.ledger, &self.kinds, &self.catalog, id, self.ledger.free());
+        let result = plan(
+            &self.ledger,
+            &self.kinds,
+            &self.catalog,
+            id,
+            self.ledger.free(),
+        );
         let candidates = self.reference_candidates(id);
         let evictable: u64 = candidates.iter().map(|c| self.spec(c).bytes).sum();
         match result {
@@ -142,7 +152,11 @@ impl World {
                         v
                     );
                     // Minimal: dropping any one victim would not fit.
-                    prop_assert!(free + freed - self.spec(v).bytes < needed, "{} not needed", v);
+                    prop_assert!(
+                        free + freed - self.spec(v).bytes < needed,
+                        "{} not needed",
+                        v
+                    );
                 }
                 if !victims.is_empty() {
                     // Victims come from the shortest sufficient prefix, in order.
@@ -156,8 +170,11 @@ impl World {
                         })
                         .cloned()
                         .collect();
-                    let in_prefix: Vec<_> =
-                        prefix.iter().filter(|p| victims.contains(p)).cloned().collect();
+                    let in_prefix: Vec<_> = prefix
+                        .iter()
+                        .filter(|p| victims.contains(p))
+                        .cloned()
+                        .collect();
                     prop_assert_eq!(&in_prefix, &victims);
                 }
                 for v in &victims {
@@ -170,7 +187,9 @@ impl World {
                 prop_assert!(self.ledger.used() <= CAPACITY, "over-committed");
                 self.ledger.commit(id);
                 self.reference.clock += 1;
-                self.reference.resident.insert(id.to_string(), (0, self.reference.clock));
+                self.reference
+                    .resident
+                    .insert(id.to_string(), (0, self.reference.clock));
                 Ok(true)
             }
         }
@@ -214,9 +233,17 @@ impl World {
         // After every step: the ledger and the reference agree.
         prop_assert!(self.ledger.used() <= CAPACITY);
         prop_assert_eq!(self.ledger.used(), self.used());
-        let ledger: Vec<_> = self.ledger.entries().map(|e| (e.id.clone(), e.leases)).collect();
-        let reference: Vec<_> =
-            self.reference.resident.iter().map(|(id, s)| (id.clone(), s.0)).collect();
+        let ledger: Vec<_> = self
+            .ledger
+            .entries()
+            .map(|e| (e.id.clone(), e.leases))
+            .collect();
+        let reference: Vec<_> = self
+            .reference
+            .resident
+            .iter()
+            .map(|(id, s)| (id.clone(), s.0))
+            .collect();
         prop_assert_eq!(ledger, reference);
         Ok(())
     }

@@ -1,0 +1,428 @@
+//! Settings in two stages: raw serde structs exactly as the files say, then
+//! one validated [`Settings`] with integer bytes, durations and kinds.
+//!
+//! Layers, later over earlier: `config/default.toml` (compiled in, so the
+//! binary needs no file), an optional user file, then `VRAM__*` environment
+//! variables with a double underscore between levels
+//! (`VRAM__POLICY__LEASE_WAIT=2s`). [`Settings::parse`] takes TOML text so
+//! tests need no files; [`Settings::load`] reads a path and the environment.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+use vram_actors::{Catalog, Kind, Kinds, ModelSpec};
+
+/// The defaults, compiled into the binary.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Why settings could not be built. Every variant names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path that was asked for.
+        path: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A file is not TOML; the message carries line and column.
+    #[error("{origin} is not valid TOML: {message}")]
+    Toml {
+        /// Which file (or "settings").
+        origin: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key has a value of the wrong shape, or is not a known key.
+    #[error("{0}")]
+    Shape(String),
+    /// A value is well-formed but not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, e.g. `models[2].vram`.
+        key: String,
+        /// What was wrong with it.
+        message: String,
+    },
+}
+
+impl SettingsError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw stage
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    gpu: RawGpu,
+    policy: RawPolicy,
+    kinds: BTreeMap<String, RawKind>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpu {
+    probe: String,
+    device: String,
+    total: String,
+    reserve: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(with = "humantime_serde")]
+    lease_wait: Duration,
+    #[serde(with = "humantime_serde")]
+    load_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    unload_timeout: Duration,
+    max_queue: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKind {
+    priority: u32,
+    #[serde(default)]
+    protected: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    id: String,
+    kind: String,
+    vram: String,
+    #[serde(default)]
+    pinned: bool,
+    #[serde(default = "default_backend")]
+    backend: String,
+    #[serde(default)]
+    load_ms: u64,
+    #[serde(default)]
+    unload_ms: u64,
+    #[serde(default)]
+    fail_load: bool,
+}
+
+fn default_backend() -> String {
+    "sim".to_string()
+}
+
+// ---------------------------------------------------------- validated stage
+
+/// Validated settings: everything a manager needs, sizes in bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The card and how to ask it.
+    pub gpu: GpuSettings,
+    /// Waiting, timeouts and backpressure.
+    pub policy: PolicySettings,
+    /// Eviction tiers.
+    pub kinds: Kinds,
+    /// The models that may be loaded, in file order.
+    pub models: Vec<ModelSettings>,
+}
+
+/// How to learn about the card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeChoice {
+    /// Use NVML when the NVIDIA library loads, else the configured total.
+    Auto,
+    /// Require NVML; its absence is an error.
+    Nvml,
+    /// Never ask the card; trust the configured total.
+    None,
+}
+
+/// The card's size as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuTotal {
+    /// A fixed size in bytes.
+    Bytes(u64),
+    /// Whatever NVML reports as the card's total.
+    Auto,
+}
+
+/// `[gpu]`: which card, how big, how much to keep free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuSettings {
+    /// How to learn about the card.
+    pub probe: ProbeChoice,
+    /// The card: an index ("0") or a UUID.
+    pub device: String,
+    /// The card's total memory.
+    pub total: GpuTotal,
+    /// Bytes never handed to models.
+    pub reserve: u64,
+}
+
+impl GpuSettings {
+    /// Usable bytes (total less reserve), when the total is known without
+    /// asking the card.
+    pub fn capacity(&self) -> Option<u64> {
+        match self.total {
+            GpuTotal::Bytes(total) => Some(total.saturating_sub(self.reserve)),
+            GpuTotal::Auto => None,
+        }
+    }
+}
+
+/// `[policy]`: waiting, timeouts and backpressure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicySettings {
+    /// How long a load or unload waits for leases to be released.
+    pub lease_wait: Duration,
+    /// How long a backend may take to load a model.
+    pub load_timeout: Duration,
+    /// How long a backend may take to unload a model.
+    pub unload_timeout: Duration,
+    /// Waiting requests beyond this are refused with `busy`.
+    pub max_queue: usize,
+}
+
+/// Options of the simulated backend, per model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimOptions {
+    /// Time a load takes, in milliseconds.
+    pub load_ms: u64,
+    /// Time an unload takes, in milliseconds.
+    pub unload_ms: u64,
+    /// Refuse every load (to exercise `backend_failed`).
+    pub fail_load: bool,
+}
+
+/// Which backend serves a model, with its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// The simulated backend.
+    Sim(SimOptions),
+}
+
+/// One `[[models]]` entry, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSettings {
+    /// Id, kind, declared bytes and pin.
+    pub spec: ModelSpec,
+    /// How it is loaded.
+    pub backend: BackendSpec,
+}
+
+impl Settings {
+    /// The defaults, then `text` (TOML) on top. No environment: for tests
+    /// and embedded configurations.
+    pub fn parse(text: &str) -> Result<Self, SettingsError> {
+        Self::from_layers(Some(("settings", text)), Some(HashMap::new()))
+    }
+
+    /// The defaults, then the file at `path` (if given), then the process
+    /// environment's `VRAM__*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, SettingsError> {
+        let text = path.map(read_file).transpose()?;
+        let origin = path.map(|p| p.display().to_string());
+        let file = origin.as_deref().zip(text.as_deref());
+        Self::from_layers(file, None)
+    }
+
+    /// The defaults, then `file` as `(origin, text)`, then the `VRAM__*`
+    /// variables of `env` (the process environment when `None`).
+    pub fn from_layers(
+        file: Option<(&str, &str)>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, SettingsError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some((origin, text)) = file {
+            check_toml(origin, text)?;
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+        }
+        let env_source = config::Environment::with_prefix("VRAM")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        let raw: RawSettings = builder
+            .add_source(env_source)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| SettingsError::Shape(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// Usable bytes when the total is configured (not "auto").
+    pub fn capacity(&self) -> Option<u64> {
+        self.gpu.capacity()
+    }
+
+    /// The models as a planner catalog.
+    pub fn catalog(&self) -> Catalog {
+        self.models.iter().map(|m| m.spec.clone()).collect()
+    }
+
+    /// The settings of model `id`.
+    pub fn model(&self, id: &str) -> Option<&ModelSettings> {
+        self.models.iter().find(|m| m.spec.id == id)
+    }
+}
+
+/// Reads a settings or scenario file.
+pub fn read_file(path: &Path) -> Result<String, SettingsError> {
+    std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Fails with line and column when `text` is not TOML.
+pub fn check_toml(origin: &str, text: &str) -> Result<toml::Table, SettingsError> {
+    toml::from_str::<toml::Table>(text).map_err(|e| SettingsError::Toml {
+        origin: origin.to_string(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+/// Parses a human size ("3GiB", "512 MiB"); a bare number is refused
+/// because "3" is far more often a mistake than three bytes.
+pub fn parse_size(key: &str, text: &str) -> Result<u64, SettingsError> {
+    let trimmed = text.trim();
+    if !trimmed.chars().any(|c| c.is_ascii_alphabetic()) {
+        return Err(SettingsError::invalid(
+            key,
+            format!("size {text:?} has no unit; write e.g. \"3GiB\" or \"512MiB\""),
+        ));
+    }
+    ByteSize::from_str(trimmed)
+        .map(|b| b.as_u64())
+        .map_err(|_| {
+            SettingsError::invalid(
+                key,
+                format!("{text:?} is not a size; write e.g. \"3GiB\" or \"512MiB\""),
+            )
+        })
+}
+
+impl RawSettings {
+    fn validate(self) -> Result<Settings, SettingsError> {
+        let probe = match self.gpu.probe.as_str() {
+            "auto" => ProbeChoice::Auto,
+            "nvml" => ProbeChoice::Nvml,
+            "none" => ProbeChoice::None,
+            other => {
+                return Err(SettingsError::invalid(
+                    "gpu.probe",
+                    format!("unknown probe {other:?} (expected auto, nvml or none)"),
+                ));
+            }
+        };
+        let total = match self.gpu.total.trim() {
+            "auto" => GpuTotal::Auto,
+            text => GpuTotal::Bytes(parse_size("gpu.total", text)?),
+        };
+        let reserve = parse_size("gpu.reserve", &self.gpu.reserve)?;
+        if let GpuTotal::Bytes(total) = total
+            && reserve >= total
+        {
+            return Err(SettingsError::invalid(
+                "gpu.reserve",
+                format!("reserve {reserve} bytes leaves nothing of a {total}-byte card"),
+            ));
+        }
+        if self.policy.max_queue == 0 {
+            return Err(SettingsError::invalid(
+                "policy.max_queue",
+                "must be at least 1",
+            ));
+        }
+        if self.kinds.is_empty() {
+            return Err(SettingsError::invalid(
+                "kinds",
+                "at least one kind is needed",
+            ));
+        }
+        let mut kinds = Kinds::new();
+        for (name, raw) in &self.kinds {
+            kinds.insert(Kind::new(name.clone(), raw.priority, raw.protected));
+        }
+        let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+        let mut seen = HashSet::new();
+        let mut models = Vec::with_capacity(self.models.len());
+        for (i, raw) in self.models.into_iter().enumerate() {
+            let key = |field: &str| format!("models[{i}].{field}");
+            if raw.id.trim().is_empty() {
+                return Err(SettingsError::invalid(key("id"), "must not be empty"));
+            }
+            if !seen.insert(raw.id.clone()) {
+                return Err(SettingsError::invalid(
+                    key("id"),
+                    format!("duplicate model id {:?}", raw.id),
+                ));
+            }
+            if kinds.get(&raw.kind).is_none() {
+                return Err(SettingsError::invalid(
+                    key("kind"),
+                    format!(
+                        "unknown kind {:?} for model {:?} (known kinds: {})",
+                        raw.kind,
+                        raw.id,
+                        known.join(", ")
+                    ),
+                ));
+            }
+            let bytes = parse_size(&key("vram"), &raw.vram)?;
+            if bytes == 0 {
+                return Err(SettingsError::invalid(
+                    key("vram"),
+                    "must be more than 0 bytes",
+                ));
+            }
+            let backend = match raw.backend.as_str() {
+                "sim" => BackendSpec::Sim(SimOptions {
+                    load_ms: raw.load_ms,
+                    unload_ms: raw.unload_ms,
+                    fail_load: raw.fail_load,
+                }),
+                other => {
+                    return Err(SettingsError::invalid(
+                        key("backend"),
+                        format!("unknown backend {other:?} (expected \"sim\")"),
+                    ));
+                }
+            };
+            models.push(ModelSettings {
+                spec: ModelSpec::new(raw.id, raw.kind, bytes).pinned(raw.pinned),
+                backend,
+            });
+        }
+        Ok(Settings {
+            gpu: GpuSettings {
+                probe,
+                device: self.gpu.device,
+                total,
+                reserve,
+            },
+            policy: PolicySettings {
+                lease_wait: self.policy.lease_wait,
+                load_timeout: self.policy.load_timeout,
+                unload_timeout: self.policy.unload_timeout,
+                max_queue: self.policy.max_queue,
+            },
+            kinds,
+            models,
+        })
+    }
+}

@@ -1,0 +1,37 @@
+//! Helpers shared by the integration tests: running the binary, writing
+//! temporary files, and building settings from TOML.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// One GiB in bytes.
+pub const GIB: u64 = 1 << 30;
+
+/// Runs the `vram-manager` binary with `args` and extra environment.
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vram-manager"));
+    cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the binary runs")
+}
+
+/// Exit status, stdout and stderr of a run, as text.
+pub fn outcome(output: &Output) -> (i32, String, String) {
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Writes `text` to a fresh file under the target directory and answers
+/// its path. Each name must be unique within the test binary.
+pub fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("{}-{name}", std::process::id()));
+    std::fs::write(&path, text).expect("temp file written");
+    path
+}

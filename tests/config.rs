@@ -1,0 +1,217 @@
+//! Settings: layering (defaults, file, VRAM__* environment), validation
+//! messages that name the key, and the `check-config` command's exits.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{GIB, outcome, run_cli, temp_file};
+use vram_manager::config::{GpuTotal, ProbeChoice, Settings, SettingsError};
+
+fn error_of(text: &str) -> String {
+    Settings::parse(text)
+        .expect_err("settings should be refused")
+        .to_string()
+}
+
+#[test]
+fn defaults_are_the_voice_assistant_on_16_gib() {
+    let s = Settings::parse("").unwrap();
+    assert_eq!(s.capacity(), Some(16 * GIB));
+    assert_eq!(s.gpu.probe, ProbeChoice::Auto);
+    assert_eq!(s.policy.lease_wait, Duration::ZERO);
+    assert_eq!(s.policy.max_queue, 64);
+    let asr = s.kinds.get("asr").unwrap();
+    assert!(asr.protected && asr.priority == 2);
+    assert_eq!(s.kinds.get("llm").unwrap().priority, 0);
+    assert!(s.models.is_empty());
+}
+
+#[test]
+fn a_file_layers_over_the_defaults() {
+    let s = Settings::parse(
+        r#"
+        [gpu]
+        total = "24GiB"
+        reserve = "1GiB"
+        [policy]
+        lease_wait = "250ms"
+        [kinds.vad]
+        priority = 3
+        protected = true
+        [[models]]
+        id = "whisper"
+        kind = "asr"
+        vram = "3GiB"
+        pinned = true
+        "#,
+    )
+    .unwrap();
+    assert_eq!(s.capacity(), Some(23 * GIB));
+    assert_eq!(s.policy.lease_wait, Duration::from_millis(250));
+    assert_eq!(
+        s.policy.unload_timeout,
+        Duration::from_secs(30),
+        "untouched default"
+    );
+    assert_eq!(s.kinds.len(), 4, "a new kind joins the defaults");
+    let m = s.model("whisper").unwrap();
+    assert_eq!((m.spec.bytes, m.spec.pinned), (3 * GIB, true));
+}
+
+#[test]
+fn environment_layers_over_the_file() {
+    let env: HashMap<String, String> = [
+        ("VRAM__GPU__TOTAL", "24GiB"),
+        ("VRAM__POLICY__LEASE_WAIT", "2s"),
+        ("VRAM__GPU__DEVICE", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let file = "[gpu]\ntotal = \"8GiB\"\n";
+    let s = Settings::from_layers(Some(("file", file)), Some(env)).unwrap();
+    assert_eq!(s.gpu.total, GpuTotal::Bytes(24 * GIB));
+    assert_eq!(s.gpu.device, "1");
+    assert_eq!(s.policy.lease_wait, Duration::from_secs(2));
+}
+
+#[test]
+fn total_auto_is_accepted() {
+    let s = Settings::parse("[gpu]\ntotal = \"auto\"\n").unwrap();
+    assert_eq!(s.gpu.total, GpuTotal::Auto);
+    assert_eq!(s.capacity(), None);
+}
+
+#[test]
+fn unknown_kind_names_the_kind_and_the_key() {
+    let e = error_of("[[models]]\nid = \"a\"\nkind = \"stt\"\nvram = \"1GiB\"\n");
+    assert!(e.contains("models[0].kind") && e.contains("\"stt\""), "{e}");
+}
+
+#[test]
+fn size_without_unit_names_the_field() {
+    for vram in ["\"3\"", "3"] {
+        let e = error_of(&format!(
+            "[[models]]\nid = \"a\"\nkind = \"asr\"\nvram = {vram}\n"
+        ));
+        assert!(e.contains("models[0].vram") && e.contains("no unit"), "{e}");
+    }
+    let e = error_of("[gpu]\nreserve = \"lots\"\n");
+    assert!(e.contains("gpu.reserve"), "{e}");
+}
+
+#[test]
+fn duplicate_model_id_says_duplicate_and_the_id() {
+    let model = "[[models]]\nid = \"twin\"\nkind = \"tts\"\nvram = \"1GiB\"\n";
+    let e = error_of(&format!("{model}{model}"));
+    assert!(
+        e.contains("duplicate") && e.contains("\"twin\"") && e.contains("models[1].id"),
+        "{e}"
+    );
+}
+
+#[test]
+fn not_toml_gives_line_and_column() {
+    let err = Settings::parse("[gpu]\ntotal = \n").unwrap_err();
+    assert!(matches!(err, SettingsError::Toml { .. }));
+    let e = err.to_string();
+    assert!(e.contains("line 2") && e.contains("column"), "{e}");
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_name_the_key() {
+    let e = error_of("[[models]]\nid = \"a\"\nkind = \"asr\"\nvram = \"1GiB\"\nvrm = 2\n");
+    assert!(e.contains("vrm") && e.contains("models[0]"), "{e}");
+    let e = error_of("[kinds.llm]\npriority = \"low\"\n");
+    assert!(e.contains("kinds.llm.priority"), "{e}");
+    let e = error_of("[policy]\nlease_wait = \"soon\"\n");
+    assert!(e.contains("policy.lease_wait"), "{e}");
+    let e = error_of("[gpu]\nprobe = \"cuda\"\n");
+    assert!(e.contains("gpu.probe") && e.contains("cuda"), "{e}");
+    let e = error_of("[gpu]\ntotal = \"4GiB\"\nreserve = \"4GiB\"\n");
+    assert!(e.contains("gpu.reserve"), "{e}");
+}
+
+#[test]
+fn a_model_larger_than_the_card_is_legal() {
+    let s =
+        Settings::parse("[[models]]\nid = \"big\"\nkind = \"llm\"\nvram = \"40GiB\"\n").unwrap();
+    assert_eq!(s.model("big").unwrap().spec.bytes, 40 * GIB);
+}
+
+#[test]
+fn check_config_prints_the_effective_settings() {
+    let (code, out, _) = outcome(&run_cli(&["check-config", "config/default.toml"], &[]));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("capacity 16.0 GiB (17179869184 bytes)"),
+        "{out}"
+    );
+    assert!(out.contains("asr") && out.contains("protected"), "{out}");
+}
+
+#[test]
+fn check_config_warns_about_a_model_larger_than_the_card() {
+    let path = temp_file(
+        "big.toml",
+        "[[models]]\nid = \"big\"\nkind = \"llm\"\nvram = \"40GiB\"\n",
+    );
+    let (code, out, err) = outcome(&run_cli(&["check-config", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("big"));
+    assert!(
+        err.contains("warning") && err.contains("\"big\"") && err.contains("exceeds_capacity"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_exits_2_naming_what_was_wrong() {
+    let cases = [
+        (
+            "kind.toml",
+            "[[models]]\nid = \"a\"\nkind = \"stt\"\nvram = \"1GiB\"\n",
+            "\"stt\"",
+        ),
+        (
+            "unit.toml",
+            "[[models]]\nid = \"a\"\nkind = \"asr\"\nvram = \"3\"\n",
+            "models[0].vram",
+        ),
+        (
+            "dup.toml",
+            "[[models]]\nid = \"a\"\nkind = \"asr\"\nvram = \"1GiB\"\n[[models]]\nid = \"a\"\nkind = \"tts\"\nvram = \"1GiB\"\n",
+            "duplicate model id \"a\"",
+        ),
+        ("toml.toml", "[gpu\n", "line 1, column"),
+    ];
+    for (name, text, expected) in cases {
+        let path = temp_file(name, text);
+        let (code, _, err) = outcome(&run_cli(&["check-config", path.to_str().unwrap()], &[]));
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(err.contains(expected), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+}
+
+#[test]
+fn check_config_reads_the_environment() {
+    let (code, _, err) = outcome(&run_cli(&["check-config"], &[("VRAM__GPU__TOTAL", "lots")]));
+    assert_eq!(code, 2);
+    assert!(err.contains("gpu.total"), "{err}");
+    let (code, out, _) = outcome(&run_cli(
+        &["check-config"],
+        &[("VRAM__GPU__TOTAL", "24GiB")],
+    ));
+    assert_eq!(code, 0);
+    assert!(out.contains("24.0 GiB"), "{out}");
+}
+
+#[test]
+fn a_missing_file_exits_2_naming_it() {
+    let (code, _, err) = outcome(&run_cli(&["check-config", "no/such/file.toml"], &[]));
+    assert_eq!(code, 2);
+    assert!(err.contains("no/such/file.toml"), "{err}");
+}
