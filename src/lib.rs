@@ -5,7 +5,10 @@
 //! `vram-manager` command.
 #![warn(missing_docs)]
 
+pub mod backends;
 pub mod cli;
 pub mod config;
+pub mod manager;
 
+pub use manager::Manager;
 pub use vram_actors::*;

@@ -166,6 +166,18 @@ impl Ledger {
         }
     }
 
+    /// Takes back a [`Ledger::begin_unload`] whose unload failed: the model
+    /// is resident again, its recency unchanged. Returns false if unknown.
+    pub fn cancel_unload(&mut self, id: &str) -> bool {
+        match self.entries.get_mut(id) {
+            Some(entry) => {
+                entry.state = ModelState::Resident;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Removes a model and frees its bytes, answering its last entry.
     pub fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.entries.remove(id)?;

@@ -2,17 +2,33 @@
 //!
 //! The pure core decides: [`Ledger`] records what holds VRAM, [`plan`]
 //! chooses victims by the policy of DESIGN.md, [`Kinds`] and [`Catalog`]
-//! describe what can be loaded. The actors carry those decisions out.
+//! describe what can be loaded. The actors carry those decisions out:
+//! [`VramActor`] owns the ledger and serialises loads and unloads;
+//! [`BackendActor`]s, one per kind and supervised, talk to [`Backend`]s.
 #![warn(missing_docs)]
 
+mod backend;
+mod backend_actor;
 mod error;
+mod job;
 mod kind;
 mod ledger;
+mod messages;
 mod model;
 mod policy;
+mod vram_actor;
 
+pub use backend::{Backend, BackendError, BackendFuture};
+pub use backend_actor::{
+    BackendActor, BackendRestarted, Crash, ListLoaded, LoadModel, UnloadModel,
+};
 pub use error::VramError;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};
+pub use messages::{
+    Acquire, CrashBackend, Lease, Load, Loaded, ModelStatus, Release, Status, StatusReport,
+    Subscribe, Unload, Unloaded, VramEvent,
+};
 pub use model::{Catalog, ModelSpec};
 pub use policy::{Plan, plan};
+pub use vram_actor::{ManagerConfig, VramActor};

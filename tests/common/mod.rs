@@ -35,3 +35,41 @@ pub fn temp_file(name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).expect("temp file written");
     path
 }
+
+use vram_manager::config::Settings;
+use vram_manager::{Load, Manager, Status, StatusReport, VramError};
+
+/// Settings from TOML layered over the defaults.
+pub fn settings(toml: &str) -> Settings {
+    Settings::parse(toml).expect("test settings are valid")
+}
+
+/// Starts a manager from TOML settings (inside an actix test).
+pub fn start(toml: &str) -> Manager {
+    Manager::start(&settings(toml)).expect("manager starts")
+}
+
+/// A `[[models]]` entry: id, kind, size in GiB, extra keys.
+pub fn model(id: &str, kind: &str, gib: u64, extra: &str) -> String {
+    format!("[[models]]\nid = \"{id}\"\nkind = \"{kind}\"\nvram = \"{gib}GiB\"\n{extra}\n")
+}
+
+/// Loads `id`, answering the evicted models or the error code.
+pub async fn load(m: &Manager, id: &str) -> Result<Vec<String>, &'static str> {
+    m.addr
+        .send(Load::new(id))
+        .await
+        .expect("manager answers")
+        .map(|l| l.evicted)
+        .map_err(|e: VramError| e.code())
+}
+
+/// The current status.
+pub async fn status(m: &Manager) -> StatusReport {
+    m.addr.send(Status).await.expect("manager answers")
+}
+
+/// Ids of resident models, sorted.
+pub async fn resident(m: &Manager) -> Vec<String> {
+    status(m).await.resident()
+}

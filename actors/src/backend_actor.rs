@@ -1,0 +1,215 @@
+//! `BackendActor`: one per model kind, wrapping a [`Backend`] and run under
+//! an actix `Supervisor`.
+//!
+//! Start: the `VramActor` starts one per kind with `Supervisor::start`, on
+//! its own arbiter, handing it a recipient for [`BackendRestarted`].
+//!
+//! Crash: every backend call (and the `Crash` test message) runs inside
+//! `catch_unwind`. A panic answers the request in flight with
+//! `backend_failed` and stops the actor, because a supervisor restarts an
+//! actor only when it stops; an uncaught panic would kill the task with no
+//! restart at all.
+//!
+//! Restart: `Supervised::restarting` calls [`Backend::reset`], counts the
+//! restart and tells the `VramActor`, which then makes its ledger equal to
+//! what the backend reports as [`loaded`](Backend::loaded). Messages queued
+//! in the mailbox survive the restart and are handled afterwards.
+
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::FutureExt;
+
+use crate::backend::{Backend, BackendError, BackendFuture};
+use crate::error::VramError;
+use crate::model::ModelSpec;
+
+/// Told to the `VramActor` each time a backend actor restarts.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct BackendRestarted {
+    /// The kind whose backend restarted.
+    pub kind: String,
+    /// How many times it has restarted so far.
+    pub restarts: u32,
+}
+
+/// Load a model through the backend. Answers when it is usable.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), VramError>")]
+pub struct LoadModel(pub ModelSpec);
+
+/// Unload a model through the backend. Answers when its memory is back.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), VramError>")]
+pub struct UnloadModel(pub String);
+
+/// Ask the backend which models it holds.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<String>, VramError>")]
+pub struct ListLoaded;
+
+/// Make the actor panic inside a handler, as a crashing backend would
+/// (fault testing). Answers `Ok` just before the actor stops.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+/// Wraps one kind's [`Backend`]; see the module docs for its lifecycle.
+pub struct BackendActor {
+    kind: String,
+    backend: Rc<dyn Backend>,
+    load_timeout: Duration,
+    unload_timeout: Duration,
+    on_restart: Option<Recipient<BackendRestarted>>,
+    restarts: u32,
+}
+
+impl BackendActor {
+    /// An actor for `kind` around `backend`, with the timeouts after which
+    /// a load or unload fails with `timeout`.
+    pub fn new(
+        kind: impl Into<String>,
+        backend: Rc<dyn Backend>,
+        load_timeout: Duration,
+        unload_timeout: Duration,
+    ) -> Self {
+        Self {
+            kind: kind.into(),
+            backend,
+            load_timeout,
+            unload_timeout,
+            on_restart: None,
+            restarts: 0,
+        }
+    }
+
+    /// Tells `recipient` of every restart.
+    pub fn notify_restarts(mut self, recipient: Recipient<BackendRestarted>) -> Self {
+        self.on_restart = Some(recipient);
+        self
+    }
+
+    /// Runs one backend call: catches a panic (while the future is built or
+    /// polled), applies the timeout, and stops the actor after a panic so
+    /// the supervisor restarts it.
+    fn guarded<T: 'static>(
+        &self,
+        model: String,
+        timeout: Option<Duration>,
+        call: impl FnOnce(&dyn Backend) -> BackendFuture<T>,
+    ) -> ResponseActFuture<Self, Result<T, VramError>> {
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| call(self.backend.as_ref())));
+        let fut = async move {
+            let fut = match started {
+                Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
+                Err(panic) => return Outcome::Panicked(panic_text(&panic)),
+            };
+            let result = match timeout {
+                Some(limit) => match actix::clock::timeout(limit, fut).await {
+                    Ok(result) => result,
+                    Err(_) => return Outcome::TimedOut(limit),
+                },
+                None => fut.await,
+            };
+            match result {
+                Ok(Ok(value)) => Outcome::Done(value),
+                Ok(Err(e)) => Outcome::Failed(e),
+                Err(panic) => Outcome::Panicked(panic_text(&panic)),
+            }
+        };
+        Box::pin(fut.into_actor(self).map(move |outcome, act, ctx| match outcome {
+            Outcome::Done(value) => Ok(value),
+            Outcome::Failed(e) => Err(VramError::BackendFailed {
+                model,
+                reason: e.0,
+            }),
+            Outcome::TimedOut(limit) => Err(VramError::Timeout {
+                model,
+                after_ms: limit.as_millis() as u64,
+            }),
+            Outcome::Panicked(text) => {
+                tracing::error!(kind = %act.kind, model = %model, panic = %text, "backend panicked; restarting it");
+                ctx.stop();
+                Err(VramError::BackendFailed {
+                    model,
+                    reason: format!("backend panicked: {text}"),
+                })
+            }
+        }))
+    }
+}
+
+enum Outcome<T> {
+    Done(T),
+    Failed(BackendError),
+    TimedOut(Duration),
+    Panicked(String),
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+impl Actor for BackendActor {
+    type Context = Context<Self>;
+}
+
+impl Supervised for BackendActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.restarts += 1;
+        self.backend.reset();
+        tracing::warn!(kind = %self.kind, restarts = self.restarts, "backend restarted");
+        if let Some(recipient) = &self.on_restart {
+            recipient.do_send(BackendRestarted {
+                kind: self.kind.clone(),
+                restarts: self.restarts,
+            });
+        }
+    }
+}
+
+impl Handler<LoadModel> for BackendActor {
+    type Result = ResponseActFuture<Self, Result<(), VramError>>;
+
+    fn handle(&mut self, msg: LoadModel, _ctx: &mut Context<Self>) -> Self::Result {
+        let spec = msg.0;
+        self.guarded(spec.id.clone(), Some(self.load_timeout), |b| b.load(&spec))
+    }
+}
+
+impl Handler<UnloadModel> for BackendActor {
+    type Result = ResponseActFuture<Self, Result<(), VramError>>;
+
+    fn handle(&mut self, msg: UnloadModel, _ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.0;
+        self.guarded(id.clone(), Some(self.unload_timeout), |b| b.unload(&id))
+    }
+}
+
+impl Handler<ListLoaded> for BackendActor {
+    type Result = ResponseActFuture<Self, Result<Vec<String>, VramError>>;
+
+    fn handle(&mut self, _msg: ListLoaded, _ctx: &mut Context<Self>) -> Self::Result {
+        let label = format!("<{} backend>", self.kind);
+        self.guarded(label, Some(self.unload_timeout), |b| b.loaded())
+    }
+}
+
+impl Handler<Crash> for BackendActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Crash, ctx: &mut Context<Self>) {
+        let kind = self.kind.clone();
+        let caught = std::panic::catch_unwind(move || panic!("crash requested for {kind}"));
+        let Err(panic) = caught;
+        tracing::error!(kind = %self.kind, panic = %panic_text(&panic), "backend crashed; restarting it");
+        ctx.stop();
+    }
+}

@@ -1,0 +1,585 @@
+//! The jobs of the `VramActor`'s queue and the drivers that carry them out.
+//!
+//! A driver is a plain future spawned on the actor's context. It never
+//! touches the ledger itself: each step that changes state is an internal
+//! message to the actor (plan, victim unloaded, load done, ...), and each
+//! backend call is an awaited message to that kind's `BackendActor`. So an
+//! eviction is a sequence of awaited messages, and between two steps the
+//! actor stays free to answer Status, Release and Acquire.
+
+use std::rc::Rc;
+
+use actix::prelude::*;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModel};
+use crate::error::VramError;
+use crate::ledger::ModelState;
+use crate::messages::{Loaded, Unloaded, VramEvent};
+use crate::model::ModelSpec;
+use crate::policy::{Plan, plan};
+use crate::vram_actor::VramActor;
+
+/// One operation of the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum JobOp {
+    /// Load a model (also serves Acquires that need a load).
+    Load(String),
+    /// Unload a model.
+    Unload(String),
+    /// Crash a kind's backend and wait for its restart.
+    Crash(String),
+    /// Make the ledger agree with a restarted backend of this kind.
+    Reconcile(String),
+}
+
+impl JobOp {
+    /// The model this job is about, if any.
+    pub(crate) fn model(&self) -> Option<&str> {
+        match self {
+            JobOp::Load(m) | JobOp::Unload(m) => Some(m),
+            JobOp::Crash(_) | JobOp::Reconcile(_) => None,
+        }
+    }
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub(crate) enum JobResult {
+    Loaded(Result<Loaded, VramError>),
+    Unloaded(Result<Unloaded, VramError>),
+    Done(Result<(), VramError>),
+}
+
+fn mismatch() -> VramError {
+    VramError::BackendFailed {
+        model: String::new(),
+        reason: "internal: job answered with the wrong result".to_string(),
+    }
+}
+
+impl JobResult {
+    pub(crate) fn loaded(&self) -> Result<Loaded, VramError> {
+        match self {
+            JobResult::Loaded(r) => r.clone(),
+            _ => Err(mismatch()),
+        }
+    }
+
+    pub(crate) fn unloaded(&self) -> Result<Unloaded, VramError> {
+        match self {
+            JobResult::Unloaded(r) => r.clone(),
+            _ => Err(mismatch()),
+        }
+    }
+
+    pub(crate) fn done(&self) -> Result<(), VramError> {
+        match self {
+            JobResult::Done(r) => r.clone(),
+            _ => Err(mismatch()),
+        }
+    }
+}
+
+fn stopped(model: &str) -> impl FnOnce(MailboxError) -> VramError + '_ {
+    move |e| VramError::BackendFailed {
+        model: model.to_string(),
+        reason: format!("actor unavailable: {e}"),
+    }
+}
+
+/// Builds the driver of `op`. Everything it needs is taken now, so the
+/// future owns it and the actor stays free.
+pub(crate) fn drive(
+    op: JobOp,
+    actor: &VramActor,
+    me: Addr<VramActor>,
+) -> impl Future<Output = JobResult> + 'static {
+    let released = actor.released.clone();
+    let lease_wait = actor.config.lease_wait;
+    let backend = |kind: &str| actor.actors.get(kind).cloned();
+    let (span, kind_backend) = match &op {
+        JobOp::Load(m) => {
+            let spec = actor.config.catalog.get(m);
+            let span = tracing::info_span!(
+                "load",
+                model = %m,
+                kind = spec.map(|s| s.kind.as_str()).unwrap_or(""),
+                bytes = spec.map(|s| s.bytes).unwrap_or(0),
+                victims = tracing::field::Empty,
+            );
+            (span, None)
+        }
+        JobOp::Unload(m) => (tracing::info_span!("unload", model = %m), None),
+        JobOp::Crash(k) => (tracing::info_span!("crash", kind = %k), backend(k)),
+        JobOp::Reconcile(k) => (tracing::info_span!("reconcile", kind = %k), backend(k)),
+    };
+    async move {
+        let deadline = Instant::now() + lease_wait;
+        match op {
+            JobOp::Load(model) => JobResult::Loaded(load(model, me, released, deadline).await),
+            JobOp::Unload(model) => {
+                JobResult::Unloaded(unload(model, me, released, deadline).await)
+            }
+            JobOp::Crash(kind) => JobResult::Done(restart(kind, kind_backend, me, true).await),
+            JobOp::Reconcile(kind) => JobResult::Done(restart(kind, kind_backend, me, false).await),
+        }
+    }
+    .instrument(span)
+}
+
+async fn load(
+    model: String,
+    me: Addr<VramActor>,
+    released: Rc<Notify>,
+    deadline: Instant,
+) -> Result<Loaded, VramError> {
+    let go = loop {
+        // Registered before planning, so a release in between is not lost.
+        let notified = released.notified();
+        let may_wait = Instant::now() < deadline;
+        let outcome = me
+            .send(PlanLoad {
+                model: model.clone(),
+                may_wait,
+            })
+            .await
+            .map_err(stopped(&model))?;
+        match outcome {
+            PlanOutcome::Done(result) => return result,
+            PlanOutcome::Wait => {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+            PlanOutcome::Go(go) => break go,
+        }
+    };
+    let victims: Vec<&str> = go.victims.iter().map(|(v, _)| v.as_str()).collect();
+    tracing::Span::current().record("victims", tracing::field::debug(&victims));
+    let mut evicted = Vec::with_capacity(go.victims.len());
+    for (victim, backend) in go.victims {
+        let result = backend
+            .send(UnloadModel(victim.clone()))
+            .await
+            .map_err(stopped(&victim))
+            .and_then(|r| r);
+        let failed = result.is_err();
+        me.send(VictimDone {
+            victim: victim.clone(),
+            for_model: model.clone(),
+            result,
+        })
+        .await
+        .map_err(stopped(&model))??;
+        if !failed {
+            evicted.push(victim);
+        }
+    }
+    let result = go
+        .backend
+        .send(LoadModel(go.spec))
+        .await
+        .map_err(stopped(&model))
+        .and_then(|r| r);
+    me.send(LoadDone {
+        model: model.clone(),
+        evicted,
+        result,
+    })
+    .await
+    .map_err(stopped(&model))?
+}
+
+async fn unload(
+    model: String,
+    me: Addr<VramActor>,
+    released: Rc<Notify>,
+    deadline: Instant,
+) -> Result<Unloaded, VramError> {
+    let backend = loop {
+        let notified = released.notified();
+        let may_wait = Instant::now() < deadline;
+        let outcome = me
+            .send(BeginUnload {
+                model: model.clone(),
+                may_wait,
+            })
+            .await
+            .map_err(stopped(&model))?;
+        match outcome {
+            UnloadOutcome::Done(result) => return result,
+            UnloadOutcome::Wait => {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+            UnloadOutcome::Go(backend) => break backend,
+        }
+    };
+    let result = backend
+        .send(UnloadModel(model.clone()))
+        .await
+        .map_err(stopped(&model))
+        .and_then(|r| r);
+    me.send(UnloadDone {
+        model: model.clone(),
+        result,
+    })
+    .await
+    .map_err(stopped(&model))?
+}
+
+/// Crashes the backend (when `crash`), then reconciles with what the
+/// restarted backend holds. Messages sent after `Crash` wait in the
+/// backend's mailbox and are handled after its restart.
+async fn restart(
+    kind: String,
+    backend: Option<Addr<BackendActor>>,
+    me: Addr<VramActor>,
+    crash: bool,
+) -> Result<(), VramError> {
+    let label = format!("<{kind} backend>");
+    let backend = backend.ok_or_else(|| VramError::BackendFailed {
+        model: label.clone(),
+        reason: format!("no backend for kind {kind:?}"),
+    })?;
+    if crash {
+        backend.send(Crash).await.map_err(stopped(&label))?;
+    }
+    let loaded = backend
+        .send(ListLoaded)
+        .await
+        .map_err(stopped(&label))
+        .and_then(|r| r)?;
+    me.send(Reconcile { kind, loaded })
+        .await
+        .map_err(stopped(&label))
+}
+
+// ------------------------------------------------------ internal messages
+
+/// A planned load, ready to carry out.
+pub(crate) struct Go {
+    spec: ModelSpec,
+    backend: Addr<BackendActor>,
+    victims: Vec<(String, Addr<BackendActor>)>,
+}
+
+pub(crate) enum PlanOutcome {
+    Done(Result<Loaded, VramError>),
+    Wait,
+    Go(Go),
+}
+
+/// Plan a load; on success reserve its bytes and mark the victims.
+#[derive(Message)]
+#[rtype(result = "PlanOutcome")]
+pub(crate) struct PlanLoad {
+    model: String,
+    may_wait: bool,
+}
+
+impl Handler<PlanLoad> for VramActor {
+    type Result = MessageResult<PlanLoad>;
+
+    fn handle(&mut self, msg: PlanLoad, _ctx: &mut Context<Self>) -> Self::Result {
+        let model = msg.model;
+        let free = self.ledger.free();
+        let planned = plan(
+            &self.ledger,
+            &self.config.kinds,
+            &self.config.catalog,
+            &model,
+            free,
+        );
+        let outcome = match planned {
+            Ok(Plan::Resident) => {
+                self.ledger.touch(&model);
+                PlanOutcome::Done(Ok(Loaded {
+                    model,
+                    evicted: vec![],
+                    already_resident: true,
+                }))
+            }
+            Ok(Plan::Load { victims }) => match self.reserve(&model, victims) {
+                Ok(go) => PlanOutcome::Go(go),
+                Err(e) => PlanOutcome::Done(Err(e)),
+            },
+            Err(VramError::InsufficientVram {
+                needed,
+                free,
+                evictable,
+                leased,
+                ..
+            }) if msg.may_wait && leased > 0 && free + evictable + leased >= needed => {
+                tracing::debug!(model = %model, leased, "waiting for leases to be released");
+                PlanOutcome::Wait
+            }
+            Err(e) => {
+                self.publish(VramEvent::LoadFailed {
+                    model,
+                    code: e.code().to_string(),
+                    reason: e.to_string(),
+                });
+                PlanOutcome::Done(Err(e))
+            }
+        };
+        MessageResult(outcome)
+    }
+}
+
+impl VramActor {
+    fn backend_of(&self, kind: &str, model: &str) -> Result<Addr<BackendActor>, VramError> {
+        self.actors
+            .get(kind)
+            .cloned()
+            .ok_or_else(|| VramError::BackendFailed {
+                model: model.to_string(),
+                reason: format!("no backend for kind {kind:?}"),
+            })
+    }
+
+    /// Reserves `model` and marks `victims` unloading, answering the
+    /// addresses to carry the plan out with.
+    fn reserve(&mut self, model: &str, victims: Vec<String>) -> Result<Go, VramError> {
+        let spec =
+            self.config
+                .catalog
+                .get(model)
+                .cloned()
+                .ok_or_else(|| VramError::UnknownModel {
+                    model: model.to_string(),
+                })?;
+        let backend = self.backend_of(&spec.kind, model)?;
+        let mut planned = Vec::with_capacity(victims.len());
+        for victim in victims {
+            let kind = self
+                .ledger
+                .get(&victim)
+                .map(|e| e.kind.clone())
+                .unwrap_or_default();
+            planned.push((victim, self.backend_of(&kind, model)?));
+        }
+        for (victim, _) in &planned {
+            self.ledger.begin_unload(victim);
+        }
+        self.ledger.reserve(&spec);
+        tracing::info!(model = %spec.id, kind = %spec.kind, bytes = spec.bytes, victims = planned.len(), "loading");
+        self.publish(VramEvent::Loading {
+            model: spec.id.clone(),
+            kind: spec.kind.clone(),
+            bytes: spec.bytes,
+            victims: planned.iter().map(|(v, _)| v.clone()).collect(),
+        });
+        Ok(Go {
+            spec,
+            backend,
+            victims: planned,
+        })
+    }
+
+    /// Undoes a load that cannot go on: victims not yet unloaded are
+    /// resident again, the reservation is dropped.
+    fn abort_load(&mut self, model: &str, error: &VramError) {
+        let unloading: Vec<String> = self
+            .ledger
+            .entries()
+            .filter(|e| e.state == ModelState::Unloading)
+            .map(|e| e.id.clone())
+            .collect();
+        for id in unloading {
+            self.ledger.cancel_unload(&id);
+        }
+        self.ledger.remove(model);
+        tracing::warn!(model = %model, code = error.code(), error = %error, "load failed");
+        self.publish(VramEvent::LoadFailed {
+            model: model.to_string(),
+            code: error.code().to_string(),
+            reason: error.to_string(),
+        });
+    }
+}
+
+/// A victim's unload finished (or failed, which aborts the load).
+#[derive(Message)]
+#[rtype(result = "Result<(), VramError>")]
+pub(crate) struct VictimDone {
+    victim: String,
+    for_model: String,
+    result: Result<(), VramError>,
+}
+
+impl Handler<VictimDone> for VramActor {
+    type Result = Result<(), VramError>;
+
+    fn handle(&mut self, msg: VictimDone, _ctx: &mut Context<Self>) -> Self::Result {
+        match msg.result {
+            Ok(()) => {
+                if let Some(entry) = self.ledger.remove(&msg.victim) {
+                    tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, for_model = %msg.for_model, "evicted");
+                    self.publish(VramEvent::Evicted {
+                        model: entry.id,
+                        kind: entry.kind,
+                        bytes: entry.bytes,
+                        for_model: msg.for_model,
+                    });
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.abort_load(&msg.for_model, &e);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The requested model's load finished.
+#[derive(Message)]
+#[rtype(result = "Result<Loaded, VramError>")]
+pub(crate) struct LoadDone {
+    model: String,
+    evicted: Vec<String>,
+    result: Result<(), VramError>,
+}
+
+impl Handler<LoadDone> for VramActor {
+    type Result = Result<Loaded, VramError>;
+
+    fn handle(&mut self, msg: LoadDone, _ctx: &mut Context<Self>) -> Self::Result {
+        match msg.result {
+            Ok(()) => {
+                self.ledger.commit(&msg.model);
+                if let Some(entry) = self.ledger.get(&msg.model) {
+                    let (model, kind, bytes) = (entry.id.clone(), entry.kind.clone(), entry.bytes);
+                    tracing::info!(model = %model, kind = %kind, bytes, "loaded");
+                    self.publish(VramEvent::Loaded { model, kind, bytes });
+                }
+                Ok(Loaded {
+                    model: msg.model,
+                    evicted: msg.evicted,
+                    already_resident: false,
+                })
+            }
+            Err(e) => {
+                self.abort_load(&msg.model, &e);
+                Err(e)
+            }
+        }
+    }
+}
+
+pub(crate) enum UnloadOutcome {
+    Done(Result<Unloaded, VramError>),
+    Wait,
+    Go(Addr<BackendActor>),
+}
+
+/// Start an unload: refuse or wait while leased, else mark it unloading.
+#[derive(Message)]
+#[rtype(result = "UnloadOutcome")]
+pub(crate) struct BeginUnload {
+    model: String,
+    may_wait: bool,
+}
+
+impl Handler<BeginUnload> for VramActor {
+    type Result = MessageResult<BeginUnload>;
+
+    fn handle(&mut self, msg: BeginUnload, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(entry) = self.ledger.get(&msg.model) else {
+            return MessageResult(UnloadOutcome::Done(Ok(Unloaded {
+                model: msg.model,
+                was_resident: false,
+            })));
+        };
+        if entry.leases > 0 {
+            return MessageResult(if msg.may_wait {
+                UnloadOutcome::Wait
+            } else {
+                UnloadOutcome::Done(Err(VramError::InUse {
+                    model: msg.model,
+                    leases: entry.leases,
+                }))
+            });
+        }
+        let kind = entry.kind.clone();
+        MessageResult(match self.backend_of(&kind, &msg.model) {
+            Ok(backend) => {
+                self.ledger.begin_unload(&msg.model);
+                UnloadOutcome::Go(backend)
+            }
+            Err(e) => UnloadOutcome::Done(Err(e)),
+        })
+    }
+}
+
+/// An unload finished.
+#[derive(Message)]
+#[rtype(result = "Result<Unloaded, VramError>")]
+pub(crate) struct UnloadDone {
+    model: String,
+    result: Result<(), VramError>,
+}
+
+impl Handler<UnloadDone> for VramActor {
+    type Result = Result<Unloaded, VramError>;
+
+    fn handle(&mut self, msg: UnloadDone, _ctx: &mut Context<Self>) -> Self::Result {
+        match msg.result {
+            Ok(()) => {
+                if let Some(entry) = self.ledger.remove(&msg.model) {
+                    tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, "unloaded");
+                    self.publish(VramEvent::Unloaded {
+                        model: entry.id,
+                        kind: entry.kind,
+                        bytes: entry.bytes,
+                    });
+                }
+                Ok(Unloaded {
+                    model: msg.model,
+                    was_resident: true,
+                })
+            }
+            Err(e) => {
+                self.ledger.cancel_unload(&msg.model);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Make the ledger's models of `kind` equal to what its backend holds.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Reconcile {
+    kind: String,
+    loaded: Vec<String>,
+}
+
+impl Handler<Reconcile> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reconcile, _ctx: &mut Context<Self>) {
+        let lost: Vec<String> = self
+            .ledger
+            .entries()
+            .filter(|e| {
+                e.kind == msg.kind && e.state != ModelState::Loading && !msg.loaded.contains(&e.id)
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        for id in &lost {
+            self.ledger.remove(id);
+        }
+        for id in &msg.loaded {
+            if let Some(spec) = self.config.catalog.get(id) {
+                self.ledger.insert_resident(&spec.clone());
+            }
+        }
+        tracing::warn!(kind = %msg.kind, lost = ?lost, "ledger reconciled with restarted backend");
+        self.publish(VramEvent::BackendRestarted {
+            kind: msg.kind,
+            lost,
+        });
+    }
+}

@@ -1,0 +1,428 @@
+//! `VramActor`: owns the ledger, serialises loads and unloads through one
+//! FIFO, and supervises one `BackendActor` per kind.
+//!
+//! Load, Unload, CrashBackend and any Acquire that needs a load become jobs
+//! in an internal queue; one job runs at a time, spawned on the actor's
+//! context (never `ctx.wait`, which would stop the mailbox), so Status,
+//! Release and Acquire of an untouched resident model are answered at once
+//! even while a long load runs. Requests for the model of a queued or
+//! running load join that load instead of queueing a second one.
+//!
+//! Start: `started()` starts one supervised `BackendActor` per backend, on
+//! this actor's arbiter, each told to report its restarts here.
+//!
+//! Backend restart: a [`BackendRestarted`] report queues a reconcile job at
+//! the front of the queue (unless a `CrashBackend` job of that kind is
+//! running, which reconciles itself): the ledger is made equal to what the
+//! restarted backend reports as loaded, and `backend_restarted` published.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::{Notify, oneshot};
+
+use crate::backend::Backend;
+use crate::backend_actor::{BackendActor, BackendRestarted};
+use crate::error::VramError;
+use crate::job::{self, JobOp, JobResult};
+use crate::kind::Kinds;
+use crate::ledger::Ledger;
+use crate::messages::{
+    Acquire, CrashBackend, Lease, Load, Loaded, ModelStatus, Release, Status, StatusReport,
+    Subscribe, Unload, Unloaded, VramEvent,
+};
+use crate::model::Catalog;
+
+/// What a `VramActor` is built from.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Usable bytes of the card (total less reserve).
+    pub capacity: u64,
+    /// Eviction tiers.
+    pub kinds: Kinds,
+    /// Every model that may be loaded.
+    pub catalog: Catalog,
+    /// How long a load waits for leases to be released.
+    pub lease_wait: Duration,
+    /// How long a backend may take to load.
+    pub load_timeout: Duration,
+    /// How long a backend may take to unload.
+    pub unload_timeout: Duration,
+    /// Waiting jobs beyond this are refused with `busy`.
+    pub max_queue: usize,
+}
+
+impl ManagerConfig {
+    /// A configuration with the voice-assistant kinds, no lease wait,
+    /// generous timeouts and a queue of 64.
+    pub fn new(capacity: u64, catalog: Catalog) -> Self {
+        Self {
+            capacity,
+            kinds: Kinds::voice_assistant(),
+            catalog,
+            lease_wait: Duration::ZERO,
+            load_timeout: Duration::from_secs(120),
+            unload_timeout: Duration::from_secs(30),
+            max_queue: 64,
+        }
+    }
+}
+
+/// Someone waiting for a job's outcome.
+pub(crate) enum Waiter {
+    Load(oneshot::Sender<Result<Loaded, VramError>>),
+    Acquire(oneshot::Sender<Result<Lease, VramError>>),
+    Unload(oneshot::Sender<Result<Unloaded, VramError>>),
+    Done(oneshot::Sender<Result<(), VramError>>),
+}
+
+/// A queued operation and everyone waiting for it.
+pub(crate) struct Job {
+    pub(crate) op: JobOp,
+    pub(crate) waiters: Vec<Waiter>,
+}
+
+/// The supervising actor that owns the ledger; see the module docs.
+pub struct VramActor {
+    pub(crate) config: ManagerConfig,
+    pub(crate) ledger: Ledger,
+    backends: BTreeMap<String, Rc<dyn Backend>>,
+    pub(crate) actors: HashMap<String, Addr<BackendActor>>,
+    queue: VecDeque<Job>,
+    running: Option<Job>,
+    leases: HashMap<u64, String>,
+    next_lease: u64,
+    subscribers: Vec<Recipient<VramEvent>>,
+    pub(crate) released: Rc<Notify>,
+    /// This actor's own address, handed to every lease it grants.
+    me: Option<Addr<VramActor>>,
+}
+
+impl VramActor {
+    /// A manager over `backends`, one per kind name.
+    pub fn new(config: ManagerConfig, backends: BTreeMap<String, Rc<dyn Backend>>) -> Self {
+        Self {
+            ledger: Ledger::new(config.capacity),
+            config,
+            backends,
+            actors: HashMap::new(),
+            queue: VecDeque::new(),
+            running: None,
+            leases: HashMap::new(),
+            next_lease: 0,
+            subscribers: Vec::new(),
+            released: Rc::new(Notify::new()),
+            me: None,
+        }
+    }
+
+    /// Sends `event` to every live subscriber.
+    pub(crate) fn publish(&mut self, event: VramEvent) {
+        self.subscribers.retain(|s| s.connected());
+        for subscriber in &self.subscribers {
+            subscriber.do_send(event.clone());
+        }
+    }
+
+    /// Whether the running job or a queued one is about `model`.
+    fn touches(&self, model: &str) -> bool {
+        self.running
+            .iter()
+            .chain(&self.queue)
+            .any(|j| j.op.model() == Some(model))
+    }
+
+    /// The load of `model` a new request can join: the last job about the
+    /// model, if that job is a load.
+    fn joinable_load(&mut self, model: &str) -> Option<&mut Job> {
+        let last = self
+            .queue
+            .iter_mut()
+            .rev()
+            .find(|j| j.op.model() == Some(model));
+        match last {
+            Some(job) => matches!(job.op, JobOp::Load(_)).then_some(job),
+            None => self
+                .running
+                .as_mut()
+                .filter(|j| matches!(&j.op, JobOp::Load(m) if m == model)),
+        }
+    }
+
+    /// Queues `op` (or joins an equal load), then starts the next job.
+    fn submit(
+        &mut self,
+        op: JobOp,
+        waiter: Waiter,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), VramError> {
+        if let JobOp::Load(model) = &op
+            && let Some(job) = self.joinable_load(&model.clone())
+        {
+            job.waiters.push(waiter);
+            return Ok(());
+        }
+        if self.queue.len() >= self.config.max_queue {
+            return Err(VramError::Busy {
+                queued: self.queue.len(),
+            });
+        }
+        self.queue.push_back(Job {
+            op,
+            waiters: vec![waiter],
+        });
+        self.start_next(ctx);
+        Ok(())
+    }
+
+    /// Runs the next job if none is running.
+    fn start_next(&mut self, ctx: &mut Context<Self>) {
+        if self.running.is_some() {
+            return;
+        }
+        let Some(job) = self.queue.pop_front() else {
+            return;
+        };
+        let driver = job::drive(job.op.clone(), self, ctx.address());
+        self.running = Some(job);
+        ctx.spawn(driver.into_actor(self).map(|result, act, ctx| {
+            act.finish(result);
+            act.start_next(ctx);
+        }));
+    }
+
+    /// Answers everyone waiting for the running job.
+    fn finish(&mut self, result: JobResult) {
+        let Some(job) = self.running.take() else {
+            return;
+        };
+        for waiter in job.waiters {
+            match waiter {
+                Waiter::Load(tx) => {
+                    let _ = tx.send(result.loaded());
+                }
+                Waiter::Acquire(tx) => {
+                    let lease = result
+                        .loaded()
+                        .and_then(|loaded| self.lease(&loaded.model, loaded.evicted));
+                    let _ = tx.send(lease);
+                }
+                Waiter::Unload(tx) => {
+                    let _ = tx.send(result.unloaded());
+                }
+                Waiter::Done(tx) => {
+                    let _ = tx.send(result.done());
+                }
+            }
+        }
+    }
+
+    /// Takes a lease on a resident model.
+    fn lease(&mut self, model: &str, evicted: Vec<String>) -> Result<Lease, VramError> {
+        if !self.ledger.lease(model) {
+            // Only reachable if the model left between its load and now.
+            return Err(VramError::BackendFailed {
+                model: model.to_string(),
+                reason: "model left the card before it could be leased".to_string(),
+            });
+        }
+        self.next_lease += 1;
+        self.leases.insert(self.next_lease, model.to_string());
+        Ok(Lease {
+            id: self.next_lease,
+            model: model.to_string(),
+            evicted,
+            owner: self.me.clone(),
+        })
+    }
+
+    fn known(&self, model: &str) -> Result<(), VramError> {
+        let spec = self
+            .config
+            .catalog
+            .get(model)
+            .ok_or_else(|| VramError::UnknownModel {
+                model: model.to_string(),
+            })?;
+        if spec.bytes > self.ledger.capacity() {
+            return Err(VramError::ExceedsCapacity {
+                model: model.to_string(),
+                needed: spec.bytes,
+                capacity: self.ledger.capacity(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Actor for VramActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.me = Some(ctx.address());
+        let me = ctx.address().recipient();
+        for (kind, backend) in &self.backends {
+            let actor = BackendActor::new(
+                kind.clone(),
+                backend.clone(),
+                self.config.load_timeout,
+                self.config.unload_timeout,
+            )
+            .notify_restarts(me.clone());
+            let mut actor = Some(actor);
+            let addr = Supervisor::start(move |_| {
+                actor.take().expect("a supervisor builds its actor once")
+            });
+            self.actors.insert(kind.clone(), addr);
+        }
+    }
+}
+
+/// Answers a waiter's receiver, mapping a dropped sender (the manager
+/// stopped) to `backend_failed`.
+async fn answer<T>(
+    rx: oneshot::Receiver<Result<T, VramError>>,
+    model: String,
+) -> Result<T, VramError> {
+    rx.await.unwrap_or_else(|_| {
+        Err(VramError::BackendFailed {
+            model,
+            reason: "the manager stopped".to_string(),
+        })
+    })
+}
+
+impl Handler<Load> for VramActor {
+    type Result = Response<Result<Loaded, VramError>>;
+
+    fn handle(&mut self, msg: Load, ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self.known(&msg.model) {
+            return Response::reply(Err(e));
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.submit(JobOp::Load(msg.model.clone()), Waiter::Load(tx), ctx) {
+            Ok(()) => Response::fut(answer(rx, msg.model)),
+            Err(e) => Response::reply(Err(e)),
+        }
+    }
+}
+
+impl Handler<Acquire> for VramActor {
+    type Result = Response<Result<Lease, VramError>>;
+
+    fn handle(&mut self, msg: Acquire, ctx: &mut Context<Self>) -> Self::Result {
+        if self.ledger.is_resident(&msg.model) && !self.touches(&msg.model) {
+            return Response::reply(self.lease(&msg.model, Vec::new()));
+        }
+        if let Err(e) = self.known(&msg.model) {
+            return Response::reply(Err(e));
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.submit(JobOp::Load(msg.model.clone()), Waiter::Acquire(tx), ctx) {
+            Ok(()) => Response::fut(answer(rx, msg.model)),
+            Err(e) => Response::reply(Err(e)),
+        }
+    }
+}
+
+impl Handler<Release> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Release, _ctx: &mut Context<Self>) {
+        if let Some(model) = self.leases.remove(&msg.lease) {
+            self.ledger.release(&model);
+            self.released.notify_waiters();
+        }
+    }
+}
+
+impl Handler<Unload> for VramActor {
+    type Result = Response<Result<Unloaded, VramError>>;
+
+    fn handle(&mut self, msg: Unload, ctx: &mut Context<Self>) -> Self::Result {
+        if self.config.catalog.get(&msg.model).is_none() {
+            return Response::reply(Err(VramError::UnknownModel { model: msg.model }));
+        }
+        if self.ledger.get(&msg.model).is_none() && !self.touches(&msg.model) {
+            return Response::reply(Ok(Unloaded {
+                model: msg.model,
+                was_resident: false,
+            }));
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.submit(JobOp::Unload(msg.model.clone()), Waiter::Unload(tx), ctx) {
+            Ok(()) => Response::fut(answer(rx, msg.model)),
+            Err(e) => Response::reply(Err(e)),
+        }
+    }
+}
+
+impl Handler<CrashBackend> for VramActor {
+    type Result = Response<Result<(), VramError>>;
+
+    fn handle(&mut self, msg: CrashBackend, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let label = format!("<{} backend>", msg.kind);
+        match self.submit(JobOp::Crash(msg.kind), Waiter::Done(tx), ctx) {
+            Ok(()) => Response::fut(answer(rx, label)),
+            Err(e) => Response::reply(Err(e)),
+        }
+    }
+}
+
+impl Handler<BackendRestarted> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: BackendRestarted, ctx: &mut Context<Self>) {
+        let reconciling =
+            |j: &Job| matches!(&j.op, JobOp::Crash(k) | JobOp::Reconcile(k) if *k == msg.kind);
+        let running = self
+            .running
+            .as_ref()
+            .is_some_and(|j| matches!(&j.op, JobOp::Crash(k) if *k == msg.kind));
+        if running || self.queue.front().is_some_and(reconciling) {
+            return;
+        }
+        self.queue.push_front(Job {
+            op: JobOp::Reconcile(msg.kind),
+            waiters: vec![],
+        });
+        self.start_next(ctx);
+    }
+}
+
+impl Handler<Status> for VramActor {
+    type Result = MessageResult<Status>;
+
+    fn handle(&mut self, _msg: Status, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(StatusReport {
+            capacity: self.ledger.capacity(),
+            used: self.ledger.used(),
+            free: self.ledger.free(),
+            queued: self.queue.len(),
+            models: self
+                .ledger
+                .entries()
+                .map(|e| ModelStatus {
+                    id: e.id.clone(),
+                    kind: e.kind.clone(),
+                    bytes: e.bytes,
+                    state: e.state,
+                    leases: e.leases,
+                    pinned: e.pinned,
+                    last_use: e.recency,
+                })
+                .collect(),
+        })
+    }
+}
+
+impl Handler<Subscribe> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
+        self.subscribers.push(msg.0);
+    }
+}

@@ -1,0 +1,103 @@
+//! The simulated backend: loads and unloads take the configured time, may
+//! be told to fail, and remember what they hold. It stands in for real
+//! model servers in scenarios, tests and examples.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::time::Duration;
+
+use vram_actors::{Backend, BackendError, BackendFuture, ModelSpec};
+
+use crate::config::SimOptions;
+
+#[derive(Debug, Default)]
+struct State {
+    loaded: BTreeSet<String>,
+    loads: u64,
+    unloads: u64,
+}
+
+/// A simulated backend for one kind. Clones share state, so a test can
+/// keep one to inspect what the manager asked of it.
+#[derive(Debug, Clone, Default)]
+pub struct SimBackend {
+    options: Rc<HashMap<String, SimOptions>>,
+    state: Rc<RefCell<State>>,
+}
+
+impl SimBackend {
+    /// A backend that knows each model's simulated options; models not in
+    /// `options` load and unload at once.
+    pub fn new(options: HashMap<String, SimOptions>) -> Self {
+        Self {
+            options: Rc::new(options),
+            state: Rc::default(),
+        }
+    }
+
+    fn options(&self, id: &str) -> SimOptions {
+        self.options.get(id).copied().unwrap_or_default()
+    }
+
+    /// How many loads have completed successfully.
+    pub fn load_count(&self) -> u64 {
+        self.state.borrow().loads
+    }
+
+    /// How many unloads have completed.
+    pub fn unload_count(&self) -> u64 {
+        self.state.borrow().unloads
+    }
+
+    /// The models this backend holds now.
+    pub fn holding(&self) -> Vec<String> {
+        self.state.borrow().loaded.iter().cloned().collect()
+    }
+}
+
+impl Backend for SimBackend {
+    fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
+        let options = self.options(&model.id);
+        let state = self.state.clone();
+        let id = model.id.clone();
+        Box::pin(async move {
+            if options.load_ms > 0 {
+                actix::clock::sleep(Duration::from_millis(options.load_ms)).await;
+            }
+            if options.fail_load {
+                return Err(BackendError::new(format!("simulated load failure of {id}")));
+            }
+            let mut state = state.borrow_mut();
+            state.loaded.insert(id);
+            state.loads += 1;
+            Ok(())
+        })
+    }
+
+    fn unload(&self, id: &str) -> BackendFuture<()> {
+        let options = self.options(id);
+        let state = self.state.clone();
+        let id = id.to_string();
+        Box::pin(async move {
+            if options.unload_ms > 0 {
+                actix::clock::sleep(Duration::from_millis(options.unload_ms)).await;
+            }
+            let mut state = state.borrow_mut();
+            if state.loaded.remove(&id) {
+                state.unloads += 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn loaded(&self) -> BackendFuture<Vec<String>> {
+        let holding = self.holding();
+        Box::pin(async move { Ok(holding) })
+    }
+
+    /// A crash takes the simulated server down with everything it held.
+    fn reset(&self) {
+        self.state.borrow_mut().loaded.clear();
+    }
+}

@@ -1,0 +1,326 @@
+//! The actor core end to end: each policy rule through the real
+//! VramActor and BackendActors with simulated backends, status during a
+//! long load, shared loads, leases, waiting for leases, timeouts, events.
+
+mod common;
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use common::{GIB, load, model, resident, start, status};
+use vram_manager::{Acquire, Load, Subscribe, Unload, VramEvent};
+
+fn seed_models() -> String {
+    [
+        model("asr1", "asr", 3, ""),
+        model("tts1", "tts", 2, ""),
+        model("tts2", "tts", 2, ""),
+        model("llm1", "llm", 8, ""),
+        model("llm2", "llm", 8, ""),
+        model("llm3", "llm", 12, ""),
+    ]
+    .concat()
+}
+
+#[actix_rt::test]
+async fn seed_day_through_the_actors() {
+    let m = start(&seed_models());
+    for id in ["asr1", "tts1", "llm1"] {
+        assert_eq!(load(&m, id).await, Ok(vec![]));
+    }
+    assert_eq!(
+        load(&m, "llm2").await,
+        Ok(vec!["llm1".into()]),
+        "same-tier replacement"
+    );
+    assert_eq!(
+        load(&m, "llm3").await,
+        Ok(vec!["llm2".into(), "tts1".into()])
+    );
+    assert_eq!(load(&m, "tts2").await, Ok(vec!["llm3".into()]));
+    assert_eq!(resident(&m).await, ["asr1", "tts2"]);
+    // The backends agree with the ledger.
+    assert_eq!(m.sims["asr"].holding(), ["asr1"]);
+    assert_eq!(m.sims["tts"].holding(), ["tts2"]);
+    assert!(m.sims["llm"].holding().is_empty());
+}
+
+#[actix_rt::test]
+async fn protection_and_no_collateral_eviction() {
+    let m = start(
+        &[
+            model("asr1", "asr", 10, ""),
+            model("llm1", "llm", 4, ""),
+            model("llm2", "llm", 7, ""),
+            model("tts1", "tts", 4, ""),
+        ]
+        .concat(),
+    );
+    load(&m, "asr1").await.unwrap();
+    load(&m, "llm1").await.unwrap();
+    assert_eq!(load(&m, "llm2").await, Err("insufficient_vram"));
+    assert_eq!(
+        resident(&m).await,
+        ["asr1", "llm1"],
+        "nothing evicted for a refused request"
+    );
+    assert_eq!(m.sims["llm"].unload_count(), 0);
+    // TTS may evict the LLM but never the protected ASR.
+    assert_eq!(load(&m, "tts1").await, Ok(vec!["llm1".into()]));
+}
+
+#[actix_rt::test]
+async fn trim_and_lru_through_the_actors() {
+    let m = start(
+        &[
+            model("small", "llm", 2, ""),
+            model("big", "llm", 8, ""),
+            model("tts", "tts", 2, ""),
+            model("huge", "llm", 12, ""),
+        ]
+        .concat(),
+    );
+    for id in ["small", "big", "tts"] {
+        load(&m, id).await.unwrap();
+    }
+    assert_eq!(
+        load(&m, "huge").await,
+        Ok(vec!["big".into()]),
+        "small spared by trim"
+    );
+
+    let m = start(
+        &[
+            model("a", "llm", 6, ""),
+            model("b", "llm", 6, ""),
+            model("c", "llm", 6, ""),
+        ]
+        .concat(),
+    );
+    load(&m, "a").await.unwrap();
+    load(&m, "b").await.unwrap();
+    load(&m, "a").await.unwrap(); // touch
+    assert_eq!(
+        load(&m, "c").await,
+        Ok(vec!["b".into()]),
+        "least recently used goes first"
+    );
+}
+
+#[actix_rt::test]
+async fn unknown_exceeds_and_failed_loads_leave_no_trace() {
+    let m = start(
+        &[
+            model("big", "llm", 20, ""),
+            model("bad", "tts", 2, "fail_load = true"),
+            model("llm", "llm", 15, ""),
+        ]
+        .concat(),
+    );
+    assert_eq!(load(&m, "ghost").await, Err("unknown_model"));
+    assert_eq!(load(&m, "big").await, Err("exceeds_capacity"));
+    load(&m, "llm").await.unwrap();
+    // The failed load evicted the LLM first: that eviction stays done.
+    assert_eq!(load(&m, "bad").await, Err("backend_failed"));
+    let s = status(&m).await;
+    assert!(
+        s.models.is_empty(),
+        "no reservation remains: {:?}",
+        s.models
+    );
+    assert_eq!(s.used, 0);
+}
+
+#[actix_rt::test]
+async fn pinned_models_stay_until_explicitly_unloaded() {
+    let m = start(
+        &[
+            model("pin", "llm", 8, "pinned = true"),
+            model("a", "llm", 8, ""),
+            model("b", "llm", 8, ""),
+        ]
+        .concat(),
+    );
+    load(&m, "pin").await.unwrap();
+    load(&m, "a").await.unwrap();
+    assert_eq!(load(&m, "b").await, Ok(vec!["a".into()]));
+    let unloaded = m.addr.send(Unload::new("pin")).await.unwrap().unwrap();
+    assert!(unloaded.was_resident);
+    assert_eq!(resident(&m).await, ["b"]);
+}
+
+#[actix_rt::test]
+async fn backend_timeout_gives_timeout_and_no_reservation() {
+    let m = start(&format!(
+        "[policy]\nload_timeout = \"50ms\"\n{}",
+        model("slow", "llm", 4, "load_ms = 5000")
+    ));
+    assert_eq!(load(&m, "slow").await, Err("timeout"));
+    assert_eq!(status(&m).await.used, 0);
+    assert!(
+        m.sims["llm"].holding().is_empty(),
+        "the timed-out load was dropped"
+    );
+}
+
+#[actix_rt::test]
+async fn status_is_answered_while_a_long_load_runs() {
+    let m = start(&model("slow", "llm", 4, "load_ms = 2000"));
+    let loading = m.addr.send(Load::new("slow"));
+    futures::pin_mut!(loading);
+    // Poll the load once so it is queued, then wait (on messages, not
+    // time) until its plan has reserved the bytes.
+    assert!(futures::poll!(&mut loading).is_pending());
+    let mut polls = 0;
+    while status(&m).await.models.is_empty() {
+        polls += 1;
+        assert!(polls < 1000, "the load was never planned");
+    }
+    let status = m.addr.send(vram_manager::Status);
+    // Whichever completes first wins the select; it must be the status,
+    // and it must show the reservation of the load in flight.
+    futures::pin_mut!(status);
+    match futures::future::select(loading, status).await {
+        futures::future::Either::Right((report, loading)) => {
+            let report = report.unwrap();
+            assert_eq!(report.used, 4 * GIB, "bytes reserved from planning");
+            assert_eq!(report.models[0].state, vram_manager::ModelState::Loading);
+            assert!(loading.await.unwrap().is_ok());
+        }
+        futures::future::Either::Left(_) => panic!("the load finished before status was answered"),
+    }
+}
+
+#[actix_rt::test]
+async fn concurrent_loads_of_one_model_share_one_backend_load() {
+    let m = start(&model("m", "llm", 4, "load_ms = 50"));
+    let (a, b, c) = futures::join!(
+        m.addr.send(Load::new("m")),
+        m.addr.send(Load::new("m")),
+        m.addr.send(Acquire::new("m")),
+    );
+    assert!(a.unwrap().is_ok() && b.unwrap().is_ok());
+    let lease = c.unwrap().unwrap();
+    assert_eq!(m.sims["llm"].load_count(), 1);
+    assert_eq!(status(&m).await.models[0].leases, 1);
+    drop(lease);
+}
+
+#[actix_rt::test]
+async fn dropping_a_lease_releases_the_model() {
+    let m = start(&[model("a", "llm", 10, ""), model("b", "llm", 10, "")].concat());
+    let lease = m.addr.send(Acquire::new("a")).await.unwrap().unwrap();
+    assert_eq!(lease.model(), "a");
+    assert_eq!(status(&m).await.models[0].leases, 1);
+    assert_eq!(
+        load(&m, "b").await,
+        Err("insufficient_vram"),
+        "a leased model is never evicted"
+    );
+    assert_eq!(
+        m.addr
+            .send(Unload::new("a"))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        "in_use"
+    );
+    drop(lease);
+    assert_eq!(status(&m).await.models[0].leases, 0);
+    assert_eq!(load(&m, "b").await, Ok(vec!["a".into()]));
+}
+
+#[actix_rt::test]
+async fn a_load_waits_for_a_lease_within_lease_wait() {
+    let m = start(&format!(
+        "[policy]\nlease_wait = \"10s\"\n{}{}",
+        model("a", "llm", 10, ""),
+        model("b", "llm", 10, "")
+    ));
+    let lease = m.addr.send(Acquire::new("a")).await.unwrap().unwrap();
+    let pending = m.addr.send(Load::new("b"));
+    // Let the load plan and start waiting, then release.
+    let report = status(&m).await;
+    assert_eq!(report.resident(), ["a"]);
+    drop(lease);
+    assert_eq!(pending.await.unwrap().unwrap().evicted, ["a"]);
+}
+
+#[actix_rt::test]
+async fn lease_wait_runs_out_with_insufficient_vram_and_in_use() {
+    let m = start(&format!(
+        "[policy]\nlease_wait = \"30ms\"\n{}{}",
+        model("a", "llm", 10, ""),
+        model("b", "llm", 10, "")
+    ));
+    let _lease = m.addr.send(Acquire::new("a")).await.unwrap().unwrap();
+    assert_eq!(load(&m, "b").await, Err("insufficient_vram"));
+    assert_eq!(
+        m.addr
+            .send(Unload::new("a"))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        "in_use"
+    );
+    assert_eq!(resident(&m).await, ["a"]);
+}
+
+struct Collector(std::rc::Rc<std::cell::RefCell<Vec<VramEvent>>>);
+impl Actor for Collector {
+    type Context = Context<Self>;
+}
+impl Handler<VramEvent> for Collector {
+    type Result = ();
+    fn handle(&mut self, e: VramEvent, _: &mut Context<Self>) {
+        self.0.borrow_mut().push(e);
+    }
+}
+
+#[actix_rt::test]
+async fn events_arrive_in_the_order_things_happened() {
+    let m = start(
+        &[
+            model("a", "llm", 10, ""),
+            model("b", "llm", 10, ""),
+            model("bad", "tts", 1, "fail_load = true"),
+        ]
+        .concat(),
+    );
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let collector = Collector(seen.clone()).start();
+    m.addr.send(Subscribe(collector.recipient())).await.unwrap();
+    load(&m, "a").await.unwrap();
+    load(&m, "b").await.unwrap();
+    let _ = load(&m, "bad").await;
+    m.addr.send(Unload::new("b")).await.unwrap().unwrap();
+    // The collector runs on the same arbiter: let it drain its mailbox.
+    actix::clock::sleep(Duration::from_millis(1)).await;
+    let names: Vec<String> = seen
+        .borrow()
+        .iter()
+        .map(|e| {
+            let v = serde_json::to_value(e).unwrap();
+            format!(
+                "{} {}",
+                v["event"].as_str().unwrap(),
+                v["model"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "loading a",
+            "loaded a",
+            "loading b",
+            "evicted a",
+            "loaded b",
+            "loading bad",
+            "load_failed bad",
+            "unloaded b"
+        ]
+    );
+}
