@@ -7,6 +7,7 @@ use std::path::Path;
 use bytesize::ByteSize;
 
 use crate::config::{BackendSpec, GpuTotal, ProbeChoice, Settings};
+use crate::scenario::{self, Scenario, StepReport};
 
 /// How a subcommand ended; the binary maps it to an exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,4 +118,116 @@ pub fn settings_warnings(settings: &Settings) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// `scenario [FILE] [--json]`: runs a scenario file (the built-in
+/// voice-assistant day when no file is given) and reports every step.
+pub fn scenario(file: Option<&Path>, json: bool) -> Outcome {
+    let parsed = match file {
+        Some(path) => Scenario::load(path),
+        None => Scenario::parse("voice-assistant.toml (built in)", scenario::VOICE_ASSISTANT),
+    };
+    let scenario = match parsed {
+        Ok(s) => s,
+        Err(e) => return Outcome::BadInput(e.to_string()),
+    };
+    let capacity = scenario.settings.capacity().unwrap_or(0);
+    if !json {
+        let name = file.map_or("voice-assistant.toml (built in)".to_string(), |p| {
+            p.display().to_string()
+        });
+        println!("{name}: {}", scenario.description);
+        println!("capacity {} ({capacity} bytes)", ByteSize(capacity));
+    }
+    let report = scenario::run(&scenario, |step| {
+        if json {
+            println!("{}", serde_json::to_string(step).unwrap_or_default());
+        } else {
+            print!("{}", timeline_line(step, capacity));
+        }
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return Outcome::BadInput(e.to_string()),
+    };
+    let failed = report.failed();
+    if json {
+        let summary = Summary {
+            summary: SummaryCounts {
+                steps: report.steps.len(),
+                failed,
+            },
+        };
+        println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    } else {
+        println!("{} steps, {failed} failed", report.steps.len());
+    }
+    if failed == 0 {
+        return Outcome::Ok;
+    }
+    let messages: Vec<String> = report
+        .steps
+        .iter()
+        .filter(|s| !s.failures.is_empty())
+        .map(|s| {
+            format!(
+                "step {} ({} {}): {}",
+                s.step,
+                s.op,
+                s.model.as_deref().unwrap_or(""),
+                s.failures.join("; ")
+            )
+        })
+        .collect();
+    Outcome::Failed(messages.join("\n"))
+}
+
+/// The last JSON line of a scenario run: `{"summary":{"steps":N,"failed":N}}`.
+#[derive(serde::Serialize)]
+struct Summary {
+    summary: SummaryCounts,
+}
+
+#[derive(serde::Serialize)]
+struct SummaryCounts {
+    steps: usize,
+    failed: usize,
+}
+
+/// Width of the used/free bar in the timeline, in cells.
+const BAR_CELLS: u64 = 24;
+
+/// One readable line per step: result, evictions, a bar of used and free
+/// VRAM; and a line per expectation that did not hold.
+pub fn timeline_line(step: &StepReport, capacity: u64) -> String {
+    let filled = if capacity == 0 {
+        0
+    } else {
+        ((step.used as u128 * BAR_CELLS as u128 + capacity as u128 / 2) / capacity as u128)
+            .min(BAR_CELLS as u128) as usize
+    };
+    let bar = format!(
+        "{}{}",
+        "█".repeat(filled),
+        "░".repeat(BAR_CELLS as usize - filled)
+    );
+    let mark = if step.failures.is_empty() { " " } else { "✗" };
+    let mut line = format!(
+        "{mark}{:>3}  {:<8} {:<26} {:<18} {bar} {:>9} used {:>9} free  {:>8.1} ms",
+        step.step,
+        step.op,
+        step.model.as_deref().unwrap_or("-"),
+        step.result,
+        ByteSize(step.used).to_string(),
+        ByteSize(step.free).to_string(),
+        step.ms
+    );
+    if !step.evicted.is_empty() {
+        line.push_str(&format!("  evicted {}", step.evicted.join(", ")));
+    }
+    line.push('\n');
+    for failure in &step.failures {
+        line.push_str(&format!("      expectation failed: {failure}\n"));
+    }
+    line
 }

@@ -9,6 +9,7 @@ pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod manager;
+pub mod scenario;
 
 pub use manager::Manager;
 pub use vram_actors::*;

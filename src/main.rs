@@ -26,6 +26,16 @@ enum Command {
         /// A settings or scenario file layered over the defaults.
         file: Option<PathBuf>,
     },
+    /// Run a scenario file and check its expectations: exit 0 when all
+    /// hold, 1 when one does not (naming the step), 2 when the file is
+    /// invalid.
+    Scenario {
+        /// The scenario file; the built-in voice-assistant day if omitted.
+        file: Option<PathBuf>,
+        /// Print one JSON object per step, then a summary line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -33,13 +43,19 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .with_writer(std::io::stderr)
         .init();
+    // Backend panics are caught and answered as backend_failed; report
+    // them as one log line rather than the default hook's backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "panic");
+    }));
     let outcome = match args.command {
         Some(Command::CheckConfig { file }) => cli::check_config(file.as_deref()),
-        None => cli::check_config(None),
+        Some(Command::Scenario { file, json }) => cli::scenario(file.as_deref(), json),
+        None => cli::scenario(None, false),
     };
     match outcome {
         Outcome::Ok => ExitCode::SUCCESS,

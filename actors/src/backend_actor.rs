@@ -131,7 +131,7 @@ impl BackendActor {
                 after_ms: limit.as_millis() as u64,
             }),
             Outcome::Panicked(text) => {
-                tracing::error!(kind = %act.kind, model = %model, panic = %text, "backend panicked; restarting it");
+                tracing::warn!(kind = %act.kind, model = %model, panic = %text, "backend panicked; restarting it");
                 ctx.stop();
                 Err(VramError::BackendFailed {
                     model,
@@ -209,7 +209,7 @@ impl Handler<Crash> for BackendActor {
         let kind = self.kind.clone();
         let caught = std::panic::catch_unwind(move || panic!("crash requested for {kind}"));
         let Err(panic) = caught;
-        tracing::error!(kind = %self.kind, panic = %panic_text(&panic), "backend crashed; restarting it");
+        tracing::warn!(kind = %self.kind, panic = %panic_text(&panic), "backend crashed; restarting it");
         ctx.stop();
     }
 }

@@ -1,0 +1,454 @@
+//! Scenario files: a configuration plus steps with expectations, parsed,
+//! run against a live manager, and reported as a timeline or JSON lines.
+//!
+//! The format is the one of DESIGN.md ("Scenario files"): every key of the
+//! settings, plus `description` and `[[steps]]` with `op` (load, unload,
+//! acquire, release, crash, sleep), the op's arguments, and optional
+//! expectations `expect`, `resident`, `free` and `evicted`. Scenarios do
+//! not read `VRAM__*` variables, so a scenario means the same everywhere.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use vram_actors::{
+    Acquire, CrashBackend, Lease, Load, Status, Subscribe, Unload, VramError, VramEvent,
+};
+
+use crate::config::{Settings, SettingsError, check_toml, parse_size, read_file};
+use crate::manager::Manager;
+
+/// The scenario `cargo run` runs when given no arguments.
+pub const VOICE_ASSISTANT: &str = include_str!("../config/scenarios/voice-assistant.toml");
+
+/// A parsed, validated scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// What the scenario shows.
+    pub description: String,
+    /// The settings it runs with (defaults plus the file's keys).
+    pub settings: Settings,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+}
+
+/// One step: an operation and what must hold after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// What to do.
+    pub op: Op,
+    /// The expected result: "ok" or an error code.
+    pub expect: String,
+    /// If given, exactly these models must be resident afterwards.
+    pub resident: Option<BTreeSet<String>>,
+    /// If given, exactly these free bytes afterwards.
+    pub free: Option<u64>,
+    /// If given, exactly these models evicted for this step, in order.
+    pub evicted: Option<Vec<String>>,
+}
+
+/// What a step does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Load a model.
+    Load(String),
+    /// Unload a model.
+    Unload(String),
+    /// Acquire a lease on a model, kept under a name.
+    Acquire {
+        /// The model.
+        model: String,
+        /// The lease's name (default: the model id).
+        lease: String,
+    },
+    /// Release a named lease.
+    Release(String),
+    /// Crash a kind's backend and wait for its restart.
+    Crash(String),
+    /// Wait.
+    Sleep(Duration),
+}
+
+impl Op {
+    /// The op's name as written in files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Load(_) => "load",
+            Op::Unload(_) => "unload",
+            Op::Acquire { .. } => "acquire",
+            Op::Release(_) => "release",
+            Op::Crash(_) => "crash",
+            Op::Sleep(_) => "sleep",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    op: String,
+    model: Option<String>,
+    lease: Option<String>,
+    kind: Option<String>,
+    ms: Option<u64>,
+    expect: Option<String>,
+    resident: Option<Vec<String>>,
+    free: Option<String>,
+    evicted: Option<Vec<String>>,
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Self, SettingsError> {
+        Self::parse(&path.display().to_string(), &read_file(path)?)
+    }
+
+    /// Validates scenario text; `origin` names it in messages.
+    pub fn parse(origin: &str, text: &str) -> Result<Self, SettingsError> {
+        let mut table = check_toml(origin, text)?;
+        let description = match table.remove("description") {
+            None => String::new(),
+            Some(toml::Value::String(s)) => s,
+            Some(_) => return Err(invalid("description", "must be a string")),
+        };
+        let raw_steps = table.remove("steps").unwrap_or(toml::Value::Array(vec![]));
+        let raw_steps: Vec<RawStep> = raw_steps.try_into().map_err(|e: toml::de::Error| {
+            SettingsError::Shape(format!("steps: {}", e.message()))
+        })?;
+        let rest = toml::to_string(&table).map_err(|e| SettingsError::Shape(e.to_string()))?;
+        let settings = Settings::from_layers(Some((origin, &rest)), Some(HashMap::new()))?;
+        let mut leases = BTreeSet::new();
+        let steps = raw_steps
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| raw.validate(i, &settings, &mut leases))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            description,
+            settings,
+            steps,
+        })
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl RawStep {
+    fn validate(
+        self,
+        i: usize,
+        settings: &Settings,
+        leases: &mut BTreeSet<String>,
+    ) -> Result<Step, SettingsError> {
+        let key = |field: &str| format!("steps[{i}].{field}");
+        let need = |value: Option<String>, field: &str| {
+            value.ok_or_else(|| invalid(key(field), format!("op {:?} needs `{field}`", self.op)))
+        };
+        let allowed: &[&str] = match self.op.as_str() {
+            "load" | "unload" => &["model"],
+            "acquire" => &["model", "lease"],
+            "release" => &["lease"],
+            "crash" => &["kind"],
+            "sleep" => &["ms"],
+            other => {
+                return Err(invalid(
+                    key("op"),
+                    format!(
+                        "unknown op {other:?} (expected load, unload, acquire, release, crash or sleep)"
+                    ),
+                ));
+            }
+        };
+        let given = [
+            ("model", self.model.is_some()),
+            ("lease", self.lease.is_some()),
+            ("kind", self.kind.is_some()),
+            ("ms", self.ms.is_some()),
+        ];
+        if let Some((field, _)) = given.iter().find(|(f, set)| *set && !allowed.contains(f)) {
+            return Err(invalid(
+                key(field),
+                format!("does not apply to op {:?}", self.op),
+            ));
+        }
+        let op = match self.op.as_str() {
+            "load" => Op::Load(need(self.model.clone(), "model")?),
+            "unload" => Op::Unload(need(self.model.clone(), "model")?),
+            "acquire" => {
+                let model = need(self.model.clone(), "model")?;
+                let lease = self.lease.clone().unwrap_or_else(|| model.clone());
+                leases.insert(lease.clone());
+                Op::Acquire { model, lease }
+            }
+            "release" => {
+                let lease = need(self.lease.clone(), "lease")?;
+                if !leases.contains(&lease) {
+                    return Err(invalid(
+                        key("lease"),
+                        format!("no earlier step acquires a lease named {lease:?}"),
+                    ));
+                }
+                Op::Release(lease)
+            }
+            "crash" => {
+                let kind = need(self.kind.clone(), "kind")?;
+                if settings.kinds.get(&kind).is_none() {
+                    return Err(invalid(key("kind"), format!("unknown kind {kind:?}")));
+                }
+                Op::Crash(kind)
+            }
+            _ => Op::Sleep(Duration::from_millis(
+                self.ms
+                    .ok_or_else(|| invalid(key("ms"), "op \"sleep\" needs `ms`"))?,
+            )),
+        };
+        let expect = self.expect.unwrap_or_else(|| "ok".to_string());
+        if expect != "ok" && !VramError::CODES.contains(&expect.as_str()) {
+            return Err(invalid(
+                key("expect"),
+                format!(
+                    "unknown result {expect:?} (expected \"ok\" or one of {})",
+                    VramError::CODES.join(", ")
+                ),
+            ));
+        }
+        let free = self
+            .free
+            .map(|f| parse_size(&key("free"), &f))
+            .transpose()?;
+        Ok(Step {
+            op,
+            expect,
+            resident: self.resident.map(|r| r.into_iter().collect()),
+            free,
+            evicted: self.evicted,
+        })
+    }
+}
+
+/// What one step did, as printed (JSON keys in this order).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepReport {
+    /// 1-based step number.
+    pub step: usize,
+    /// The op's name.
+    pub op: &'static str,
+    /// The model the step was about, if any.
+    pub model: Option<String>,
+    /// "ok" or an error code.
+    pub result: String,
+    /// Models unloaded to make room for this step's request, in order.
+    pub evicted: Vec<String>,
+    /// Models resident after the step, sorted.
+    pub resident: Vec<String>,
+    /// Bytes used after the step.
+    pub used: u64,
+    /// Capacity less used after the step.
+    pub free: u64,
+    /// The step's wall time in milliseconds.
+    pub ms: f64,
+    /// Expectations that did not hold.
+    #[serde(skip)]
+    pub failures: Vec<String>,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Usable bytes of the card.
+    pub capacity: u64,
+    /// One report per step.
+    pub steps: Vec<StepReport>,
+}
+
+impl Report {
+    /// Steps whose expectations did not all hold.
+    pub fn failed(&self) -> usize {
+        self.steps.iter().filter(|s| !s.failures.is_empty()).count()
+    }
+}
+
+/// Collects the manager's events so each step can tell what it evicted.
+struct Collector(Rc<RefCell<Vec<VramEvent>>>);
+
+impl Actor for Collector {
+    type Context = Context<Self>;
+}
+
+impl Handler<VramEvent> for Collector {
+    type Result = ();
+    fn handle(&mut self, event: VramEvent, _ctx: &mut Context<Self>) {
+        self.0.borrow_mut().push(event);
+    }
+}
+
+/// Answers once every event sent before it has been collected.
+#[derive(Message)]
+#[rtype(result = "Vec<VramEvent>")]
+struct Drain;
+
+impl Handler<Drain> for Collector {
+    type Result = MessageResult<Drain>;
+    fn handle(&mut self, _: Drain, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(std::mem::take(&mut *self.0.borrow_mut()))
+    }
+}
+
+/// Runs `scenario` on a fresh actix system, calling `on_step` as each step
+/// completes, and reports every step.
+pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Report, SettingsError> {
+    let manager_config = Manager::config(&scenario.settings)?;
+    let capacity = manager_config.capacity;
+    let steps = actix::System::new().block_on(run_steps(scenario, on_step))?;
+    Ok(Report { capacity, steps })
+}
+
+async fn run_steps(
+    scenario: &Scenario,
+    mut on_step: impl FnMut(&StepReport),
+) -> Result<Vec<StepReport>, SettingsError> {
+    let manager = Manager::start(&scenario.settings)?;
+    let collector = Collector(Rc::default()).start();
+    let mailbox = |e: MailboxError| SettingsError::Shape(format!("the manager stopped: {e}"));
+    manager
+        .addr
+        .send(Subscribe(collector.clone().recipient()))
+        .await
+        .map_err(mailbox)?;
+    let mut leases: HashMap<String, Lease> = HashMap::new();
+    let mut lease_models: HashMap<String, String> = HashMap::new();
+    let mut reports = Vec::with_capacity(scenario.steps.len());
+    for (i, step) in scenario.steps.iter().enumerate() {
+        let started = Instant::now();
+        let (model, result): (Option<String>, Result<(), VramError>) = match &step.op {
+            Op::Load(m) => (
+                Some(m.clone()),
+                manager
+                    .addr
+                    .send(Load::new(m))
+                    .await
+                    .map_err(mailbox)?
+                    .map(drop),
+            ),
+            Op::Unload(m) => (
+                Some(m.clone()),
+                manager
+                    .addr
+                    .send(Unload::new(m))
+                    .await
+                    .map_err(mailbox)?
+                    .map(drop),
+            ),
+            Op::Acquire { model, lease } => {
+                let acquired = manager
+                    .addr
+                    .send(Acquire::new(model))
+                    .await
+                    .map_err(mailbox)?;
+                lease_models.insert(lease.clone(), model.clone());
+                (
+                    Some(model.clone()),
+                    acquired.map(|l| {
+                        leases.insert(lease.clone(), l);
+                    }),
+                )
+            }
+            Op::Release(lease) => {
+                // Dropping the lease sends Release; the Status below is
+                // queued behind it in the same mailbox.
+                leases.remove(lease);
+                (lease_models.get(lease).cloned(), Ok(()))
+            }
+            Op::Crash(kind) => (
+                None,
+                manager
+                    .addr
+                    .send(CrashBackend { kind: kind.clone() })
+                    .await
+                    .map_err(mailbox)?,
+            ),
+            Op::Sleep(d) => {
+                actix::clock::sleep(*d).await;
+                (None, Ok(()))
+            }
+        };
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let status = manager.addr.send(Status).await.map_err(mailbox)?;
+        let events = collector.send(Drain).await.map_err(mailbox)?;
+        let evicted = match &model {
+            Some(m) => events
+                .into_iter()
+                .filter_map(|e| match e {
+                    VramEvent::Evicted {
+                        model, for_model, ..
+                    } if &for_model == m => Some(model),
+                    _ => None,
+                })
+                .collect(),
+            None => vec![],
+        };
+        let mut report = StepReport {
+            step: i + 1,
+            op: step.op.name(),
+            model,
+            result: match &result {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.code().to_string(),
+            },
+            evicted,
+            resident: status.resident(),
+            used: status.used,
+            free: status.free,
+            ms: (ms * 1000.0).round() / 1000.0,
+            failures: vec![],
+        };
+        report.failures = check(step, &report, result.err());
+        on_step(&report);
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// The expectations of `step` that `report` does not meet.
+fn check(step: &Step, report: &StepReport, error: Option<VramError>) -> Vec<String> {
+    let mut failures = Vec::new();
+    if report.result != step.expect {
+        let detail = error.map(|e| format!(" ({e})")).unwrap_or_default();
+        failures.push(format!(
+            "expected result {}, got {}{detail}",
+            step.expect, report.result
+        ));
+    }
+    if let Some(expected) = &step.resident {
+        let actual: BTreeSet<String> = report.resident.iter().cloned().collect();
+        if &actual != expected {
+            failures.push(format!("expected resident {expected:?}, got {actual:?}"));
+        }
+    }
+    if let Some(expected) = step.free
+        && expected != report.free
+    {
+        failures.push(format!(
+            "expected free {expected} bytes, got {} bytes",
+            report.free
+        ));
+    }
+    if let Some(expected) = &step.evicted
+        && expected != &report.evicted
+    {
+        failures.push(format!(
+            "expected evicted {expected:?}, got {:?}",
+            report.evicted
+        ));
+    }
+    failures
+}

@@ -1,0 +1,192 @@
+//! Scenario files through the CLI: every shipped scenario passes, a broken
+//! expectation exits 1 naming the step, invalid files exit 2 naming the
+//! key, and the JSON lines carry exactly the documented keys.
+
+mod common;
+
+use common::{outcome, run_cli, temp_file};
+
+const STEP_KEYS: [&str; 9] = [
+    "step", "op", "model", "result", "evicted", "resident", "used", "free", "ms",
+];
+
+fn scenario_files() -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_shipped_scenario_passes() {
+    let files = scenario_files();
+    assert!(
+        files.len() >= 12,
+        "the policy scenarios are all there: {files:?}"
+    );
+    for file in files {
+        let (code, out, err) = outcome(&run_cli(
+            &["scenario", file.to_str().unwrap(), "--json"],
+            &[],
+        ));
+        assert_eq!(code, 0, "{}:\n{out}\n{err}", file.display());
+        let last = out.lines().last().unwrap();
+        let summary: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert_eq!(summary["summary"]["failed"], 0, "{}", file.display());
+        assert!(summary["summary"]["steps"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn json_lines_have_exactly_the_documented_keys() {
+    let (code, out, _) = outcome(&run_cli(
+        &["scenario", "config/scenarios/trim.toml", "--json"],
+        &[],
+    ));
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    for line in &lines[..lines.len() - 1] {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut expected = STEP_KEYS.to_vec();
+        expected.sort();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, expected, "{line}");
+        // Key order follows the documentation too.
+        assert!(line.starts_with("{\"step\":"), "{line}");
+        assert!(
+            v["used"].is_u64() && v["free"].is_u64() && v["ms"].is_f64(),
+            "{line}"
+        );
+    }
+    let step4: serde_json::Value = serde_json::from_str(lines[3]).unwrap();
+    assert_eq!(step4["evicted"], serde_json::json!(["llm-big"]));
+    assert_eq!(step4["free"], 0);
+    assert_eq!(step4["used"], 16u64 << 30);
+    assert_eq!(
+        lines.last().unwrap(),
+        &"{\"summary\":{\"steps\":4,\"failed\":0}}"
+    );
+}
+
+#[test]
+fn cargo_run_default_runs_the_voice_assistant_day() {
+    let (code, out, err) = outcome(&run_cli(&[], &[]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("whisper-large-v3") && out.contains("0 failed"),
+        "{out}"
+    );
+    assert!(out.contains("evicted"), "{out}");
+}
+
+const BROKEN: &str = r#"
+[[models]]
+id = "a"
+kind = "llm"
+vram = "10GiB"
+[[models]]
+id = "b"
+kind = "llm"
+vram = "10GiB"
+
+[[steps]]
+op = "load"
+model = "a"
+
+[[steps]]
+op = "load"
+model = "b"
+evicted = ["a"]
+resident = ["a"]
+"#;
+
+#[test]
+fn a_failed_expectation_exits_1_naming_the_step() {
+    let path = temp_file("broken.toml", BROKEN);
+    let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("step 2") && err.contains("resident"), "{err}");
+    assert!(out.contains("1 failed"), "{out}");
+    let (code, out, _) = outcome(&run_cli(
+        &["scenario", path.to_str().unwrap(), "--json"],
+        &[],
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        out.ends_with("{\"summary\":{\"steps\":2,\"failed\":1}}\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_wrong_expected_code_fails_the_step() {
+    let text = "[[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\n[[steps]]\nop = \"load\"\nmodel = \"a\"\nexpect = \"insufficient_vram\"\n";
+    let path = temp_file("wrong-code.toml", text);
+    let (code, _, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("step 1") && err.contains("expected result insufficient_vram, got ok"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_scenarios_exit_2_naming_the_problem() {
+    let cases = [
+        (
+            "op.toml",
+            "[[steps]]\nop = \"lod\"\nmodel = \"a\"\n",
+            "steps[0].op",
+        ),
+        (
+            "key.toml",
+            "[[steps]]\nop = \"load\"\nmodel = \"a\"\nmodle = \"b\"\n",
+            "modle",
+        ),
+        (
+            "size.toml",
+            "[[steps]]\nop = \"load\"\nmodel = \"a\"\nfree = \"12\"\n",
+            "steps[0].free",
+        ),
+        (
+            "model-size.toml",
+            "[[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"12\"\n",
+            "models[0].vram",
+        ),
+        (
+            "expect.toml",
+            "[[steps]]\nop = \"load\"\nmodel = \"a\"\nexpect = \"oops\"\n",
+            "steps[0].expect",
+        ),
+        ("needs.toml", "[[steps]]\nop = \"sleep\"\n", "steps[0].ms"),
+        (
+            "applies.toml",
+            "[[steps]]\nop = \"sleep\"\nms = 1\nmodel = \"a\"\n",
+            "steps[0].model",
+        ),
+        (
+            "release.toml",
+            "[[steps]]\nop = \"release\"\nlease = \"x\"\n",
+            "steps[0].lease",
+        ),
+        (
+            "crash.toml",
+            "[[steps]]\nop = \"crash\"\nkind = \"gpu\"\n",
+            "steps[0].kind",
+        ),
+        ("toml.toml", "[[steps]\n", "line 1"),
+    ];
+    for (name, text, expected) in cases {
+        let path = temp_file(name, text);
+        let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+        assert_eq!(code, 2, "{name}: {out}\n{err}");
+        assert!(err.contains(expected), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+}
