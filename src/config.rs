@@ -91,6 +91,10 @@ struct RawPolicy {
     #[serde(with = "humantime_serde")]
     unload_timeout: Duration,
     max_queue: usize,
+    #[serde(with = "humantime_serde")]
+    restart_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    restart_backoff_max: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +197,10 @@ pub struct PolicySettings {
     pub unload_timeout: Duration,
     /// Waiting requests beyond this are refused with `busy`.
     pub max_queue: usize,
+    /// Delay before a restarted backend takes its next request.
+    pub restart_backoff: Duration,
+    /// Cap of that delay, which doubles with each crash in a row.
+    pub restart_backoff_max: Duration,
 }
 
 /// Options of the simulated backend, per model.
@@ -420,6 +428,8 @@ impl RawSettings {
                 load_timeout: self.policy.load_timeout,
                 unload_timeout: self.policy.unload_timeout,
                 max_queue: self.policy.max_queue,
+                restart_backoff: self.policy.restart_backoff,
+                restart_backoff_max: self.policy.restart_backoff_max,
             },
             kinds,
             models,

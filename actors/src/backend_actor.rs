@@ -13,7 +13,10 @@
 //! Restart: `Supervised::restarting` calls [`Backend::reset`], counts the
 //! restart and tells the `VramActor`, which then makes its ledger equal to
 //! what the backend reports as [`loaded`](Backend::loaded). Messages queued
-//! in the mailbox survive the restart and are handled afterwards.
+//! in the mailbox survive the restart and are handled afterwards, after a
+//! back-off (`restart_backoff`, doubling with every restart that is not
+//! followed by a successful call, capped at `restart_backoff_max`) so a
+//! backend that crashes at once cannot spin.
 
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
@@ -25,6 +28,7 @@ use futures::FutureExt;
 use crate::backend::{Backend, BackendError, BackendFuture};
 use crate::error::VramError;
 use crate::model::ModelSpec;
+use crate::vram_actor::ManagerConfig;
 
 /// Told to the `VramActor` each time a backend actor restarts.
 #[derive(Debug, Clone, Message)]
@@ -52,10 +56,15 @@ pub struct UnloadModel(pub String);
 pub struct ListLoaded;
 
 /// Make the actor panic inside a handler, as a crashing backend would
-/// (fault testing). Answers `Ok` just before the actor stops.
-#[derive(Debug, Message)]
+/// (fault testing). Answers just before the actor stops.
+#[derive(Debug, Default, Message)]
 #[rtype(result = "()")]
-pub struct Crash;
+pub struct Crash {
+    /// Let the panic escape the handler instead of catching it: the actor's
+    /// task dies without a restart and senders see `MailboxError::Closed`,
+    /// which is what a bug outside the guarded calls would do.
+    pub escape: bool,
+}
 
 /// Wraps one kind's [`Backend`]; see the module docs for its lifecycle.
 pub struct BackendActor {
@@ -63,27 +72,37 @@ pub struct BackendActor {
     backend: Rc<dyn Backend>,
     load_timeout: Duration,
     unload_timeout: Duration,
+    backoff: Duration,
+    backoff_max: Duration,
     on_restart: Option<Recipient<BackendRestarted>>,
     restarts: u32,
+    /// Restarts since the last call that finished without a panic.
+    consecutive: u32,
 }
 
 impl BackendActor {
-    /// An actor for `kind` around `backend`, with the timeouts after which
-    /// a load or unload fails with `timeout`.
-    pub fn new(
-        kind: impl Into<String>,
-        backend: Rc<dyn Backend>,
-        load_timeout: Duration,
-        unload_timeout: Duration,
-    ) -> Self {
+    /// An actor for `kind` around `backend`, with the timeouts and restart
+    /// back-off of `config`.
+    pub fn new(kind: impl Into<String>, backend: Rc<dyn Backend>, config: &ManagerConfig) -> Self {
         Self {
             kind: kind.into(),
             backend,
-            load_timeout,
-            unload_timeout,
+            load_timeout: config.load_timeout,
+            unload_timeout: config.unload_timeout,
+            backoff: config.restart_backoff,
+            backoff_max: config.restart_backoff_max,
             on_restart: None,
             restarts: 0,
+            consecutive: 0,
         }
+    }
+
+    /// The delay before handling messages after the `n`th restart in a row.
+    fn backoff_delay(&self, n: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(n.saturating_sub(1).min(31))
+            .unwrap_or(u32::MAX);
+        self.backoff.saturating_mul(factor).min(self.backoff_max)
     }
 
     /// Tells `recipient` of every restart.
@@ -121,15 +140,24 @@ impl BackendActor {
             }
         };
         Box::pin(fut.into_actor(self).map(move |outcome, act, ctx| match outcome {
-            Outcome::Done(value) => Ok(value),
-            Outcome::Failed(e) => Err(VramError::BackendFailed {
-                model,
-                reason: e.0,
-            }),
-            Outcome::TimedOut(limit) => Err(VramError::Timeout {
-                model,
-                after_ms: limit.as_millis() as u64,
-            }),
+            Outcome::Done(value) => {
+                act.consecutive = 0;
+                Ok(value)
+            }
+            Outcome::Failed(e) => {
+                act.consecutive = 0;
+                Err(VramError::BackendFailed {
+                    model,
+                    reason: e.0,
+                })
+            }
+            Outcome::TimedOut(limit) => {
+                act.consecutive = 0;
+                Err(VramError::Timeout {
+                    model,
+                    after_ms: limit.as_millis() as u64,
+                })
+            }
             Outcome::Panicked(text) => {
                 tracing::warn!(kind = %act.kind, model = %model, panic = %text, "backend panicked; restarting it");
                 ctx.stop();
@@ -162,10 +190,16 @@ impl Actor for BackendActor {
 }
 
 impl Supervised for BackendActor {
-    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
         self.restarts += 1;
+        self.consecutive += 1;
         self.backend.reset();
-        tracing::warn!(kind = %self.kind, restarts = self.restarts, "backend restarted");
+        let delay = self.backoff_delay(self.consecutive);
+        tracing::warn!(kind = %self.kind, restarts = self.restarts, delay_ms = delay.as_millis() as u64, "backend restarted");
+        if !delay.is_zero() {
+            // Holds the mailbox for the back-off; nothing else runs here.
+            ctx.wait(actix::clock::sleep(delay).into_actor(self));
+        }
         if let Some(recipient) = &self.on_restart {
             recipient.do_send(BackendRestarted {
                 kind: self.kind.clone(),
@@ -205,8 +239,11 @@ impl Handler<ListLoaded> for BackendActor {
 impl Handler<Crash> for BackendActor {
     type Result = ();
 
-    fn handle(&mut self, _msg: Crash, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Crash, ctx: &mut Context<Self>) {
         let kind = self.kind.clone();
+        if msg.escape {
+            panic!("uncaught crash requested for {kind}");
+        }
         let caught = std::panic::catch_unwind(move || panic!("crash requested for {kind}"));
         let Err(panic) = caught;
         tracing::warn!(kind = %self.kind, panic = %panic_text(&panic), "backend crashed; restarting it");

@@ -90,6 +90,37 @@ fn stopped(model: &str) -> impl FnOnce(MailboxError) -> VramError + '_ {
     }
 }
 
+/// Sends `msg` to the backend actor of `kind`. If that actor is gone (a
+/// panic escaped its guards, so its supervisor could not restart it), asks
+/// the manager to start a fresh one; the request itself fails.
+async fn ask<M, T>(
+    me: &Addr<VramActor>,
+    kind: &str,
+    backend: &Addr<BackendActor>,
+    msg: M,
+    label: &str,
+) -> Result<T, VramError>
+where
+    M: Message<Result = Result<T, VramError>> + Send + 'static,
+    T: Send + 'static,
+    BackendActor: Handler<M>,
+{
+    match backend.send(msg).await {
+        Ok(result) => result,
+        Err(e) => {
+            if !backend.connected() {
+                let _ = me
+                    .send(ReplaceBackend {
+                        kind: kind.to_string(),
+                        dead: backend.clone(),
+                    })
+                    .await;
+            }
+            Err(stopped(label)(e))
+        }
+    }
+}
+
 /// Builds the driver of `op`. Everything it needs is taken now, so the
 /// future owns it and the actor stays free.
 pub(crate) fn drive(
@@ -155,15 +186,11 @@ async fn load(
             PlanOutcome::Go(go) => break go,
         }
     };
-    let victims: Vec<&str> = go.victims.iter().map(|(v, _)| v.as_str()).collect();
+    let victims: Vec<&str> = go.victims.iter().map(|(v, _, _)| v.as_str()).collect();
     tracing::Span::current().record("victims", tracing::field::debug(&victims));
     let mut evicted = Vec::with_capacity(go.victims.len());
-    for (victim, backend) in go.victims {
-        let result = backend
-            .send(UnloadModel(victim.clone()))
-            .await
-            .map_err(stopped(&victim))
-            .and_then(|r| r);
+    for (victim, kind, backend) in go.victims {
+        let result = ask(&me, &kind, &backend, UnloadModel(victim.clone()), &victim).await;
         let failed = result.is_err();
         me.send(VictimDone {
             victim: victim.clone(),
@@ -176,12 +203,8 @@ async fn load(
             evicted.push(victim);
         }
     }
-    let result = go
-        .backend
-        .send(LoadModel(go.spec))
-        .await
-        .map_err(stopped(&model))
-        .and_then(|r| r);
+    let kind = go.spec.kind.clone();
+    let result = ask(&me, &kind, &go.backend, LoadModel(go.spec), &model).await;
     me.send(LoadDone {
         model: model.clone(),
         evicted,
@@ -212,14 +235,11 @@ async fn unload(
             UnloadOutcome::Wait => {
                 let _ = tokio::time::timeout_at(deadline, notified).await;
             }
-            UnloadOutcome::Go(backend) => break backend,
+            UnloadOutcome::Go(kind, backend) => break (kind, backend),
         }
     };
-    let result = backend
-        .send(UnloadModel(model.clone()))
-        .await
-        .map_err(stopped(&model))
-        .and_then(|r| r);
+    let (kind, backend) = backend;
+    let result = ask(&me, &kind, &backend, UnloadModel(model.clone()), &model).await;
     me.send(UnloadDone {
         model: model.clone(),
         result,
@@ -243,13 +263,24 @@ async fn restart(
         reason: format!("no backend for kind {kind:?}"),
     })?;
     if crash {
-        backend.send(Crash).await.map_err(stopped(&label))?;
+        backend
+            .send(Crash::default())
+            .await
+            .map_err(stopped(&label))?;
     }
-    let loaded = backend
-        .send(ListLoaded)
-        .await
-        .map_err(stopped(&label))
-        .and_then(|r| r)?;
+    let loaded = match ask(&me, &kind, &backend, ListLoaded, &label).await {
+        Ok(loaded) => loaded,
+        Err(_) if !backend.connected() => {
+            // The dead actor was replaced by a fresh one: ask that one.
+            let fresh = me
+                .send(BackendOf(kind.clone()))
+                .await
+                .map_err(stopped(&label))?;
+            let fresh = fresh.ok_or_else(|| stopped(&label)(MailboxError::Closed))?;
+            fresh.send(ListLoaded).await.map_err(stopped(&label))??
+        }
+        Err(e) => return Err(e),
+    };
     me.send(Reconcile { kind, loaded })
         .await
         .map_err(stopped(&label))
@@ -261,7 +292,7 @@ async fn restart(
 pub(crate) struct Go {
     spec: ModelSpec,
     backend: Addr<BackendActor>,
-    victims: Vec<(String, Addr<BackendActor>)>,
+    victims: Vec<(String, String, Addr<BackendActor>)>,
 }
 
 pub(crate) enum PlanOutcome {
@@ -357,9 +388,10 @@ impl VramActor {
                 .get(&victim)
                 .map(|e| e.kind.clone())
                 .unwrap_or_default();
-            planned.push((victim, self.backend_of(&kind, model)?));
+            let backend = self.backend_of(&kind, model)?;
+            planned.push((victim, kind, backend));
         }
-        for (victim, _) in &planned {
+        for (victim, _, _) in &planned {
             self.ledger.begin_unload(victim);
         }
         self.ledger.reserve(&spec);
@@ -368,7 +400,7 @@ impl VramActor {
             model: spec.id.clone(),
             kind: spec.kind.clone(),
             bytes: spec.bytes,
-            victims: planned.iter().map(|(v, _)| v.clone()).collect(),
+            victims: planned.iter().map(|(v, _, _)| v.clone()).collect(),
         });
         Ok(Go {
             spec,
@@ -471,7 +503,7 @@ impl Handler<LoadDone> for VramActor {
 pub(crate) enum UnloadOutcome {
     Done(Result<Unloaded, VramError>),
     Wait,
-    Go(Addr<BackendActor>),
+    Go(String, Addr<BackendActor>),
 }
 
 /// Start an unload: refuse or wait while leased, else mark it unloading.
@@ -506,7 +538,7 @@ impl Handler<BeginUnload> for VramActor {
         MessageResult(match self.backend_of(&kind, &msg.model) {
             Ok(backend) => {
                 self.ledger.begin_unload(&msg.model);
-                UnloadOutcome::Go(backend)
+                UnloadOutcome::Go(kind, backend)
             }
             Err(e) => UnloadOutcome::Done(Err(e)),
         })
@@ -572,8 +604,16 @@ impl Handler<Reconcile> for VramActor {
             self.ledger.remove(id);
         }
         for id in &msg.loaded {
-            if let Some(spec) = self.config.catalog.get(id) {
+            if let Some(spec) = self.config.catalog.get(id)
+                && self.ledger.get(id).is_none()
+            {
                 self.ledger.insert_resident(&spec.clone());
+                // After a restart of the manager, leases it granted before
+                // are still held: count them again.
+                let held = self.leases_of(id).count();
+                for _ in 0..held {
+                    self.ledger.lease(id);
+                }
             }
         }
         tracing::warn!(kind = %msg.kind, lost = ?lost, "ledger reconciled with restarted backend");
@@ -581,5 +621,42 @@ impl Handler<Reconcile> for VramActor {
             kind: msg.kind,
             lost,
         });
+    }
+}
+
+/// Replace the backend actor of `kind` if it is still the dead one.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ReplaceBackend {
+    kind: String,
+    dead: Addr<BackendActor>,
+}
+
+impl Handler<ReplaceBackend> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplaceBackend, ctx: &mut Context<Self>) {
+        if self.actors.get(&msg.kind) != Some(&msg.dead) {
+            return; // already replaced
+        }
+        tracing::error!(kind = %msg.kind, "backend actor died without a restart; starting a fresh one");
+        if let Some(backend) = self.backends.get(&msg.kind) {
+            backend.reset();
+        }
+        self.start_backend(&msg.kind, ctx);
+        self.reconcile_first(msg.kind, ctx);
+    }
+}
+
+/// The current backend actor of a kind.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<BackendActor>>")]
+pub(crate) struct BackendOf(String);
+
+impl Handler<BackendOf> for VramActor {
+    type Result = Option<Addr<BackendActor>>;
+
+    fn handle(&mut self, msg: BackendOf, _ctx: &mut Context<Self>) -> Self::Result {
+        self.actors.get(&msg.0).cloned()
     }
 }

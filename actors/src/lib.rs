@@ -31,4 +31,4 @@ pub use messages::{
 };
 pub use model::{Catalog, ModelSpec};
 pub use policy::{Plan, plan};
-pub use vram_actor::{ManagerConfig, VramActor};
+pub use vram_actor::{ManagerConfig, Restart, VramActor};

@@ -52,6 +52,10 @@ pub struct ManagerConfig {
     pub unload_timeout: Duration,
     /// Waiting jobs beyond this are refused with `busy`.
     pub max_queue: usize,
+    /// Delay before a restarted backend takes its next message.
+    pub restart_backoff: Duration,
+    /// Cap of that delay, which doubles with each restart in a row.
+    pub restart_backoff_max: Duration,
 }
 
 impl ManagerConfig {
@@ -66,6 +70,8 @@ impl ManagerConfig {
             load_timeout: Duration::from_secs(120),
             unload_timeout: Duration::from_secs(30),
             max_queue: 64,
+            restart_backoff: Duration::from_millis(10),
+            restart_backoff_max: Duration::from_secs(2),
         }
     }
 }
@@ -88,7 +94,7 @@ pub(crate) struct Job {
 pub struct VramActor {
     pub(crate) config: ManagerConfig,
     pub(crate) ledger: Ledger,
-    backends: BTreeMap<String, Rc<dyn Backend>>,
+    pub(crate) backends: BTreeMap<String, Rc<dyn Backend>>,
     pub(crate) actors: HashMap<String, Addr<BackendActor>>,
     queue: VecDeque<Job>,
     running: Option<Job>,
@@ -98,6 +104,8 @@ pub struct VramActor {
     pub(crate) released: Rc<Notify>,
     /// This actor's own address, handed to every lease it grants.
     me: Option<Addr<VramActor>>,
+    /// Called with the ledger after every job (tests check invariants).
+    observer: Option<Box<dyn FnMut(&Ledger)>>,
 }
 
 impl VramActor {
@@ -115,6 +123,7 @@ impl VramActor {
             subscribers: Vec::new(),
             released: Rc::new(Notify::new()),
             me: None,
+            observer: None,
         }
     }
 
@@ -198,6 +207,15 @@ impl VramActor {
         let Some(job) = self.running.take() else {
             return;
         };
+        let stale = self
+            .queue
+            .front()
+            .is_some_and(|j| matches!(j.op, JobOp::Reconcile(_)));
+        if let Some(observer) = self.observer.as_mut()
+            && !stale
+        {
+            observer(&self.ledger);
+        }
         for waiter in job.waiters {
             match waiter {
                 Waiter::Load(tx) => {
@@ -238,6 +256,14 @@ impl VramActor {
         })
     }
 
+    /// Ids of the leases held on `model`.
+    pub(crate) fn leases_of<'a>(&'a self, model: &'a str) -> impl Iterator<Item = u64> + 'a {
+        self.leases
+            .iter()
+            .filter(move |(_, m)| *m == model)
+            .map(|(id, _)| *id)
+    }
+
     fn known(&self, model: &str) -> Result<(), VramError> {
         let spec = self
             .config
@@ -262,21 +288,73 @@ impl Actor for VramActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.me = Some(ctx.address());
-        let me = ctx.address().recipient();
-        for (kind, backend) in &self.backends {
-            let actor = BackendActor::new(
-                kind.clone(),
-                backend.clone(),
-                self.config.load_timeout,
-                self.config.unload_timeout,
-            )
-            .notify_restarts(me.clone());
-            let mut actor = Some(actor);
-            let addr = Supervisor::start(move |_| {
-                actor.take().expect("a supervisor builds its actor once")
-            });
-            self.actors.insert(kind.clone(), addr);
+        // `started` runs again after a restart of this actor; its backend
+        // actors live on and are kept.
+        let kinds: Vec<String> = self
+            .backends
+            .keys()
+            .filter(|k| !self.actors.contains_key(*k))
+            .cloned()
+            .collect();
+        for kind in kinds {
+            self.start_backend(&kind, ctx);
         }
+    }
+}
+
+/// A restart of the manager itself (when run under a `Supervisor`): the
+/// running job's future is gone, so its waiters are answered with
+/// `backend_failed`; the ledger is rebuilt from every backend's `loaded()`
+/// by reconcile jobs placed ahead of everything queued.
+impl Supervised for VramActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        tracing::warn!(
+            queued = self.queue.len(),
+            "manager restarting; rebuilding the ledger from the backends"
+        );
+        self.running = None;
+        self.ledger = Ledger::new(self.config.capacity);
+        for kind in self.backends.keys().rev() {
+            self.queue.push_front(Job {
+                op: JobOp::Reconcile(kind.clone()),
+                waiters: vec![],
+            });
+        }
+    }
+}
+
+impl VramActor {
+    /// Starts (or replaces) the supervised backend actor of `kind`.
+    pub(crate) fn start_backend(&mut self, kind: &str, ctx: &mut Context<Self>) {
+        let Some(backend) = self.backends.get(kind).cloned() else {
+            return;
+        };
+        let actor = BackendActor::new(kind, backend, &self.config)
+            .notify_restarts(ctx.address().recipient());
+        self.actors
+            .insert(kind.to_string(), Supervisor::start(move |_| actor));
+    }
+
+    /// Queues a reconcile of `kind` ahead of everything else, unless one
+    /// is already first in line.
+    pub(crate) fn reconcile_first(&mut self, kind: String, ctx: &mut Context<Self>) {
+        let first = |j: &Job| matches!(&j.op, JobOp::Reconcile(k) if *k == kind);
+        if self.queue.front().is_some_and(first) {
+            return;
+        }
+        self.queue.push_front(Job {
+            op: JobOp::Reconcile(kind),
+            waiters: vec![],
+        });
+        self.start_next(ctx);
+    }
+
+    /// Calls `observer` with the ledger each time a job completes, except
+    /// while a reconcile after a backend restart is pending (the ledger is
+    /// then known to be stale until that reconcile runs).
+    pub fn observe_jobs(mut self, observer: impl FnMut(&Ledger) + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
     }
 }
 
@@ -376,20 +454,29 @@ impl Handler<BackendRestarted> for VramActor {
     type Result = ();
 
     fn handle(&mut self, msg: BackendRestarted, ctx: &mut Context<Self>) {
-        let reconciling =
-            |j: &Job| matches!(&j.op, JobOp::Crash(k) | JobOp::Reconcile(k) if *k == msg.kind);
-        let running = self
+        // A running crash job of this kind reconciles by itself.
+        let crashing = self
             .running
             .as_ref()
             .is_some_and(|j| matches!(&j.op, JobOp::Crash(k) if *k == msg.kind));
-        if running || self.queue.front().is_some_and(reconciling) {
-            return;
+        if !crashing {
+            self.reconcile_first(msg.kind, ctx);
         }
-        self.queue.push_front(Job {
-            op: JobOp::Reconcile(msg.kind),
-            waiters: vec![],
-        });
-        self.start_next(ctx);
+    }
+}
+
+/// Stop the manager. Under a `Supervisor` it restarts and rebuilds its
+/// ledger from the backends before taking the next job; otherwise it stays
+/// stopped.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Restart;
+
+impl Handler<Restart> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Restart, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 
