@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod manager;
 pub mod scenario;
+pub mod soak;
 
 pub use manager::Manager;
 pub use vram_actors::*;

@@ -250,3 +250,36 @@ impl Handler<Crash> for BackendActor {
         ctx.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Catalog;
+
+    struct Nothing;
+
+    impl Backend for Nothing {
+        fn load(&self, _: &ModelSpec) -> BackendFuture<()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn unload(&self, _: &str) -> BackendFuture<()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn loaded(&self) -> BackendFuture<Vec<String>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+    }
+
+    #[test]
+    fn restart_backoff_doubles_up_to_its_cap() {
+        let config = ManagerConfig {
+            restart_backoff: Duration::from_millis(10),
+            restart_backoff_max: Duration::from_millis(100),
+            ..ManagerConfig::new(1, Catalog::new())
+        };
+        let actor = BackendActor::new("tts", Rc::new(Nothing), &config);
+        let delays: Vec<u64> = (1..=6).map(|n| actor.backoff_delay(n).as_millis() as u64).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 100, 100]);
+        assert_eq!(actor.backoff_delay(1000), Duration::from_millis(100), "no overflow");
+    }
+}

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModel};
 use crate::error::VramError;
 use crate::ledger::ModelState;
-use crate::messages::{Loaded, Unloaded, VramEvent};
+use crate::messages::{BackendOf, Loaded, Unloaded, VramEvent};
 use crate::model::ModelSpec;
 use crate::policy::{Plan, plan};
 use crate::vram_actor::VramActor;
@@ -108,14 +108,20 @@ where
     match backend.send(msg).await {
         Ok(result) => result,
         Err(e) => {
-            if !backend.connected() {
-                let _ = me
-                    .send(ReplaceBackend {
-                        kind: kind.to_string(),
-                        dead: backend.clone(),
-                    })
-                    .await;
+            if backend.connected() {
+                // The supervisor restarted the actor while it handled this
+                // call; the call's future went with the old instance.
+                return Err(VramError::BackendFailed {
+                    model: label.to_string(),
+                    reason: "the backend restarted during the call".to_string(),
+                });
             }
+            let _ = me
+                .send(ReplaceBackend {
+                    kind: kind.to_string(),
+                    dead: backend.clone(),
+                })
+                .await;
             Err(stopped(label)(e))
         }
     }
@@ -603,6 +609,21 @@ impl Handler<Reconcile> for VramActor {
         for id in &lost {
             self.ledger.remove(id);
         }
+        // Leases on models of this kind that the backend no longer holds
+        // are void (also after a restart of the manager itself).
+        let void: Vec<String> = self
+            .leased_models()
+            .filter(|m| !msg.loaded.contains(m))
+            .filter(|m| {
+                self.config
+                    .catalog
+                    .get(m)
+                    .is_some_and(|s| s.kind == msg.kind)
+            })
+            .collect();
+        for id in void {
+            self.void_leases(&id);
+        }
         for id in &msg.loaded {
             if let Some(spec) = self.config.catalog.get(id)
                 && self.ledger.get(id).is_none()
@@ -647,11 +668,6 @@ impl Handler<ReplaceBackend> for VramActor {
         self.reconcile_first(msg.kind, ctx);
     }
 }
-
-/// The current backend actor of a kind.
-#[derive(Message)]
-#[rtype(result = "Option<Addr<BackendActor>>")]
-pub(crate) struct BackendOf(String);
 
 impl Handler<BackendOf> for VramActor {
     type Result = Option<Addr<BackendActor>>;

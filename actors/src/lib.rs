@@ -26,9 +26,9 @@ pub use error::VramError;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};
 pub use messages::{
-    Acquire, CrashBackend, Lease, Load, Loaded, ModelStatus, Release, Status, StatusReport,
-    Subscribe, Unload, Unloaded, VramEvent,
+    Acquire, BackendOf, CrashBackend, Lease, Load, Loaded, ModelStatus, Release, Status,
+    StatusReport, Subscribe, Unload, Unloaded, VramEvent,
 };
 pub use model::{Catalog, ModelSpec};
 pub use policy::{Plan, plan};
-pub use vram_actor::{ManagerConfig, Restart, VramActor};
+pub use vram_actor::{JobObserver, ManagerConfig, Restart, VramActor};

@@ -1,8 +1,12 @@
 //! The messages a `VramActor` answers, what they answer, and the events it
 //! publishes.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use actix::prelude::*;
 
+use crate::backend_actor::BackendActor;
 use crate::error::VramError;
 use crate::ledger::ModelState;
 use crate::vram_actor::VramActor;
@@ -101,6 +105,8 @@ pub struct Lease {
     pub(crate) model: String,
     pub(crate) evicted: Vec<String>,
     pub(crate) owner: Option<Addr<VramActor>>,
+    /// Cleared by the manager when the model is lost in a backend crash.
+    pub(crate) valid: Arc<AtomicBool>,
 }
 
 impl Lease {
@@ -117,6 +123,12 @@ impl Lease {
     /// Models evicted to load the model for this lease, in unload order.
     pub fn evicted(&self) -> &[String] {
         &self.evicted
+    }
+
+    /// False once the leased model was lost in a backend crash: the lease
+    /// no longer holds anything, and the request should load it again.
+    pub fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Relaxed)
     }
 
     /// Releases the model now (the same as dropping the lease).
@@ -147,6 +159,8 @@ pub struct StatusReport {
     pub free: u64,
     /// Operations waiting in the queue (not counting the one running).
     pub queued: usize,
+    /// Whether an operation is running now.
+    pub running: bool,
     /// Every model that holds VRAM, by id.
     pub models: Vec<ModelStatus>,
 }
@@ -195,6 +209,12 @@ pub struct CrashBackend {
     /// The kind whose backend should crash.
     pub kind: String,
 }
+
+/// Ask for the backend actor that serves a kind (for monitoring and fault
+/// testing). Answered at once; `None` for a kind without a backend.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Option<Addr<BackendActor>>")]
+pub struct BackendOf(pub String);
 
 /// Something that happened to a model, in the order it happened.
 #[derive(Debug, Clone, PartialEq, Eq, Message, serde::Serialize)]

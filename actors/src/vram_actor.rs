@@ -18,6 +18,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -76,6 +78,9 @@ impl ManagerConfig {
     }
 }
 
+/// Called with the ledger after every job; see [`VramActor::observe_jobs`].
+pub type JobObserver = Box<dyn FnMut(&Ledger)>;
+
 /// Someone waiting for a job's outcome.
 pub(crate) enum Waiter {
     Load(oneshot::Sender<Result<Loaded, VramError>>),
@@ -98,14 +103,15 @@ pub struct VramActor {
     pub(crate) actors: HashMap<String, Addr<BackendActor>>,
     queue: VecDeque<Job>,
     running: Option<Job>,
-    leases: HashMap<u64, String>,
+    /// Granted leases: id -> (model, validity shared with the guard).
+    leases: HashMap<u64, (String, Arc<AtomicBool>)>,
     next_lease: u64,
     subscribers: Vec<Recipient<VramEvent>>,
     pub(crate) released: Rc<Notify>,
     /// This actor's own address, handed to every lease it grants.
     me: Option<Addr<VramActor>>,
     /// Called with the ledger after every job (tests check invariants).
-    observer: Option<Box<dyn FnMut(&Ledger)>>,
+    observer: Option<JobObserver>,
 }
 
 impl VramActor {
@@ -247,21 +253,43 @@ impl VramActor {
             });
         }
         self.next_lease += 1;
-        self.leases.insert(self.next_lease, model.to_string());
+        let valid = Arc::new(AtomicBool::new(true));
+        self.leases
+            .insert(self.next_lease, (model.to_string(), valid.clone()));
         Ok(Lease {
             id: self.next_lease,
             model: model.to_string(),
             evicted,
             owner: self.me.clone(),
+            valid,
         })
     }
 
     /// Ids of the leases held on `model`.
+    /// Ids of the leases held on `model`.
     pub(crate) fn leases_of<'a>(&'a self, model: &'a str) -> impl Iterator<Item = u64> + 'a {
         self.leases
             .iter()
-            .filter(move |(_, m)| *m == model)
+            .filter(move |(_, (m, _))| *m == model)
             .map(|(id, _)| *id)
+    }
+
+    /// The models that leases are held on (with repeats).
+    pub(crate) fn leased_models(&self) -> impl Iterator<Item = String> + '_ {
+        self.leases.values().map(|(m, _)| m.clone())
+    }
+
+    /// Voids every lease on `model` (it was lost in a crash): the guards
+    /// report `is_valid() == false` and their release does nothing.
+    pub(crate) fn void_leases(&mut self, model: &str) {
+        self.leases.retain(|_, (m, valid)| {
+            if m == model {
+                valid.store(false, Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
     }
 
     fn known(&self, model: &str) -> Result<(), VramError> {
@@ -409,7 +437,7 @@ impl Handler<Release> for VramActor {
     type Result = ();
 
     fn handle(&mut self, msg: Release, _ctx: &mut Context<Self>) {
-        if let Some(model) = self.leases.remove(&msg.lease) {
+        if let Some((model, _)) = self.leases.remove(&msg.lease) {
             self.ledger.release(&model);
             self.released.notify_waiters();
         }
@@ -489,6 +517,7 @@ impl Handler<Status> for VramActor {
             used: self.ledger.used(),
             free: self.ledger.free(),
             queued: self.queue.len(),
+            running: self.running.is_some(),
             models: self
                 .ledger
                 .entries()

@@ -73,3 +73,36 @@ pub async fn status(m: &Manager) -> StatusReport {
 pub async fn resident(m: &Manager) -> Vec<String> {
     status(m).await.resident()
 }
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use actix::prelude::*;
+use vram_manager::backends::FaultBackend;
+use vram_manager::{Backend, ManagerConfig, VramActor};
+
+/// A manager over scripted fault backends (one per default kind), with a
+/// 1 ms restart back-off capped at 2 ms. Answers the manager and the
+/// backends by kind.
+pub fn start_faulty(toml: &str) -> (Addr<VramActor>, BTreeMap<String, FaultBackend>) {
+    let (config, backends) = faulty(toml);
+    let by_kind = backends
+        .iter()
+        .map(|(k, b)| (k.clone(), Rc::new(b.clone()) as Rc<dyn Backend>))
+        .collect();
+    (VramActor::new(config, by_kind).start(), backends)
+}
+
+/// The configuration and scripted fault backends `start_faulty` uses.
+pub fn faulty(toml: &str) -> (ManagerConfig, BTreeMap<String, FaultBackend>) {
+    let settings = settings(&format!(
+        "[policy]\nrestart_backoff = \"1ms\"\nrestart_backoff_max = \"2ms\"\n{toml}"
+    ));
+    let config = Manager::config(&settings).expect("capacity is known");
+    let backends = settings
+        .kinds
+        .iter()
+        .map(|k| (k.name.clone(), FaultBackend::scripted()))
+        .collect();
+    (config, backends)
+}
