@@ -79,6 +79,12 @@ struct RawGpu {
     device: String,
     total: String,
     reserve: String,
+    release_fraction: f64,
+    #[serde(with = "humantime_serde")]
+    release_poll: Duration,
+    #[serde(with = "humantime_serde")]
+    release_timeout: Duration,
+    external: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +127,9 @@ struct RawModel {
     unload_ms: u64,
     #[serde(default)]
     fail_load: bool,
+    actual_vram: Option<String>,
+    #[serde(default)]
+    release_ms: u64,
 }
 
 fn default_backend() -> String {
@@ -163,7 +172,7 @@ pub enum GpuTotal {
 }
 
 /// `[gpu]`: which card, how big, how much to keep free.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GpuSettings {
     /// How to learn about the card.
     pub probe: ProbeChoice,
@@ -173,6 +182,15 @@ pub struct GpuSettings {
     pub total: GpuTotal,
     /// Bytes never handed to models.
     pub reserve: u64,
+    /// After evicting, wait for this fraction of the victims' bytes to
+    /// show up free on the card before loading.
+    pub release_fraction: f64,
+    /// How often to ask the card while waiting.
+    pub release_poll: Duration,
+    /// The longest wait; then load anyway, with a warning.
+    pub release_timeout: Duration,
+    /// Simulated card only: bytes used by other processes.
+    pub external: u64,
 }
 
 impl GpuSettings {
@@ -212,6 +230,11 @@ pub struct SimOptions {
     pub unload_ms: u64,
     /// Refuse every load (to exercise `backend_failed`).
     pub fail_load: bool,
+    /// Bytes the model really takes on the simulated card (its declared
+    /// size when not given), to exercise calibration.
+    pub actual_bytes: Option<u64>,
+    /// How long after an unload the simulated card gets the memory back.
+    pub release_ms: u64,
 }
 
 /// Which backend serves a model, with its options.
@@ -350,6 +373,13 @@ impl RawSettings {
                 format!("reserve {reserve} bytes leaves nothing of a {total}-byte card"),
             ));
         }
+        if !(0.0..=1.0).contains(&self.gpu.release_fraction) {
+            return Err(SettingsError::invalid(
+                "gpu.release_fraction",
+                format!("{} is not between 0 and 1", self.gpu.release_fraction),
+            ));
+        }
+        let external = parse_size("gpu.external", &self.gpu.external)?;
         if self.policy.max_queue == 0 {
             return Err(SettingsError::invalid(
                 "policy.max_queue",
@@ -403,6 +433,12 @@ impl RawSettings {
                     load_ms: raw.load_ms,
                     unload_ms: raw.unload_ms,
                     fail_load: raw.fail_load,
+                    actual_bytes: raw
+                        .actual_vram
+                        .as_deref()
+                        .map(|v| parse_size(&key("actual_vram"), v))
+                        .transpose()?,
+                    release_ms: raw.release_ms,
                 }),
                 other => {
                     return Err(SettingsError::invalid(
@@ -422,6 +458,10 @@ impl RawSettings {
                 device: self.gpu.device,
                 total,
                 reserve,
+                release_fraction: self.gpu.release_fraction,
+                release_poll: self.gpu.release_poll,
+                release_timeout: self.gpu.release_timeout,
+                external,
             },
             policy: PolicySettings {
                 lease_wait: self.policy.lease_wait,

@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod cli;
 pub mod config;
+pub mod gpu;
 pub mod manager;
 pub mod scenario;
 pub mod soak;

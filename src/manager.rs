@@ -1,5 +1,8 @@
 //! Starting a manager from settings: one backend per kind, the
-//! `VramActor` over them, on the current actix arbiter.
+//! `VramActor` over them, on the current actix arbiter. Simulated backends
+//! run on a simulated card sized by `gpu.total`, which is also the
+//! manager's probe, so plans, waits and calibration behave as on a real
+//! card.
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -9,14 +12,17 @@ use vram_actors::{Backend, ManagerConfig, VramActor};
 
 use crate::backends::SimBackend;
 use crate::config::{BackendSpec, Settings, SettingsError};
+use crate::gpu::SimCard;
 
-/// A running manager and handles on its simulated backends.
+/// A running manager and handles on its simulated backends and card.
 #[derive(Debug, Clone)]
 pub struct Manager {
     /// The manager's address: send it `Load`, `Acquire`, `Status`, ...
     pub addr: Addr<VramActor>,
     /// The simulated backend of each kind, for inspection.
     pub sims: BTreeMap<String, SimBackend>,
+    /// The simulated card the backends allocate on.
+    pub card: SimCard,
 }
 
 impl Manager {
@@ -37,6 +43,10 @@ impl Manager {
             max_queue: settings.policy.max_queue,
             restart_backoff: settings.policy.restart_backoff,
             restart_backoff_max: settings.policy.restart_backoff_max,
+            reserve: settings.gpu.reserve,
+            release_fraction: settings.gpu.release_fraction,
+            release_poll: settings.gpu.release_poll,
+            release_timeout: settings.gpu.release_timeout,
         })
     }
 
@@ -44,6 +54,8 @@ impl Manager {
     /// actix `System`).
     pub fn start(settings: &Settings) -> Result<Self, SettingsError> {
         let config = Self::config(settings)?;
+        let total = config.capacity + settings.gpu.reserve;
+        let card = SimCard::new(total, settings.gpu.external);
         let mut options: BTreeMap<String, HashMap<_, _>> = BTreeMap::new();
         for kind in settings.kinds.iter() {
             options.entry(kind.name.clone()).or_default();
@@ -57,13 +69,15 @@ impl Manager {
         }
         let sims: BTreeMap<String, SimBackend> = options
             .into_iter()
-            .map(|(kind, options)| (kind, SimBackend::new(options)))
+            .map(|(kind, options)| (kind, SimBackend::new(options).on_card(card.clone())))
             .collect();
         let backends = sims
             .iter()
             .map(|(kind, sim)| (kind.clone(), Rc::new(sim.clone()) as Rc<dyn Backend>))
             .collect();
-        let addr = VramActor::new(config, backends).start();
-        Ok(Self { addr, sims })
+        let addr = VramActor::new(config, backends)
+            .with_probe(Rc::new(card.clone()))
+            .start();
+        Ok(Self { addr, sims, card })
     }
 }

@@ -278,8 +278,14 @@ mod tests {
             ..ManagerConfig::new(1, Catalog::new())
         };
         let actor = BackendActor::new("tts", Rc::new(Nothing), &config);
-        let delays: Vec<u64> = (1..=6).map(|n| actor.backoff_delay(n).as_millis() as u64).collect();
+        let delays: Vec<u64> = (1..=6)
+            .map(|n| actor.backoff_delay(n).as_millis() as u64)
+            .collect();
         assert_eq!(delays, [10, 20, 40, 80, 100, 100]);
-        assert_eq!(actor.backoff_delay(1000), Duration::from_millis(100), "no overflow");
+        assert_eq!(
+            actor.backoff_delay(1000),
+            Duration::from_millis(100),
+            "no overflow"
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! actor stays free to answer Status, Release and Acquire.
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::Notify;
@@ -20,6 +21,7 @@ use crate::ledger::ModelState;
 use crate::messages::{BackendOf, Loaded, Unloaded, VramEvent};
 use crate::model::ModelSpec;
 use crate::policy::{Plan, plan};
+use crate::probe::{GpuMemory, GpuProbe};
 use crate::vram_actor::VramActor;
 
 /// One operation of the queue.
@@ -136,6 +138,12 @@ pub(crate) fn drive(
 ) -> impl Future<Output = JobResult> + 'static {
     let released = actor.released.clone();
     let lease_wait = actor.config.lease_wait;
+    let card = Card {
+        probe: actor.probe.clone(),
+        fraction: actor.config.release_fraction,
+        poll: actor.config.release_poll,
+        timeout: actor.config.release_timeout,
+    };
     let backend = |kind: &str| actor.actors.get(kind).cloned();
     let (span, kind_backend) = match &op {
         JobOp::Load(m) => {
@@ -156,7 +164,9 @@ pub(crate) fn drive(
     async move {
         let deadline = Instant::now() + lease_wait;
         match op {
-            JobOp::Load(model) => JobResult::Loaded(load(model, me, released, deadline).await),
+            JobOp::Load(model) => {
+                JobResult::Loaded(load(model, me, released, deadline, card).await)
+            }
             JobOp::Unload(model) => {
                 JobResult::Unloaded(unload(model, me, released, deadline).await)
             }
@@ -167,20 +177,74 @@ pub(crate) fn drive(
     .instrument(span)
 }
 
+/// The card as a load sees it: the probe (if any) and how to wait for
+/// memory to come back after an eviction.
+struct Card {
+    probe: Option<Rc<dyn GpuProbe>>,
+    fraction: f64,
+    poll: Duration,
+    timeout: Duration,
+}
+
+impl Card {
+    /// The card's memory now; `None` without a probe or when it fails.
+    async fn read(&self) -> Option<GpuMemory> {
+        let probe = self.probe.as_ref()?;
+        match probe.memory().await {
+            Ok(memory) => Some(memory),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the card; planning on the ledger alone");
+                None
+            }
+        }
+    }
+
+    /// Waits until the card's free memory reaches `target` bytes, polling,
+    /// for at most the timeout; on the cap, warns and goes on.
+    async fn wait_for_free(&self, target: u64) {
+        let started = Instant::now();
+        loop {
+            let Some(memory) = self.read().await else {
+                return;
+            };
+            if memory.free >= target {
+                return;
+            }
+            if started.elapsed() >= self.timeout {
+                tracing::warn!(
+                    free = memory.free,
+                    target,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "evicted memory not returned in time; loading anyway"
+                );
+                return;
+            }
+            actix::clock::sleep(
+                self.poll
+                    .min(self.timeout.saturating_sub(started.elapsed())),
+            )
+            .await;
+        }
+    }
+}
+
 async fn load(
     model: String,
     me: Addr<VramActor>,
     released: Rc<Notify>,
     deadline: Instant,
+    card: Card,
 ) -> Result<Loaded, VramError> {
-    let go = loop {
+    let (go, before) = loop {
         // Registered before planning, so a release in between is not lost.
         let notified = released.notified();
         let may_wait = Instant::now() < deadline;
+        let before = card.read().await;
         let outcome = me
             .send(PlanLoad {
                 model: model.clone(),
                 may_wait,
+                card_free: before.map(|m| m.free),
             })
             .await
             .map_err(stopped(&model))?;
@@ -189,7 +253,7 @@ async fn load(
             PlanOutcome::Wait => {
                 let _ = tokio::time::timeout_at(deadline, notified).await;
             }
-            PlanOutcome::Go(go) => break go,
+            PlanOutcome::Go(go) => break (go, before),
         }
     };
     let victims: Vec<&str> = go.victims.iter().map(|(v, _, _)| v.as_str()).collect();
@@ -209,12 +273,28 @@ async fn load(
             evicted.push(victim);
         }
     }
+    if let Some(before) = before
+        && go.victim_bytes > 0
+    {
+        let back = (go.victim_bytes as f64 * card.fraction) as u64;
+        card.wait_for_free(before.free.saturating_add(back)).await;
+    }
+    let used_before = card.read().await.map(|m| m.used);
     let kind = go.spec.kind.clone();
     let result = ask(&me, &kind, &go.backend, LoadModel(go.spec), &model).await;
+    // Loads are serialised, so the card's growth is this model's footprint.
+    let measured = match (used_before, &result) {
+        (Some(before), Ok(())) => card
+            .read()
+            .await
+            .map(|after| after.used.saturating_sub(before)),
+        _ => None,
+    };
     me.send(LoadDone {
         model: model.clone(),
         evicted,
         result,
+        measured,
     })
     .await
     .map_err(stopped(&model))?
@@ -299,6 +379,8 @@ pub(crate) struct Go {
     spec: ModelSpec,
     backend: Addr<BackendActor>,
     victims: Vec<(String, String, Addr<BackendActor>)>,
+    /// Bytes the victims are charged (what the card should give back).
+    victim_bytes: u64,
 }
 
 pub(crate) enum PlanOutcome {
@@ -313,6 +395,8 @@ pub(crate) enum PlanOutcome {
 pub(crate) struct PlanLoad {
     model: String,
     may_wait: bool,
+    /// The card's free bytes, when a probe could tell.
+    card_free: Option<u64>,
 }
 
 impl Handler<PlanLoad> for VramActor {
@@ -320,7 +404,15 @@ impl Handler<PlanLoad> for VramActor {
 
     fn handle(&mut self, msg: PlanLoad, _ctx: &mut Context<Self>) -> Self::Result {
         let model = msg.model;
-        let free = self.ledger.free();
+        // Plan against the tighter of the ledger and the card: memory held
+        // by other processes, or not yet returned, is not free.
+        let free = match msg.card_free {
+            Some(card) => self
+                .ledger
+                .free()
+                .min(card.saturating_sub(self.config.reserve)),
+            None => self.ledger.free(),
+        };
         let planned = plan(
             &self.ledger,
             &self.config.kinds,
@@ -378,41 +470,66 @@ impl VramActor {
     /// Reserves `model` and marks `victims` unloading, answering the
     /// addresses to carry the plan out with.
     fn reserve(&mut self, model: &str, victims: Vec<String>) -> Result<Go, VramError> {
-        let spec =
-            self.config
-                .catalog
-                .get(model)
-                .cloned()
-                .ok_or_else(|| VramError::UnknownModel {
-                    model: model.to_string(),
-                })?;
-        let backend = self.backend_of(&spec.kind, model)?;
+        let unknown = || VramError::UnknownModel {
+            model: model.to_string(),
+        };
+        // Charged at its declared size, or what it measured last time.
+        let declared = self.declared.get(model).cloned().ok_or_else(unknown)?;
+        let charged = self
+            .config
+            .catalog
+            .get(model)
+            .map_or(declared.bytes, |s| s.bytes);
+        let backend = self.backend_of(&declared.kind, model)?;
         let mut planned = Vec::with_capacity(victims.len());
+        let mut victim_bytes = 0;
         for victim in victims {
-            let kind = self
-                .ledger
-                .get(&victim)
-                .map(|e| e.kind.clone())
-                .unwrap_or_default();
+            let entry = self.ledger.get(&victim);
+            let kind = entry.map(|e| e.kind.clone()).unwrap_or_default();
+            victim_bytes += entry.map_or(0, |e| e.bytes);
             let backend = self.backend_of(&kind, model)?;
             planned.push((victim, kind, backend));
         }
         for (victim, _, _) in &planned {
             self.ledger.begin_unload(victim);
         }
-        self.ledger.reserve(&spec);
-        tracing::info!(model = %spec.id, kind = %spec.kind, bytes = spec.bytes, victims = planned.len(), "loading");
+        self.ledger.reserve(&declared);
+        if charged > declared.bytes {
+            self.ledger.calibrate(model, charged);
+        }
+        tracing::info!(model = %declared.id, kind = %declared.kind, bytes = charged, victims = planned.len(), "loading");
         self.publish(VramEvent::Loading {
-            model: spec.id.clone(),
-            kind: spec.kind.clone(),
-            bytes: spec.bytes,
+            model: declared.id.clone(),
+            kind: declared.kind.clone(),
+            bytes: charged,
             victims: planned.iter().map(|(v, _, _)| v.clone()).collect(),
         });
         Ok(Go {
-            spec,
+            spec: declared,
             backend,
             victims: planned,
+            victim_bytes,
         })
+    }
+
+    /// Records a measured footprint: the ledger charges the larger of
+    /// declared and measured, and later plans for this model use it too.
+    fn calibrate(&mut self, model: &str, measured: u64) {
+        let Some(mut spec) = self.declared.get(model).cloned() else {
+            return;
+        };
+        self.ledger.calibrate(model, measured);
+        if measured.abs_diff(spec.bytes) > spec.bytes / 10 {
+            tracing::warn!(
+                model,
+                declared = spec.bytes,
+                measured,
+                "measured footprint differs from the declared size by more than 10%"
+            );
+        }
+        let planned = self.config.catalog.get(model).map_or(0, |s| s.bytes);
+        spec.bytes = spec.bytes.max(measured).max(planned);
+        self.config.catalog.insert(spec);
     }
 
     /// Undoes a load that cannot go on: victims not yet unloaded are
@@ -478,6 +595,9 @@ pub(crate) struct LoadDone {
     model: String,
     evicted: Vec<String>,
     result: Result<(), VramError>,
+    /// How much the card's use grew during the load, when a probe could
+    /// tell.
+    measured: Option<u64>,
 }
 
 impl Handler<LoadDone> for VramActor {
@@ -487,10 +607,19 @@ impl Handler<LoadDone> for VramActor {
         match msg.result {
             Ok(()) => {
                 self.ledger.commit(&msg.model);
+                if let Some(measured) = msg.measured {
+                    self.calibrate(&msg.model, measured);
+                }
                 if let Some(entry) = self.ledger.get(&msg.model) {
-                    let (model, kind, bytes) = (entry.id.clone(), entry.kind.clone(), entry.bytes);
-                    tracing::info!(model = %model, kind = %kind, bytes, "loaded");
-                    self.publish(VramEvent::Loaded { model, kind, bytes });
+                    let event = VramEvent::Loaded {
+                        model: entry.id.clone(),
+                        kind: entry.kind.clone(),
+                        bytes: entry.bytes,
+                        declared: entry.declared,
+                        measured: entry.measured,
+                    };
+                    tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, measured = ?entry.measured, "loaded");
+                    self.publish(event);
                 }
                 Ok(Loaded {
                     model: msg.model,
@@ -625,7 +754,7 @@ impl Handler<Reconcile> for VramActor {
             self.void_leases(&id);
         }
         for id in &msg.loaded {
-            if let Some(spec) = self.config.catalog.get(id)
+            if let Some(spec) = self.declared.get(id)
                 && self.ledger.get(id).is_none()
             {
                 self.ledger.insert_resident(&spec.clone());

@@ -28,8 +28,12 @@ pub struct Entry {
     pub id: String,
     /// The model's kind name.
     pub kind: String,
-    /// Bytes charged to this model.
+    /// Bytes charged to this model: the larger of declared and measured.
     pub bytes: u64,
+    /// Bytes the model's settings declare.
+    pub declared: u64,
+    /// Bytes the card showed it taking when it loaded, if measured.
+    pub measured: Option<u64>,
     /// Where the model is in its life on the card.
     pub state: ModelState,
     /// How many leases hold it; a leased model is never evicted.
@@ -132,6 +136,8 @@ impl Ledger {
                 id: model.id.clone(),
                 kind: model.kind.clone(),
                 bytes: model.bytes,
+                declared: model.bytes,
+                measured: None,
                 state,
                 leases: 0,
                 pinned: model.pinned,
@@ -225,13 +231,16 @@ impl Ledger {
         }
     }
 
-    /// Charges `bytes` to `id` instead of what it was charged before (a
-    /// measured footprint). Returns false if unknown.
-    pub fn set_bytes(&mut self, id: &str, bytes: u64) -> bool {
+    /// Records the footprint the card showed for `id`; from now on it is
+    /// charged the larger of declared and measured bytes. Returns false if
+    /// unknown.
+    pub fn calibrate(&mut self, id: &str, measured: u64) -> bool {
         match self.entries.get_mut(id) {
             Some(entry) => {
+                let bytes = entry.declared.max(measured);
                 self.used = self.used - entry.bytes + bytes;
                 entry.bytes = bytes;
+                entry.measured = Some(measured);
                 true
             }
             None => false,
@@ -299,11 +308,16 @@ mod tests {
     }
 
     #[test]
-    fn set_bytes_recharges_the_model() {
+    fn calibration_charges_the_larger_footprint() {
         let mut ledger = Ledger::new(16 * GIB);
-        ledger.insert_resident(&ModelSpec::new("m", "llm", GIB));
-        assert!(ledger.set_bytes("m", 3 * GIB));
+        ledger.insert_resident(&ModelSpec::new("m", "llm", 2 * GIB));
+        assert!(ledger.calibrate("m", 3 * GIB));
         assert_eq!(ledger.used(), 3 * GIB);
-        assert!(!ledger.set_bytes("x", GIB));
+        let entry = ledger.get("m").unwrap();
+        assert_eq!((entry.declared, entry.measured), (2 * GIB, Some(3 * GIB)));
+        // Smaller than declared: the declared size still counts.
+        assert!(ledger.calibrate("m", GIB));
+        assert_eq!(ledger.used(), 2 * GIB);
+        assert!(!ledger.calibrate("x", GIB));
     }
 }

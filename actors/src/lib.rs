@@ -16,6 +16,7 @@ mod ledger;
 mod messages;
 mod model;
 mod policy;
+mod probe;
 mod vram_actor;
 
 pub use backend::{Backend, BackendError, BackendFuture};
@@ -31,4 +32,5 @@ pub use messages::{
 };
 pub use model::{Catalog, ModelSpec};
 pub use policy::{Plan, plan};
+pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
 pub use vram_actor::{JobObserver, ManagerConfig, Restart, VramActor};

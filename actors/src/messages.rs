@@ -183,8 +183,12 @@ pub struct ModelStatus {
     pub id: String,
     /// Its kind.
     pub kind: String,
-    /// Bytes charged to it.
+    /// Bytes charged to it: the larger of declared and measured.
     pub bytes: u64,
+    /// Bytes its settings declare.
+    pub declared: u64,
+    /// Bytes the card showed it taking, if measured.
+    pub measured: Option<u64>,
     /// Loading, resident or unloading.
     pub state: ModelState,
     /// Leases holding it.
@@ -238,8 +242,12 @@ pub enum VramEvent {
         model: String,
         /// Its kind.
         kind: String,
-        /// Bytes charged.
+        /// Bytes charged: the larger of declared and measured.
         bytes: u64,
+        /// Bytes its settings declare.
+        declared: u64,
+        /// Bytes the card showed it taking, when a probe is present.
+        measured: Option<u64>,
     },
     /// A model was unloaded to make room for another.
     Evicted {

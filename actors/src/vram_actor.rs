@@ -36,6 +36,7 @@ use crate::messages::{
     Subscribe, Unload, Unloaded, VramEvent,
 };
 use crate::model::Catalog;
+use crate::probe::GpuProbe;
 
 /// What a `VramActor` is built from.
 #[derive(Debug, Clone)]
@@ -58,6 +59,16 @@ pub struct ManagerConfig {
     pub restart_backoff: Duration,
     /// Cap of that delay, which doubles with each restart in a row.
     pub restart_backoff_max: Duration,
+    /// Bytes of the card never planned for (with a probe, the card's free
+    /// memory counts only above this).
+    pub reserve: u64,
+    /// After unloading victims, wait until the card shows this fraction of
+    /// their bytes back before loading (with a probe).
+    pub release_fraction: f64,
+    /// How often to ask the card while waiting.
+    pub release_poll: Duration,
+    /// Give up waiting after this long (and load anyway, with a warning).
+    pub release_timeout: Duration,
 }
 
 impl ManagerConfig {
@@ -74,6 +85,10 @@ impl ManagerConfig {
             max_queue: 64,
             restart_backoff: Duration::from_millis(10),
             restart_backoff_max: Duration::from_secs(2),
+            reserve: 0,
+            release_fraction: 0.75,
+            release_poll: Duration::from_millis(250),
+            release_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -112,6 +127,10 @@ pub struct VramActor {
     me: Option<Addr<VramActor>>,
     /// Called with the ledger after every job (tests check invariants).
     observer: Option<JobObserver>,
+    /// The card, when it can be asked.
+    pub(crate) probe: Option<Rc<dyn GpuProbe>>,
+    /// The catalog as configured; `config.catalog` carries calibrated sizes.
+    pub(crate) declared: Catalog,
 }
 
 impl VramActor {
@@ -119,6 +138,7 @@ impl VramActor {
     pub fn new(config: ManagerConfig, backends: BTreeMap<String, Rc<dyn Backend>>) -> Self {
         Self {
             ledger: Ledger::new(config.capacity),
+            declared: config.catalog.clone(),
             config,
             backends,
             actors: HashMap::new(),
@@ -130,6 +150,7 @@ impl VramActor {
             released: Rc::new(Notify::new()),
             me: None,
             observer: None,
+            probe: None,
         }
     }
 
@@ -377,6 +398,15 @@ impl VramActor {
         self.start_next(ctx);
     }
 
+    /// Plans against the card as well as the ledger: effective free bytes
+    /// are min(capacity - ledger used, card free - reserve); after evicting,
+    /// waits for the card to show the memory back; and measures each load's
+    /// real footprint.
+    pub fn with_probe(mut self, probe: Rc<dyn GpuProbe>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
     /// Calls `observer` with the ledger each time a job completes, except
     /// while a reconcile after a backend restart is pending (the ledger is
     /// then known to be stale until that reconcile runs).
@@ -525,6 +555,8 @@ impl Handler<Status> for VramActor {
                     id: e.id.clone(),
                     kind: e.kind.clone(),
                     bytes: e.bytes,
+                    declared: e.declared,
+                    measured: e.measured,
                     state: e.state,
                     leases: e.leases,
                     pinned: e.pinned,

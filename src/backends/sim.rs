@@ -1,6 +1,9 @@
 //! The simulated backend: loads and unloads take the configured time, may
-//! be told to fail, and remember what they hold. It stands in for real
-//! model servers in scenarios, tests and examples.
+//! be told to fail, and remember what they hold. On a [`SimCard`] it
+//! allocates each model's real footprint, fails a load with an
+//! out-of-memory error when the card lacks room, and gives memory back
+//! `release_ms` after an unload. It stands in for real model servers in
+//! scenarios, tests and examples.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -10,6 +13,7 @@ use std::time::Duration;
 use vram_actors::{Backend, BackendError, BackendFuture, ModelSpec};
 
 use crate::config::SimOptions;
+use crate::gpu::SimCard;
 
 #[derive(Debug, Default)]
 struct State {
@@ -24,6 +28,7 @@ struct State {
 pub struct SimBackend {
     options: Rc<HashMap<String, SimOptions>>,
     state: Rc<RefCell<State>>,
+    card: Option<SimCard>,
 }
 
 impl SimBackend {
@@ -33,7 +38,14 @@ impl SimBackend {
         Self {
             options: Rc::new(options),
             state: Rc::default(),
+            card: None,
         }
+    }
+
+    /// The same backend, allocating its models on `card`.
+    pub fn on_card(mut self, card: SimCard) -> Self {
+        self.card = Some(card);
+        self
     }
 
     fn options(&self, id: &str) -> SimOptions {
@@ -61,12 +73,17 @@ impl Backend for SimBackend {
         let options = self.options(&model.id);
         let state = self.state.clone();
         let id = model.id.clone();
+        let card = self.card.clone();
+        let bytes = options.actual_bytes.unwrap_or(model.bytes);
         Box::pin(async move {
             if options.load_ms > 0 {
                 actix::clock::sleep(Duration::from_millis(options.load_ms)).await;
             }
             if options.fail_load {
                 return Err(BackendError::new(format!("simulated load failure of {id}")));
+            }
+            if let Some(card) = &card {
+                card.allocate(&id, bytes).map_err(BackendError)?;
             }
             let mut state = state.borrow_mut();
             state.loaded.insert(id);
@@ -79,9 +96,13 @@ impl Backend for SimBackend {
         let options = self.options(id);
         let state = self.state.clone();
         let id = id.to_string();
+        let card = self.card.clone();
         Box::pin(async move {
             if options.unload_ms > 0 {
                 actix::clock::sleep(Duration::from_millis(options.unload_ms)).await;
+            }
+            if let Some(card) = &card {
+                card.release(&id, Duration::from_millis(options.release_ms));
             }
             let mut state = state.borrow_mut();
             if state.loaded.remove(&id) {
@@ -98,6 +119,10 @@ impl Backend for SimBackend {
 
     /// A crash takes the simulated server down with everything it held.
     fn reset(&self) {
-        self.state.borrow_mut().loaded.clear();
+        let mut state = self.state.borrow_mut();
+        if let Some(card) = &self.card {
+            card.release_all(&state.loaded);
+        }
+        state.loaded.clear();
     }
 }

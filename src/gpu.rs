@@ -1,0 +1,343 @@
+//! The card: [`NvmlProbe`] asks a real NVIDIA card through NVML;
+//! [`SimCard`] is a simulated card that the simulated backend allocates on,
+//! for scenarios and tests; [`resolve`] picks what the settings ask for.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvml_wrapper::Nvml;
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use tokio::time::Instant;
+use vram_actors::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
+
+use crate::config::{GpuTotal, ProbeChoice, Settings, SettingsError};
+
+// ------------------------------------------------------------------- NVML
+
+/// One card as NVML sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// NVML index.
+    pub index: u32,
+    /// Marketing name, e.g. "NVIDIA GeForce RTX 4080".
+    pub name: String,
+    /// The card's UUID ("GPU-...").
+    pub uuid: String,
+    /// Installed memory, bytes.
+    pub total: u64,
+    /// Used memory, bytes.
+    pub used: u64,
+    /// Free memory, bytes.
+    pub free: u64,
+    /// Processes using the card.
+    pub processes: Vec<GpuProcess>,
+}
+
+/// A card read through NVML. Every NVML call blocks, so each runs on the
+/// blocking thread pool, never on the manager's arbiter.
+#[derive(Clone)]
+pub struct NvmlProbe {
+    nvml: Arc<Nvml>,
+    device: String,
+}
+
+impl std::fmt::Debug for NvmlProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmlProbe")
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+fn nvml_error(e: impl std::fmt::Display) -> ProbeError {
+    ProbeError(format!("NVML: {e}"))
+}
+
+impl NvmlProbe {
+    /// Loads the NVIDIA management library and checks that `device` (an
+    /// index such as "0", or a UUID) exists.
+    pub fn open(device: &str) -> Result<Self, ProbeError> {
+        let nvml = Nvml::init().map_err(nvml_error)?;
+        let probe = Self {
+            nvml: Arc::new(nvml),
+            device: device.to_string(),
+        };
+        probe.read_device()?;
+        Ok(probe)
+    }
+
+    fn read_device(&self) -> Result<DeviceInfo, ProbeError> {
+        let device = match self.device.parse::<u32>() {
+            Ok(index) => self.nvml.device_by_index(index),
+            Err(_) => self.nvml.device_by_uuid(self.device.as_str()),
+        }
+        .map_err(|e| ProbeError(format!("NVML: no device {:?}: {e}", self.device)))?;
+        device_info(&device)
+    }
+
+    /// Every card NVML sees.
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>, ProbeError> {
+        let count = self.nvml.device_count().map_err(nvml_error)?;
+        (0..count)
+            .map(|i| {
+                self.nvml
+                    .device_by_index(i)
+                    .map_err(nvml_error)
+                    .and_then(|d| device_info(&d))
+            })
+            .collect()
+    }
+
+    /// The card's total memory, bytes (blocking).
+    pub fn total_now(&self) -> Result<u64, ProbeError> {
+        self.read_device().map(|d| d.total)
+    }
+
+    fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&NvmlProbe) -> Result<T, ProbeError> + Send + 'static,
+    ) -> ProbeFuture<T> {
+        let probe = self.clone();
+        Box::pin(async move {
+            actix_rt::task::spawn_blocking(move || f(&probe))
+                .await
+                .map_err(|e| ProbeError(format!("NVML call did not finish: {e}")))?
+        })
+    }
+}
+
+fn device_info(device: &nvml_wrapper::Device<'_>) -> Result<DeviceInfo, ProbeError> {
+    let memory = device.memory_info().map_err(nvml_error)?;
+    let mut processes: Vec<GpuProcess> = Vec::new();
+    for list in [
+        device.running_compute_processes(),
+        device.running_graphics_processes(),
+    ] {
+        // Not every card or driver lists processes; that is not an error.
+        for p in list.unwrap_or_default() {
+            if processes.iter().any(|q| q.pid == p.pid) {
+                continue;
+            }
+            let used = match p.used_gpu_memory {
+                UsedGpuMemory::Used(bytes) => Some(bytes),
+                UsedGpuMemory::Unavailable => None,
+            };
+            processes.push(GpuProcess { pid: p.pid, used });
+        }
+    }
+    Ok(DeviceInfo {
+        index: device.index().map_err(nvml_error)?,
+        name: device.name().map_err(nvml_error)?,
+        uuid: device.uuid().map_err(nvml_error)?,
+        total: memory.total,
+        used: memory.used,
+        free: memory.free,
+        processes,
+    })
+}
+
+impl GpuProbe for NvmlProbe {
+    fn memory(&self) -> ProbeFuture<GpuMemory> {
+        self.blocking(|p| {
+            p.read_device().map(|d| GpuMemory {
+                total: d.total,
+                used: d.used,
+                free: d.free,
+            })
+        })
+    }
+
+    fn processes(&self) -> ProbeFuture<Vec<GpuProcess>> {
+        self.blocking(|p| p.read_device().map(|d| d.processes))
+    }
+}
+
+/// What the settings resolve to.
+#[derive(Debug, Clone)]
+pub struct GpuChoice {
+    /// The real card, when NVML is used.
+    pub nvml: Option<NvmlProbe>,
+    /// Usable bytes: total (configured or the card's) less the reserve.
+    pub capacity: u64,
+    /// Why NVML is not used, when it is not.
+    pub fallback: Option<String>,
+}
+
+/// Resolves `[gpu]`: `probe = "auto"` uses NVML when the NVIDIA library
+/// loads and otherwise the configured total (saying so in one info line);
+/// `probe = "nvml"` and `total = "auto"` need NVML and fail without it.
+pub fn resolve(settings: &Settings) -> Result<GpuChoice, SettingsError> {
+    let gpu = &settings.gpu;
+    let opened = match gpu.probe {
+        ProbeChoice::None => Err(ProbeError("gpu.probe is \"none\"".to_string())),
+        ProbeChoice::Auto | ProbeChoice::Nvml => NvmlProbe::open(&gpu.device),
+    };
+    let invalid = |key: &str, message: String| SettingsError::Invalid {
+        key: key.to_string(),
+        message,
+    };
+    match opened {
+        Ok(probe) => {
+            let total = match gpu.total {
+                GpuTotal::Bytes(b) => b,
+                GpuTotal::Auto => probe.total_now().map_err(|e| invalid("gpu.total", e.0))?,
+            };
+            Ok(GpuChoice {
+                nvml: Some(probe),
+                capacity: total.saturating_sub(gpu.reserve),
+                fallback: None,
+            })
+        }
+        Err(e) if gpu.probe == ProbeChoice::Nvml => Err(invalid(
+            "gpu.probe",
+            format!(
+                "\"nvml\" needs the NVIDIA driver's NVML library, which could not be used: {e}"
+            ),
+        )),
+        Err(e) => {
+            let GpuTotal::Bytes(total) = gpu.total else {
+                return Err(invalid(
+                    "gpu.total",
+                    format!(
+                        "\"auto\" needs NVML to read the card's total, which could not be used: {e}"
+                    ),
+                ));
+            };
+            let reason = if gpu.probe == ProbeChoice::None {
+                e.0
+            } else {
+                format!("no NVIDIA driver found ({e})")
+            };
+            tracing::info!(reason = %reason, total, "not asking the card; using the configured total");
+            Ok(GpuChoice {
+                nvml: None,
+                capacity: total.saturating_sub(gpu.reserve),
+                fallback: Some(reason),
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------- simulated card
+
+#[derive(Debug)]
+struct CardState {
+    total: u64,
+    external: u64,
+    allocations: HashMap<String, u64>,
+    /// Memory of unloaded models that the "driver" has not returned yet.
+    releasing: Vec<(Instant, u64)>,
+    peak: u64,
+    overcommitted: bool,
+}
+
+impl CardState {
+    fn used(&mut self) -> u64 {
+        let now = Instant::now();
+        self.releasing.retain(|(at, _)| *at > now);
+        self.external
+            + self.allocations.values().sum::<u64>()
+            + self.releasing.iter().map(|(_, b)| b).sum::<u64>()
+    }
+}
+
+/// A simulated card: other processes' use, allocations by the simulated
+/// backend, and memory that comes back only `release_ms` after an unload.
+/// Clones share the card.
+#[derive(Debug, Clone)]
+pub struct SimCard {
+    state: Rc<RefCell<CardState>>,
+}
+
+impl SimCard {
+    /// A card of `total` bytes, `external` of them used by other processes.
+    pub fn new(total: u64, external: u64) -> Self {
+        Self {
+            state: Rc::new(RefCell::new(CardState {
+                total,
+                external,
+                allocations: HashMap::new(),
+                releasing: Vec::new(),
+                peak: external,
+                overcommitted: external > total,
+            })),
+        }
+    }
+
+    /// Sets other processes' use.
+    pub fn set_external(&self, bytes: u64) {
+        let mut state = self.state.borrow_mut();
+        state.external = bytes;
+        let used = state.used();
+        state.peak = state.peak.max(used);
+        if used > state.total {
+            state.overcommitted = true;
+        }
+    }
+
+    /// Allocates `bytes` for model `id`, or fails (out of memory) when the
+    /// card lacks room at this moment, noting that a load asked for more
+    /// than the card had.
+    pub fn allocate(&self, id: &str, bytes: u64) -> Result<(), String> {
+        let mut state = self.state.borrow_mut();
+        let used = state.used();
+        let free = state.total.saturating_sub(used);
+        if bytes > free {
+            state.overcommitted = true;
+            return Err(format!(
+                "CUDA out of memory: {id} needs {bytes} bytes, the card has {free} free"
+            ));
+        }
+        *state.allocations.entry(id.to_string()).or_default() += bytes;
+        state.peak = state.peak.max(used + bytes);
+        Ok(())
+    }
+
+    /// Frees model `id`'s memory `after` from now.
+    pub fn release(&self, id: &str, after: Duration) {
+        let mut state = self.state.borrow_mut();
+        if let Some(bytes) = state.allocations.remove(id) {
+            if !after.is_zero() {
+                state.releasing.push((Instant::now() + after, bytes));
+            }
+        }
+    }
+
+    /// Frees everything of these models at once (their server died).
+    pub fn release_all<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
+        for id in ids {
+            self.release(id, Duration::ZERO);
+        }
+    }
+
+    /// Memory now.
+    pub fn memory_now(&self) -> GpuMemory {
+        let mut state = self.state.borrow_mut();
+        let used = state.used();
+        GpuMemory {
+            total: state.total,
+            used,
+            free: state.total.saturating_sub(used),
+        }
+    }
+
+    /// The highest use seen, bytes.
+    pub fn peak(&self) -> u64 {
+        self.state.borrow().peak
+    }
+
+    /// Whether a load ever asked for more than the card had.
+    pub fn overcommitted(&self) -> bool {
+        self.state.borrow().overcommitted
+    }
+}
+
+impl GpuProbe for SimCard {
+    fn memory(&self) -> ProbeFuture<GpuMemory> {
+        let memory = self.memory_now();
+        Box::pin(async move { Ok(memory) })
+    }
+}
