@@ -7,6 +7,7 @@ use std::path::Path;
 use bytesize::ByteSize;
 
 use crate::config::{BackendSpec, GpuTotal, ProbeChoice, Settings};
+use crate::gpu;
 use crate::scenario::{self, Scenario, StepReport};
 
 /// How a subcommand ended; the binary maps it to an exit status.
@@ -20,18 +21,100 @@ pub enum Outcome {
     BadInput(String),
 }
 
-/// `check-config [FILE]`: validates the layered settings and prints them.
+/// `check-config [FILE]`: validates the layered settings, resolves the
+/// card (NVML when asked for), and prints them.
 pub fn check_config(file: Option<&Path>) -> Outcome {
-    match Settings::load(file) {
-        Ok(settings) => {
-            print!("{}", describe_settings(&settings));
-            for warning in settings_warnings(&settings) {
-                eprintln!("warning: {warning}");
-            }
-            Outcome::Ok
-        }
-        Err(e) => Outcome::BadInput(e.to_string()),
+    let settings = match Settings::load(file) {
+        Ok(settings) => settings,
+        Err(e) => return Outcome::BadInput(e.to_string()),
+    };
+    let choice = match gpu::resolve(&settings) {
+        Ok(choice) => choice,
+        Err(e) => return Outcome::BadInput(e.to_string()),
+    };
+    print!("{}", describe_settings(&settings));
+    match &choice.fallback {
+        Some(reason) => println!(
+            "card: not asked ({reason}); capacity {} ({} bytes)",
+            ByteSize(choice.capacity),
+            choice.capacity
+        ),
+        None => println!(
+            "card: NVML device {}; capacity {} ({} bytes)",
+            settings.gpu.device,
+            ByteSize(choice.capacity),
+            choice.capacity
+        ),
     }
+    for warning in settings_warnings(&settings) {
+        eprintln!("warning: {warning}");
+    }
+    Outcome::Ok
+}
+
+/// `gpu [--json]`: what NVML sees, or plainly that there is no NVIDIA
+/// driver and what the manager will use instead. Exit 0 either way.
+pub fn gpu_report(json: bool) -> Outcome {
+    let settings = match Settings::load(None) {
+        Ok(settings) => settings,
+        Err(e) => return Outcome::BadInput(e.to_string()),
+    };
+    match gpu::NvmlProbe::open(&settings.gpu.device).and_then(|p| p.devices()) {
+        Ok(devices) => {
+            if json {
+                let value = serde_json::json!({"nvml": true, "devices": devices});
+                println!("{value}");
+            } else {
+                for d in &devices {
+                    println!("GPU {}: {} ({})", d.index, d.name, d.uuid);
+                    println!(
+                        "  total {} ({} bytes), used {} ({} bytes), free {} ({} bytes)",
+                        ByteSize(d.total),
+                        d.total,
+                        ByteSize(d.used),
+                        d.used,
+                        ByteSize(d.free),
+                        d.free
+                    );
+                    for p in &d.processes {
+                        match p.used {
+                            Some(b) => println!("  process {}: {} ({b} bytes)", p.pid, ByteSize(b)),
+                            None => println!("  process {}: memory not reported", p.pid),
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let total = match settings.gpu.total {
+                GpuTotal::Bytes(b) => Some(b),
+                GpuTotal::Auto => None,
+            };
+            let capacity = settings.capacity();
+            if json {
+                let value = serde_json::json!({
+                    "nvml": false,
+                    "reason": e.to_string(),
+                    "fallback": {"total": total, "reserve": settings.gpu.reserve, "capacity": capacity},
+                });
+                println!("{value}");
+            } else {
+                println!("No NVIDIA driver found ({e}).");
+                match (total, capacity) {
+                    (Some(total), Some(capacity)) => println!(
+                        "vram-manager will use the configured gpu.total instead: {} ({total} bytes), less a reserve of {}: capacity {} ({capacity} bytes).",
+                        ByteSize(total),
+                        ByteSize(settings.gpu.reserve),
+                        ByteSize(capacity)
+                    ),
+                    _ => println!(
+                        "gpu.total is \"auto\", which needs NVML: set a size such as \"16GiB\"."
+                    ),
+                }
+            }
+        }
+    }
+    Outcome::Ok
 }
 
 /// A human summary of effective settings: capacity, kinds, models.
@@ -156,11 +239,22 @@ pub fn scenario(file: Option<&Path>, json: bool) -> Outcome {
             summary: SummaryCounts {
                 steps: report.steps.len(),
                 failed,
+                peak: report.peak,
+                overcommitted: report.overcommitted,
             },
         };
         println!("{}", serde_json::to_string(&summary).unwrap_or_default());
     } else {
-        println!("{} steps, {failed} failed", report.steps.len());
+        println!(
+            "{} steps, {failed} failed; card peak {}, {}",
+            report.steps.len(),
+            ByteSize(report.peak),
+            if report.overcommitted {
+                "OVERCOMMITTED"
+            } else {
+                "never over-committed"
+            }
+        );
     }
     if failed == 0 {
         return Outcome::Ok;
@@ -182,7 +276,8 @@ pub fn scenario(file: Option<&Path>, json: bool) -> Outcome {
     Outcome::Failed(messages.join("\n"))
 }
 
-/// The last JSON line of a scenario run: `{"summary":{"steps":N,"failed":N}}`.
+/// The last JSON line of a scenario run:
+/// `{"summary":{"steps":N,"failed":N,"peak":N,"overcommitted":B}}`.
 #[derive(serde::Serialize)]
 struct Summary {
     summary: SummaryCounts,
@@ -192,6 +287,8 @@ struct Summary {
 struct SummaryCounts {
     steps: usize,
     failed: usize,
+    peak: u64,
+    overcommitted: bool,
 }
 
 /// Width of the used/free bar in the timeline, in cells.
@@ -222,6 +319,9 @@ pub fn timeline_line(step: &StepReport, capacity: u64) -> String {
         ByteSize(step.free).to_string(),
         step.ms
     );
+    if step.card_free != step.free {
+        line.push_str(&format!("  card {} free", ByteSize(step.card_free)));
+    }
     if !step.evicted.is_empty() {
         line.push_str(&format!("  evicted {}", step.evicted.join(", ")));
     }

@@ -26,6 +26,13 @@ enum Command {
         /// A settings or scenario file layered over the defaults.
         file: Option<PathBuf>,
     },
+    /// Show what NVML sees (each card's memory and processes), or say that
+    /// no NVIDIA driver was found and what will be used instead.
+    Gpu {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a scenario file and check its expectations: exit 0 when all
     /// hold, 1 when one does not (naming the step), 2 when the file is
     /// invalid.
@@ -54,6 +61,7 @@ fn main() -> ExitCode {
     }));
     let outcome = match args.command {
         Some(Command::CheckConfig { file }) => cli::check_config(file.as_deref()),
+        Some(Command::Gpu { json }) => cli::gpu_report(json),
         Some(Command::Scenario { file, json }) => cli::scenario(file.as_deref(), json),
         None => cli::scenario(None, false),
     };

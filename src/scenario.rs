@@ -3,9 +3,11 @@
 //!
 //! The format is the one of DESIGN.md ("Scenario files"): every key of the
 //! settings, plus `description` and `[[steps]]` with `op` (load, unload,
-//! acquire, release, crash, sleep), the op's arguments, and optional
-//! expectations `expect`, `resident`, `free` and `evicted`. Scenarios do
-//! not read `VRAM__*` variables, so a scenario means the same everywhere.
+//! acquire, release, crash, sleep, external), the op's arguments, and
+//! optional expectations `expect`, `resident`, `free` and `evicted`.
+//! Scenarios run on a simulated card (`gpu.total`, with `gpu.external`
+//! used by other processes) and do not read `VRAM__*` variables, so a
+//! scenario means the same everywhere.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -20,6 +22,7 @@ use vram_actors::{
 };
 
 use crate::config::{Settings, SettingsError, check_toml, parse_size, read_file};
+use crate::gpu::SimCard;
 use crate::manager::Manager;
 
 /// The scenario `cargo run` runs when given no arguments.
@@ -71,6 +74,8 @@ pub enum Op {
     Crash(String),
     /// Wait.
     Sleep(Duration),
+    /// Set other processes' use of the simulated card, in bytes.
+    External(u64),
 }
 
 impl Op {
@@ -83,6 +88,7 @@ impl Op {
             Op::Release(_) => "release",
             Op::Crash(_) => "crash",
             Op::Sleep(_) => "sleep",
+            Op::External(_) => "external",
         }
     }
 }
@@ -95,6 +101,7 @@ struct RawStep {
     lease: Option<String>,
     kind: Option<String>,
     ms: Option<u64>,
+    vram: Option<String>,
     expect: Option<String>,
     resident: Option<Vec<String>>,
     free: Option<String>,
@@ -159,11 +166,12 @@ impl RawStep {
             "release" => &["lease"],
             "crash" => &["kind"],
             "sleep" => &["ms"],
+            "external" => &["vram"],
             other => {
                 return Err(invalid(
                     key("op"),
                     format!(
-                        "unknown op {other:?} (expected load, unload, acquire, release, crash or sleep)"
+                        "unknown op {other:?} (expected load, unload, acquire, release, crash, sleep or external)"
                     ),
                 ));
             }
@@ -173,6 +181,7 @@ impl RawStep {
             ("lease", self.lease.is_some()),
             ("kind", self.kind.is_some()),
             ("ms", self.ms.is_some()),
+            ("vram", self.vram.is_some()),
         ];
         if let Some((field, _)) = given.iter().find(|(f, set)| *set && !allowed.contains(f)) {
             return Err(invalid(
@@ -205,6 +214,9 @@ impl RawStep {
                     return Err(invalid(key("kind"), format!("unknown kind {kind:?}")));
                 }
                 Op::Crash(kind)
+            }
+            "external" => {
+                Op::External(parse_size(&key("vram"), &need(self.vram.clone(), "vram")?)?)
             }
             _ => Op::Sleep(Duration::from_millis(
                 self.ms
@@ -256,6 +268,8 @@ pub struct StepReport {
     pub free: u64,
     /// The step's wall time in milliseconds.
     pub ms: f64,
+    /// The simulated card's free bytes after the step.
+    pub card_free: u64,
     /// Expectations that did not hold.
     #[serde(skip)]
     pub failures: Vec<String>,
@@ -268,6 +282,10 @@ pub struct Report {
     pub capacity: u64,
     /// One report per step.
     pub steps: Vec<StepReport>,
+    /// The simulated card's highest use, bytes.
+    pub peak: u64,
+    /// Whether a load ever asked the simulated card for more than it had.
+    pub overcommitted: bool,
 }
 
 impl Report {
@@ -308,14 +326,19 @@ impl Handler<Drain> for Collector {
 pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Report, SettingsError> {
     let manager_config = Manager::config(&scenario.settings)?;
     let capacity = manager_config.capacity;
-    let steps = actix::System::new().block_on(run_steps(scenario, on_step))?;
-    Ok(Report { capacity, steps })
+    let (steps, card) = actix::System::new().block_on(run_steps(scenario, on_step))?;
+    Ok(Report {
+        capacity,
+        steps,
+        peak: card.peak(),
+        overcommitted: card.overcommitted(),
+    })
 }
 
 async fn run_steps(
     scenario: &Scenario,
     mut on_step: impl FnMut(&StepReport),
-) -> Result<Vec<StepReport>, SettingsError> {
+) -> Result<(Vec<StepReport>, SimCard), SettingsError> {
     let manager = Manager::start(&scenario.settings)?;
     let collector = Collector(Rc::default()).start();
     let mailbox = |e: MailboxError| SettingsError::Shape(format!("the manager stopped: {e}"));
@@ -380,6 +403,10 @@ async fn run_steps(
                 actix::clock::sleep(*d).await;
                 (None, Ok(()))
             }
+            Op::External(bytes) => {
+                manager.card.set_external(*bytes);
+                (None, Ok(()))
+            }
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let status = manager.addr.send(Status).await.map_err(mailbox)?;
@@ -409,13 +436,14 @@ async fn run_steps(
             used: status.used,
             free: status.free,
             ms: (ms * 1000.0).round() / 1000.0,
+            card_free: manager.card.memory_now().free,
             failures: vec![],
         };
         report.failures = check(step, &report, result.err());
         on_step(&report);
         reports.push(report);
     }
-    Ok(reports)
+    Ok((reports, manager.card.clone()))
 }
 
 /// The expectations of `step` that `report` does not meet.

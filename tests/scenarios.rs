@@ -6,8 +6,17 @@ mod common;
 
 use common::{outcome, run_cli, temp_file};
 
-const STEP_KEYS: [&str; 9] = [
-    "step", "op", "model", "result", "evicted", "resident", "used", "free", "ms",
+const STEP_KEYS: [&str; 10] = [
+    "step",
+    "op",
+    "model",
+    "result",
+    "evicted",
+    "resident",
+    "used",
+    "free",
+    "ms",
+    "card_free",
 ];
 
 fn scenario_files() -> Vec<std::path::PathBuf> {
@@ -68,10 +77,11 @@ fn json_lines_have_exactly_the_documented_keys() {
     assert_eq!(step4["evicted"], serde_json::json!(["llm-big"]));
     assert_eq!(step4["free"], 0);
     assert_eq!(step4["used"], 16u64 << 30);
-    assert_eq!(
-        lines.last().unwrap(),
-        &"{\"summary\":{\"steps\":4,\"failed\":0}}"
+    let expected = format!(
+        "{{\"summary\":{{\"steps\":4,\"failed\":0,\"peak\":{},\"overcommitted\":false}}}}",
+        16u64 << 30
     );
+    assert_eq!(lines.last().unwrap(), &expected);
 }
 
 #[test]
@@ -119,7 +129,7 @@ fn a_failed_expectation_exits_1_naming_the_step() {
     ));
     assert_eq!(code, 1);
     assert!(
-        out.ends_with("{\"summary\":{\"steps\":2,\"failed\":1}}\n"),
+        out.contains("{\"summary\":{\"steps\":2,\"failed\":1,"),
         "{out}"
     );
 }
