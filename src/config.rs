@@ -109,6 +109,8 @@ struct RawKind {
     priority: u32,
     #[serde(default)]
     protected: bool,
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +132,8 @@ struct RawModel {
     actual_vram: Option<String>,
     #[serde(default)]
     release_ms: u64,
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
 }
 
 fn default_backend() -> String {
@@ -251,6 +255,9 @@ pub struct ModelSettings {
     pub spec: ModelSpec,
     /// How it is loaded.
     pub backend: BackendSpec,
+    /// Idle time after which it is unloaded: its own `ttl`, else its
+    /// kind's; `None` never expires.
+    pub ttl: Option<Duration>,
 }
 
 impl Settings {
@@ -447,9 +454,14 @@ impl RawSettings {
                     ));
                 }
             };
+            let ttl = raw.ttl.or(self.kinds[&raw.kind].ttl);
+            if ttl.is_some_and(|t| t.is_zero()) {
+                return Err(SettingsError::invalid(key("ttl"), "must be longer than 0s"));
+            }
             models.push(ModelSettings {
                 spec: ModelSpec::new(raw.id, raw.kind, bytes).pinned(raw.pinned),
                 backend,
+                ttl,
             });
         }
         Ok(Settings {

@@ -47,6 +47,11 @@ impl Manager {
             release_fraction: settings.gpu.release_fraction,
             release_poll: settings.gpu.release_poll,
             release_timeout: settings.gpu.release_timeout,
+            ttl: settings
+                .models
+                .iter()
+                .filter_map(|m| m.ttl.map(|t| (m.spec.id.clone(), t)))
+                .collect(),
         })
     }
 

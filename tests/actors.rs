@@ -324,3 +324,63 @@ async fn events_arrive_in_the_order_things_happened() {
         ]
     );
 }
+
+/// Forwards events into a channel the test can await.
+struct Forward(tokio::sync::mpsc::UnboundedSender<VramEvent>);
+impl Actor for Forward {
+    type Context = Context<Self>;
+}
+impl Handler<VramEvent> for Forward {
+    type Result = ();
+    fn handle(&mut self, e: VramEvent, _: &mut Context<Self>) {
+        let _ = self.0.send(e);
+    }
+}
+
+async fn next_expired(rx: &mut tokio::sync::mpsc::UnboundedReceiver<VramEvent>) -> String {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an expiry within 10 s")
+            .expect("events keep coming");
+        if let VramEvent::Expired { model, .. } = event {
+            return model;
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn idle_models_expire_through_the_queue_and_use_restarts_the_clock() {
+    let m = start(
+        &[
+            model("short", "llm", 2, "ttl = \"50ms\""),
+            model("held", "llm", 2, "ttl = \"50ms\""),
+            model("pinned", "llm", 2, "ttl = \"50ms\"\npinned = true"),
+            model("forever", "tts", 2, ""),
+        ]
+        .concat(),
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    m.addr
+        .send(Subscribe(Forward(tx).start().recipient()))
+        .await
+        .unwrap();
+    for id in ["short", "pinned", "forever"] {
+        load(&m, id).await.unwrap();
+    }
+    let lease = m.addr.send(Acquire::new("held")).await.unwrap().unwrap();
+    assert_eq!(next_expired(&mut rx).await, "short");
+    assert_eq!(
+        resident(&m).await,
+        ["forever", "held", "pinned"],
+        "leased, pinned and TTL-less stay"
+    );
+    assert_eq!(m.sims["llm"].holding(), ["held", "pinned"]);
+    drop(lease);
+    assert_eq!(
+        next_expired(&mut rx).await,
+        "held",
+        "the clock starts at the release"
+    );
+    assert_eq!(resident(&m).await, ["forever", "pinned"]);
+}

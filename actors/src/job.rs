@@ -20,7 +20,7 @@ use crate::error::VramError;
 use crate::ledger::ModelState;
 use crate::messages::{BackendOf, Loaded, Unloaded, VramEvent};
 use crate::model::ModelSpec;
-use crate::policy::{Plan, plan};
+use crate::policy::{Plan, expired, plan};
 use crate::probe::{GpuMemory, GpuProbe};
 use crate::vram_actor::VramActor;
 
@@ -35,13 +35,15 @@ pub(crate) enum JobOp {
     Crash(String),
     /// Make the ledger agree with a restarted backend of this kind.
     Reconcile(String),
+    /// Unload a model that has been idle for its TTL (if it still is).
+    Expire(String),
 }
 
 impl JobOp {
     /// The model this job is about, if any.
     pub(crate) fn model(&self) -> Option<&str> {
         match self {
-            JobOp::Load(m) | JobOp::Unload(m) => Some(m),
+            JobOp::Load(m) | JobOp::Unload(m) | JobOp::Expire(m) => Some(m),
             JobOp::Crash(_) | JobOp::Reconcile(_) => None,
         }
     }
@@ -158,6 +160,7 @@ pub(crate) fn drive(
             (span, None)
         }
         JobOp::Unload(m) => (tracing::info_span!("unload", model = %m), None),
+        JobOp::Expire(m) => (tracing::info_span!("expire", model = %m), None),
         JobOp::Crash(k) => (tracing::info_span!("crash", kind = %k), backend(k)),
         JobOp::Reconcile(k) => (tracing::info_span!("reconcile", kind = %k), backend(k)),
     };
@@ -168,7 +171,10 @@ pub(crate) fn drive(
                 JobResult::Loaded(load(model, me, released, deadline, card).await)
             }
             JobOp::Unload(model) => {
-                JobResult::Unloaded(unload(model, me, released, deadline).await)
+                JobResult::Unloaded(unload(model, me, released, deadline, false).await)
+            }
+            JobOp::Expire(model) => {
+                JobResult::Unloaded(unload(model, me, released, deadline, true).await)
             }
             JobOp::Crash(kind) => JobResult::Done(restart(kind, kind_backend, me, true).await),
             JobOp::Reconcile(kind) => JobResult::Done(restart(kind, kind_backend, me, false).await),
@@ -300,19 +306,24 @@ async fn load(
     .map_err(stopped(&model))?
 }
 
+/// Unloads a model on request, or (`expiry`) because it sat idle for its
+/// TTL: an expiry never waits and quietly does nothing if the model was
+/// used, leased or removed since it was queued.
 async fn unload(
     model: String,
     me: Addr<VramActor>,
     released: Rc<Notify>,
     deadline: Instant,
+    expiry: bool,
 ) -> Result<Unloaded, VramError> {
     let backend = loop {
         let notified = released.notified();
-        let may_wait = Instant::now() < deadline;
+        let may_wait = !expiry && Instant::now() < deadline;
         let outcome = me
             .send(BeginUnload {
                 model: model.clone(),
                 may_wait,
+                expiry,
             })
             .await
             .map_err(stopped(&model))?;
@@ -329,6 +340,7 @@ async fn unload(
     me.send(UnloadDone {
         model: model.clone(),
         result,
+        expiry,
     })
     .await
     .map_err(stopped(&model))?
@@ -423,6 +435,8 @@ impl Handler<PlanLoad> for VramActor {
         let outcome = match planned {
             Ok(Plan::Resident) => {
                 self.ledger.touch(&model);
+                self.last_used
+                    .insert(model.clone(), std::time::Instant::now());
                 PlanOutcome::Done(Ok(Loaded {
                     model,
                     evicted: vec![],
@@ -569,6 +583,7 @@ impl Handler<VictimDone> for VramActor {
     fn handle(&mut self, msg: VictimDone, _ctx: &mut Context<Self>) -> Self::Result {
         match msg.result {
             Ok(()) => {
+                self.last_used.remove(&msg.victim);
                 if let Some(entry) = self.ledger.remove(&msg.victim) {
                     tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, for_model = %msg.for_model, "evicted");
                     self.publish(VramEvent::Evicted {
@@ -607,6 +622,8 @@ impl Handler<LoadDone> for VramActor {
         match msg.result {
             Ok(()) => {
                 self.ledger.commit(&msg.model);
+                self.last_used
+                    .insert(msg.model.clone(), std::time::Instant::now());
                 if let Some(measured) = msg.measured {
                     self.calibrate(&msg.model, measured);
                 }
@@ -647,13 +664,22 @@ pub(crate) enum UnloadOutcome {
 pub(crate) struct BeginUnload {
     model: String,
     may_wait: bool,
+    expiry: bool,
 }
 
 impl Handler<BeginUnload> for VramActor {
     type Result = MessageResult<BeginUnload>;
 
     fn handle(&mut self, msg: BeginUnload, _ctx: &mut Context<Self>) -> Self::Result {
-        let Some(entry) = self.ledger.get(&msg.model) else {
+        let still_idle = || {
+            let now = std::time::Instant::now();
+            expired(&self.ledger, &self.config.ttl, &self.last_used, now).contains(&msg.model)
+        };
+        let Some(entry) = self
+            .ledger
+            .get(&msg.model)
+            .filter(|_| !msg.expiry || still_idle())
+        else {
             return MessageResult(UnloadOutcome::Done(Ok(Unloaded {
                 model: msg.model,
                 was_resident: false,
@@ -686,6 +712,7 @@ impl Handler<BeginUnload> for VramActor {
 pub(crate) struct UnloadDone {
     model: String,
     result: Result<(), VramError>,
+    expiry: bool,
 }
 
 impl Handler<UnloadDone> for VramActor {
@@ -695,12 +722,15 @@ impl Handler<UnloadDone> for VramActor {
         match msg.result {
             Ok(()) => {
                 if let Some(entry) = self.ledger.remove(&msg.model) {
-                    tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, "unloaded");
-                    self.publish(VramEvent::Unloaded {
-                        model: entry.id,
-                        kind: entry.kind,
-                        bytes: entry.bytes,
-                    });
+                    self.last_used.remove(&entry.id);
+                    let (model, kind, bytes) = (entry.id, entry.kind, entry.bytes);
+                    if msg.expiry {
+                        tracing::info!(model = %model, kind = %kind, bytes, "expired");
+                        self.publish(VramEvent::Expired { model, kind, bytes });
+                    } else {
+                        tracing::info!(model = %model, kind = %kind, bytes, "unloaded");
+                        self.publish(VramEvent::Unloaded { model, kind, bytes });
+                    }
                 }
                 Ok(Unloaded {
                     model: msg.model,
@@ -758,6 +788,7 @@ impl Handler<Reconcile> for VramActor {
                 && self.ledger.get(id).is_none()
             {
                 self.ledger.insert_resident(&spec.clone());
+                self.last_used.insert(id.clone(), std::time::Instant::now());
                 // After a restart of the manager, leases it granted before
                 // are still held: count them again.
                 let held = self.leases_of(id).count();

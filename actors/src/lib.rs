@@ -31,6 +31,6 @@ pub use messages::{
     StatusReport, Subscribe, Unload, Unloaded, VramEvent,
 };
 pub use model::{Catalog, ModelSpec};
-pub use policy::{Plan, plan};
+pub use policy::{Plan, expired, plan};
 pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
 pub use vram_actor::{JobObserver, ManagerConfig, Restart, VramActor};

@@ -269,6 +269,15 @@ pub enum VramEvent {
         /// Bytes freed.
         bytes: u64,
     },
+    /// A model was unloaded because it was idle for its TTL.
+    Expired {
+        /// The model.
+        model: String,
+        /// Its kind.
+        kind: String,
+        /// Bytes freed.
+        bytes: u64,
+    },
     /// A load failed; no reservation remains.
     LoadFailed {
         /// The model.

@@ -18,6 +18,9 @@
 //!    eviction is not needed for the request to fit;
 //! 7. the caller unloads the victims in order, then loads.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use crate::error::VramError;
 use crate::kind::Kinds;
 use crate::ledger::{Entry, Ledger, ModelState};
@@ -149,6 +152,26 @@ pub fn plan(
         .map(|((_, _, entry), _)| entry.id.clone())
         .collect();
     Ok(Plan::Load { victims })
+}
+
+/// The resident models whose idle time has reached their TTL: not leased,
+/// not pinned, with a TTL in `ttl`, last used (per `last_used`) at least
+/// that long before `now`. Sorted by id.
+pub fn expired(
+    ledger: &Ledger,
+    ttl: &HashMap<String, Duration>,
+    last_used: &HashMap<String, Instant>,
+    now: Instant,
+) -> Vec<String> {
+    ledger
+        .entries()
+        .filter(|e| e.state == ModelState::Resident && e.leases == 0 && !e.pinned)
+        .filter(|e| match (ttl.get(&e.id), last_used.get(&e.id)) {
+            (Some(ttl), Some(used)) => now.saturating_duration_since(*used) >= *ttl,
+            _ => false,
+        })
+        .map(|e| e.id.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -445,6 +468,38 @@ mod tests {
         // small, big alone still frees 12, so small is spared.
         assert_eq!(card.load("huge").unwrap(), ["big"]);
         assert_eq!(card.resident(), ["huge", "small", "tts"]);
+    }
+
+    #[test]
+    fn idle_models_expire_unless_leased_pinned_or_without_ttl() {
+        let mut card = Card::new(&[
+            ("a", "llm", 1),
+            ("b", "llm", 1),
+            ("c", "llm", 1),
+            ("d", "tts", 1),
+        ]);
+        card.catalog
+            .insert(ModelSpec::new("p", "llm", GIB).pinned(true));
+        loaded(&mut card, &["a", "b", "c", "d", "p"]);
+        card.ledger.lease("b");
+        let t0 = Instant::now();
+        let minute = Duration::from_secs(60);
+        let ttl: HashMap<String, Duration> = ["a", "b", "c", "p"]
+            .iter()
+            .map(|id| (id.to_string(), minute))
+            .collect();
+        let mut last_used: HashMap<String, Instant> = ["a", "b", "c", "d", "p"]
+            .iter()
+            .map(|id| (id.to_string(), t0))
+            .collect();
+        last_used.insert("c".into(), t0 + Duration::from_secs(30));
+        assert!(expired(&card.ledger, &ttl, &last_used, t0 + Duration::from_secs(59)).is_empty());
+        // a: idle a minute. b: leased. c: used later. d: no TTL. p: pinned.
+        assert_eq!(expired(&card.ledger, &ttl, &last_used, t0 + minute), ["a"]);
+        assert_eq!(
+            expired(&card.ledger, &ttl, &last_used, t0 + 2 * minute),
+            ["a", "c"]
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::{Notify, oneshot};
@@ -36,6 +36,7 @@ use crate::messages::{
     Subscribe, Unload, Unloaded, VramEvent,
 };
 use crate::model::Catalog;
+use crate::policy::expired;
 use crate::probe::GpuProbe;
 
 /// What a `VramActor` is built from.
@@ -69,6 +70,9 @@ pub struct ManagerConfig {
     pub release_poll: Duration,
     /// Give up waiting after this long (and load anyway, with a warning).
     pub release_timeout: Duration,
+    /// Idle time after which a model is unloaded, by model id (models
+    /// without an entry never expire).
+    pub ttl: HashMap<String, Duration>,
 }
 
 impl ManagerConfig {
@@ -89,6 +93,7 @@ impl ManagerConfig {
             release_fraction: 0.75,
             release_poll: Duration::from_millis(250),
             release_timeout: Duration::from_secs(5),
+            ttl: HashMap::new(),
         }
     }
 }
@@ -131,6 +136,9 @@ pub struct VramActor {
     pub(crate) probe: Option<Rc<dyn GpuProbe>>,
     /// The catalog as configured; `config.catalog` carries calibrated sizes.
     pub(crate) declared: Catalog,
+    /// Wall-clock time of each resident model's last load, acquire,
+    /// release or touch (for TTLs).
+    pub(crate) last_used: HashMap<String, Instant>,
 }
 
 impl VramActor {
@@ -151,6 +159,7 @@ impl VramActor {
             me: None,
             observer: None,
             probe: None,
+            last_used: HashMap::new(),
         }
     }
 
@@ -266,6 +275,7 @@ impl VramActor {
 
     /// Takes a lease on a resident model.
     fn lease(&mut self, model: &str, evicted: Vec<String>) -> Result<Lease, VramError> {
+        self.last_used.insert(model.to_string(), Instant::now());
         if !self.ledger.lease(model) {
             // Only reachable if the model left between its load and now.
             return Err(VramError::BackendFailed {
@@ -348,6 +358,12 @@ impl Actor for VramActor {
         for kind in kinds {
             self.start_backend(&kind, ctx);
         }
+        if let Some(shortest) = self.config.ttl.values().min() {
+            // Check often enough that a model leaves within a quarter of
+            // its TTL of expiring, but not busily.
+            let period = (*shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+            ctx.run_interval(period, |act, ctx| act.expire_idle(ctx));
+        }
     }
 }
 
@@ -382,6 +398,32 @@ impl VramActor {
             .notify_restarts(ctx.address().recipient());
         self.actors
             .insert(kind.to_string(), Supervisor::start(move |_| actor));
+    }
+
+    /// Queues an expiry job for each idle model that has none queued yet.
+    /// The job checks again when it runs: a use in between cancels it.
+    fn expire_idle(&mut self, ctx: &mut Context<Self>) {
+        let idle = expired(
+            &self.ledger,
+            &self.config.ttl,
+            &self.last_used,
+            Instant::now(),
+        );
+        for model in idle {
+            let queued = self
+                .running
+                .iter()
+                .chain(&self.queue)
+                .any(|j| j.op == JobOp::Expire(model.clone()));
+            if queued || self.queue.len() >= self.config.max_queue {
+                continue;
+            }
+            self.queue.push_back(Job {
+                op: JobOp::Expire(model),
+                waiters: vec![],
+            });
+        }
+        self.start_next(ctx);
     }
 
     /// Queues a reconcile of `kind` ahead of everything else, unless one
@@ -469,6 +511,9 @@ impl Handler<Release> for VramActor {
     fn handle(&mut self, msg: Release, _ctx: &mut Context<Self>) {
         if let Some((model, _)) = self.leases.remove(&msg.lease) {
             self.ledger.release(&model);
+            if self.ledger.get(&model).is_some() {
+                self.last_used.insert(model, Instant::now());
+            }
             self.released.notify_waiters();
         }
     }
