@@ -170,6 +170,7 @@ pub fn describe_settings(settings: &Settings) -> String {
     for m in &settings.models {
         let backend = match &m.backend {
             BackendSpec::Sim(_) => "sim",
+            BackendSpec::Process(_) => "process",
         };
         let pinned = if m.spec.pinned { "  pinned" } else { "" };
         let _ = writeln!(

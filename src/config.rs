@@ -16,6 +16,8 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use vram_actors::{Catalog, Kind, Kinds, ModelSpec};
 
+use crate::backends::{ProcessSpec, ReadyCheck};
+
 /// The defaults, compiled into the binary.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -134,6 +136,15 @@ struct RawModel {
     release_ms: u64,
     #[serde(default, with = "humantime_serde")]
     ttl: Option<Duration>,
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    ready: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    ready_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    stop_timeout: Option<Duration>,
 }
 
 fn default_backend() -> String {
@@ -246,6 +257,8 @@ pub struct SimOptions {
 pub enum BackendSpec {
     /// The simulated backend.
     Sim(SimOptions),
+    /// A model-server process.
+    Process(ProcessSpec),
 }
 
 /// One `[[models]]` entry, validated.
@@ -447,10 +460,34 @@ impl RawSettings {
                         .transpose()?,
                     release_ms: raw.release_ms,
                 }),
+                "process" => {
+                    let command = raw.command.clone().unwrap_or_default();
+                    if command.is_empty() || command[0].is_empty() {
+                        return Err(SettingsError::invalid(
+                            key("command"),
+                            "a process-backed model needs `command`, an array such as [\"llama-server\", \"-m\", \"model.gguf\"]",
+                        ));
+                    }
+                    let ready = raw.ready.as_deref().ok_or_else(|| {
+                        SettingsError::invalid(
+                            key("ready"),
+                            "a process-backed model needs `ready`: \"http://127.0.0.1:PORT/PATH\" or \"tcp://HOST:PORT\"",
+                        )
+                    })?;
+                    BackendSpec::Process(ProcessSpec {
+                        command,
+                        env: raw.env.clone(),
+                        cwd: raw.cwd.clone().map(Into::into),
+                        ready: ReadyCheck::parse(ready)
+                            .map_err(|m| SettingsError::invalid(key("ready"), m))?,
+                        ready_timeout: raw.ready_timeout.unwrap_or(Duration::from_secs(120)),
+                        stop_timeout: raw.stop_timeout.unwrap_or(Duration::from_secs(10)),
+                    })
+                }
                 other => {
                     return Err(SettingsError::invalid(
                         key("backend"),
-                        format!("unknown backend {other:?} (expected \"sim\")"),
+                        format!("unknown backend {other:?} (expected \"sim\" or \"process\")"),
                     ));
                 }
             };

@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use actix::prelude::*;
-use vram_actors::{Backend, ManagerConfig, VramActor};
+use vram_actors::{Backend, GpuProbe, ManagerConfig, VramActor};
 
-use crate::backends::SimBackend;
+use crate::backends::{ProcessBackend, Router, SimBackend};
 use crate::config::{BackendSpec, Settings, SettingsError};
-use crate::gpu::SimCard;
+use crate::gpu::{self, SimCard};
 
 /// A running manager and handles on its simulated backends and card.
 #[derive(Debug, Clone)]
@@ -21,7 +21,9 @@ pub struct Manager {
     pub addr: Addr<VramActor>,
     /// The simulated backend of each kind, for inspection.
     pub sims: BTreeMap<String, SimBackend>,
-    /// The simulated card the backends allocate on.
+    /// The process backend of each kind, for inspection (child pids).
+    pub processes: BTreeMap<String, ProcessBackend>,
+    /// The simulated card the simulated backends allocate on.
     pub card: SimCard,
 }
 
@@ -57,32 +59,65 @@ impl Manager {
 
     /// Starts a manager on the current arbiter (call inside a running
     /// actix `System`).
+    ///
+    /// With only simulated models, the manager's probe is the simulated
+    /// card. With process-backed models it is the real card through NVML
+    /// when `gpu.probe` finds one (see [`crate::gpu::resolve`]), else none.
     pub fn start(settings: &Settings) -> Result<Self, SettingsError> {
         let config = Self::config(settings)?;
         let total = config.capacity + settings.gpu.reserve;
         let card = SimCard::new(total, settings.gpu.external);
-        let mut options: BTreeMap<String, HashMap<_, _>> = BTreeMap::new();
+        let mut sim_options: BTreeMap<String, HashMap<_, _>> = BTreeMap::new();
+        let mut process_specs: BTreeMap<String, HashMap<_, _>> = BTreeMap::new();
         for kind in settings.kinds.iter() {
-            options.entry(kind.name.clone()).or_default();
+            sim_options.entry(kind.name.clone()).or_default();
+            process_specs.entry(kind.name.clone()).or_default();
         }
         for model in &settings.models {
-            let BackendSpec::Sim(sim) = &model.backend;
-            options
-                .entry(model.spec.kind.clone())
-                .or_default()
-                .insert(model.spec.id.clone(), *sim);
+            let (id, kind) = (model.spec.id.clone(), model.spec.kind.clone());
+            match &model.backend {
+                BackendSpec::Sim(sim) => {
+                    sim_options.entry(kind).or_default().insert(id, *sim);
+                }
+                BackendSpec::Process(spec) => {
+                    process_specs
+                        .entry(kind)
+                        .or_default()
+                        .insert(id, spec.clone());
+                }
+            }
         }
-        let sims: BTreeMap<String, SimBackend> = options
-            .into_iter()
-            .map(|(kind, options)| (kind, SimBackend::new(options).on_card(card.clone())))
-            .collect();
-        let backends = sims
-            .iter()
-            .map(|(kind, sim)| (kind.clone(), Rc::new(sim.clone()) as Rc<dyn Backend>))
-            .collect();
-        let addr = VramActor::new(config, backends)
-            .with_probe(Rc::new(card.clone()))
-            .start();
-        Ok(Self { addr, sims, card })
+        let any_process = process_specs.values().any(|s| !s.is_empty());
+        let probe: Option<Rc<dyn GpuProbe>> = if any_process {
+            gpu::resolve(settings)?
+                .nvml
+                .map(|p| Rc::new(p) as Rc<dyn GpuProbe>)
+        } else {
+            Some(Rc::new(card.clone()))
+        };
+        let mut sims = BTreeMap::new();
+        let mut processes = BTreeMap::new();
+        let mut backends: BTreeMap<String, Rc<dyn Backend>> = BTreeMap::new();
+        for (kind, options) in sim_options {
+            let sim = SimBackend::new(options).on_card(card.clone());
+            let process = ProcessBackend::new(process_specs.remove(&kind).unwrap_or_default());
+            let router = Router {
+                sim: sim.clone(),
+                process: process.clone(),
+            };
+            backends.insert(kind.clone(), Rc::new(router));
+            sims.insert(kind.clone(), sim);
+            processes.insert(kind, process);
+        }
+        let mut actor = VramActor::new(config, backends);
+        if let Some(probe) = probe {
+            actor = actor.with_probe(probe);
+        }
+        Ok(Self {
+            addr: actor.start(),
+            sims,
+            processes,
+            card,
+        })
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures::FutureExt;
 
-use crate::backend::{Backend, BackendError, BackendFuture};
+use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
 use crate::error::VramError;
 use crate::model::ModelSpec;
 use crate::vram_actor::ManagerConfig;
@@ -38,6 +38,19 @@ pub struct BackendRestarted {
     pub kind: String,
     /// How many times it has restarted so far.
     pub restarts: u32,
+}
+
+/// Told to the `VramActor` when a loaded model left by itself (its server
+/// process exited).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ModelExited {
+    /// The backend's kind.
+    pub kind: String,
+    /// The model that left.
+    pub model: String,
+    /// Why (exit status, last lines of stderr).
+    pub reason: String,
 }
 
 /// Load a model through the backend. Answers when it is usable.
@@ -75,6 +88,7 @@ pub struct BackendActor {
     backoff: Duration,
     backoff_max: Duration,
     on_restart: Option<Recipient<BackendRestarted>>,
+    on_exit: Option<Recipient<ModelExited>>,
     restarts: u32,
     /// Restarts since the last call that finished without a panic.
     consecutive: u32,
@@ -92,6 +106,7 @@ impl BackendActor {
             backoff: config.restart_backoff,
             backoff_max: config.restart_backoff_max,
             on_restart: None,
+            on_exit: None,
             restarts: 0,
             consecutive: 0,
         }
@@ -108,6 +123,12 @@ impl BackendActor {
     /// Tells `recipient` of every restart.
     pub fn notify_restarts(mut self, recipient: Recipient<BackendRestarted>) -> Self {
         self.on_restart = Some(recipient);
+        self
+    }
+
+    /// Tells `recipient` of every model that leaves by itself.
+    pub fn notify_exits(mut self, recipient: Recipient<ModelExited>) -> Self {
+        self.on_exit = Some(recipient);
         self
     }
 
@@ -146,9 +167,15 @@ impl BackendActor {
             }
             Outcome::Failed(e) => {
                 act.consecutive = 0;
-                Err(VramError::BackendFailed {
-                    model,
-                    reason: e.0,
+                Err(match e.timed_out_after {
+                    Some(after) => VramError::Timeout {
+                        model,
+                        after_ms: after.as_millis() as u64,
+                    },
+                    None => VramError::BackendFailed {
+                        model,
+                        reason: e.message,
+                    },
                 })
             }
             Outcome::TimedOut(limit) => {
@@ -187,6 +214,21 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 impl Actor for BackendActor {
     type Context = Context<Self>;
+
+    /// (Re)registers the exit watch: runs at the first start and after
+    /// every restart.
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        if let Some(recipient) = self.on_exit.clone() {
+            let kind = self.kind.clone();
+            self.backend.watch(Rc::new(move |exit: ModelExit| {
+                recipient.do_send(ModelExited {
+                    kind: kind.clone(),
+                    model: exit.model,
+                    reason: exit.reason,
+                });
+            }));
+        }
+    }
 }
 
 impl Supervised for BackendActor {

@@ -19,9 +19,9 @@ mod policy;
 mod probe;
 mod vram_actor;
 
-pub use backend::{Backend, BackendError, BackendFuture};
+pub use backend::{Backend, BackendError, BackendFuture, ExitNotifier, ModelExit};
 pub use backend_actor::{
-    BackendActor, BackendRestarted, Crash, ListLoaded, LoadModel, UnloadModel,
+    BackendActor, BackendRestarted, Crash, ListLoaded, LoadModel, ModelExited, UnloadModel,
 };
 pub use error::VramError;
 pub use kind::{Kind, Kinds};

@@ -287,6 +287,15 @@ pub enum VramEvent {
         /// The error's message.
         reason: String,
     },
+    /// A resident model's server exited by itself; it left the ledger.
+    ModelExited {
+        /// The model.
+        model: String,
+        /// Its kind.
+        kind: String,
+        /// Why: exit status and the last lines of its stderr.
+        reason: String,
+    },
     /// A backend restarted after a crash; `lost` are the models it no
     /// longer holds, removed from the ledger.
     BackendRestarted {

@@ -26,7 +26,7 @@ use actix::prelude::*;
 use tokio::sync::{Notify, oneshot};
 
 use crate::backend::Backend;
-use crate::backend_actor::{BackendActor, BackendRestarted};
+use crate::backend_actor::{BackendActor, BackendRestarted, ModelExited};
 use crate::error::VramError;
 use crate::job::{self, JobOp, JobResult};
 use crate::kind::Kinds;
@@ -395,7 +395,8 @@ impl VramActor {
             return;
         };
         let actor = BackendActor::new(kind, backend, &self.config)
-            .notify_restarts(ctx.address().recipient());
+            .notify_restarts(ctx.address().recipient())
+            .notify_exits(ctx.address().recipient());
         self.actors
             .insert(kind.to_string(), Supervisor::start(move |_| actor));
     }
@@ -565,6 +566,28 @@ impl Handler<BackendRestarted> for VramActor {
         if !crashing {
             self.reconcile_first(msg.kind, ctx);
         }
+    }
+}
+
+impl Handler<ModelExited> for VramActor {
+    type Result = ();
+
+    /// A resident model's server exited: it is gone from the card, so it
+    /// leaves the ledger now and its leases become void. A model that a
+    /// running job is loading or unloading is left to that job.
+    fn handle(&mut self, msg: ModelExited, _ctx: &mut Context<Self>) {
+        if !self.ledger.is_resident(&msg.model) {
+            return;
+        }
+        self.ledger.remove(&msg.model);
+        self.last_used.remove(&msg.model);
+        self.void_leases(&msg.model);
+        tracing::warn!(model = %msg.model, kind = %msg.kind, reason = %msg.reason, "model server exited");
+        self.publish(VramEvent::ModelExited {
+            model: msg.model,
+            kind: msg.kind,
+            reason: msg.reason,
+        });
     }
 }
 

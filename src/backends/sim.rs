@@ -83,7 +83,7 @@ impl Backend for SimBackend {
                 return Err(BackendError::new(format!("simulated load failure of {id}")));
             }
             if let Some(card) = &card {
-                card.allocate(&id, bytes).map_err(BackendError)?;
+                card.allocate(&id, bytes).map_err(BackendError::new)?;
             }
             let mut state = state.borrow_mut();
             state.loaded.insert(id);

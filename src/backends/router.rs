@@ -1,0 +1,52 @@
+//! The backend of one kind when its models use different backends: each
+//! call goes to the backend that serves that model.
+
+use vram_actors::{Backend, BackendFuture, ExitNotifier, ModelSpec};
+
+use super::{ProcessBackend, SimBackend};
+
+/// Sends process-backed models to a [`ProcessBackend`] and the rest to a
+/// [`SimBackend`].
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// The simulated models of the kind.
+    pub sim: SimBackend,
+    /// The process-backed models of the kind.
+    pub process: ProcessBackend,
+}
+
+impl Backend for Router {
+    fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
+        if self.process.serves(&model.id) {
+            self.process.load(model)
+        } else {
+            self.sim.load(model)
+        }
+    }
+
+    fn unload(&self, id: &str) -> BackendFuture<()> {
+        if self.process.serves(id) {
+            self.process.unload(id)
+        } else {
+            self.sim.unload(id)
+        }
+    }
+
+    fn loaded(&self) -> BackendFuture<Vec<String>> {
+        let (sim, process) = (self.sim.loaded(), self.process.loaded());
+        Box::pin(async move {
+            let mut ids = sim.await?;
+            ids.extend(process.await?);
+            Ok(ids)
+        })
+    }
+
+    fn reset(&self) {
+        self.sim.reset();
+        self.process.reset();
+    }
+
+    fn watch(&self, notify: ExitNotifier) {
+        self.process.watch(notify);
+    }
+}

@@ -1,0 +1,266 @@
+//! The process backend against a real child process (the `vram-stand-in`
+//! model-server stand-in): ready, exits before ready, never ready, SIGTERM
+//! honoured and ignored, a crash while resident, and no orphan left.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use actix::prelude::*;
+use common::{outcome, run_cli, settings, temp_file};
+use vram_manager::{Acquire, Load, Manager, Status, Subscribe, Unload, VramEvent};
+
+const STAND_IN: &str = env!("CARGO_BIN_EXE_vram-stand-in");
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether a process is running (a zombie is not).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits (on the process table, up to 5 s) until `pid` is gone.
+fn gone(pid: i32) -> bool {
+    for _ in 0..500 {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// A process-backed model `id` running the stand-in with `args`.
+fn process_model(id: &str, port: u16, ready: &str, args: &str, extra: &str) -> String {
+    format!(
+        "[[models]]\nid = \"{id}\"\nkind = \"llm\"\nvram = \"4GiB\"\nbackend = \"process\"\n\
+         command = [\"{STAND_IN}\", \"--port\", \"{port}\"{args}]\nready = \"{ready}\"\n{extra}\n"
+    )
+}
+
+fn manager(toml: &str) -> Manager {
+    Manager::start(&settings(&format!("[gpu]\nprobe = \"none\"\n{toml}"))).unwrap()
+}
+
+#[actix_rt::test]
+async fn an_http_ready_server_is_started_and_sigterm_stops_it() {
+    let port = free_port();
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("http://127.0.0.1:{port}/health"),
+        ", \"--ready-after-ms\", \"200\"",
+        "stop_timeout = \"30s\"",
+    ));
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+    let pid = m.processes["llm"].pids()["llm"];
+    assert!(alive(pid));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "it is listening"
+    );
+    m.addr.send(Unload::new("llm")).await.unwrap().unwrap();
+    assert!(gone(pid));
+    assert_eq!(
+        m.processes["llm"].last_exit("llm").as_deref(),
+        Some("signal: 15 (SIGTERM)")
+    );
+    assert!(m.addr.send(Status).await.unwrap().models.is_empty());
+}
+
+#[actix_rt::test]
+async fn a_tcp_ready_check_works() {
+    let port = free_port();
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("tcp://127.0.0.1:{port}"),
+        "",
+        "",
+    ));
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+    assert!(alive(m.processes["llm"].pids()["llm"]));
+}
+
+#[actix_rt::test]
+async fn a_server_that_exits_before_ready_is_backend_failed_with_its_stderr() {
+    let port = free_port();
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("http://127.0.0.1:{port}/health"),
+        ", \"--fail-at-start\", \"--exit-code\", \"3\"",
+        "",
+    ));
+    let err = m.addr.send(Load::new("llm")).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "backend_failed");
+    let text = err.to_string();
+    assert!(
+        text.contains("exit status: 3") && text.contains("out of memory"),
+        "{text}"
+    );
+    assert!(m.addr.send(Status).await.unwrap().models.is_empty());
+}
+
+#[actix_rt::test]
+async fn a_server_never_ready_times_out_and_is_killed() {
+    let port = free_port();
+    let pid_file = temp_file("never-ready.pid", "");
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("http://127.0.0.1:{port}/health"),
+        &format!(
+            ", \"--never-ready\", \"--pid-file\", \"{}\"",
+            pid_file.display()
+        ),
+        "ready_timeout = \"300ms\"",
+    ));
+    let err = m.addr.send(Load::new("llm")).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "timeout", "{err}");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(gone(pid), "the never-ready server was killed");
+    assert!(m.addr.send(Status).await.unwrap().models.is_empty());
+}
+
+#[actix_rt::test]
+async fn a_server_ignoring_sigterm_is_killed_after_stop_timeout() {
+    let port = free_port();
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("tcp://127.0.0.1:{port}"),
+        ", \"--ignore-sigterm\"",
+        "stop_timeout = \"300ms\"",
+    ));
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+    let pid = m.processes["llm"].pids()["llm"];
+    m.addr.send(Unload::new("llm")).await.unwrap().unwrap();
+    assert!(gone(pid));
+    assert_eq!(
+        m.processes["llm"].last_exit("llm").as_deref(),
+        Some("signal: 9 (SIGKILL)")
+    );
+}
+
+/// Forwards events into a channel the test can await.
+struct Forward(tokio::sync::mpsc::UnboundedSender<VramEvent>);
+impl Actor for Forward {
+    type Context = Context<Self>;
+}
+impl Handler<VramEvent> for Forward {
+    type Result = ();
+    fn handle(&mut self, e: VramEvent, _: &mut Context<Self>) {
+        let _ = self.0.send(e);
+    }
+}
+
+#[actix_rt::test]
+async fn a_server_crashing_while_resident_leaves_the_ledger() {
+    let port = free_port();
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("tcp://127.0.0.1:{port}"),
+        ", \"--exit-after-ms\", \"300\", \"--exit-code\", \"139\"",
+        "",
+    ));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    m.addr
+        .send(Subscribe(Forward(tx).start().recipient()))
+        .await
+        .unwrap();
+    let lease = m.addr.send(Acquire::new("llm")).await.unwrap().unwrap();
+    let reason = loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let VramEvent::ModelExited { model, reason, .. } = event {
+            assert_eq!(model, "llm");
+            break reason;
+        }
+    };
+    assert!(
+        reason.contains("exit status: 139") && reason.contains("segmentation fault"),
+        "{reason}"
+    );
+    assert!(m.addr.send(Status).await.unwrap().models.is_empty());
+    assert!(!lease.is_valid(), "the lease died with the server");
+    // It can be loaded again.
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+}
+
+fn scenario_text(port: u16, bad_port: u16, slow_port: u16, pid_file: &Path) -> String {
+    format!(
+        "description = \"process backend\"\n[gpu]\nprobe = \"none\"\n{}{}{}\
+         [[steps]]\nop = \"load\"\nmodel = \"server\"\nresident = [\"server\"]\n\
+         [[steps]]\nop = \"load\"\nmodel = \"broken\"\nexpect = \"backend_failed\"\nresident = [\"server\"]\n\
+         [[steps]]\nop = \"load\"\nmodel = \"stuck\"\nexpect = \"timeout\"\nresident = [\"server\"]\n",
+        process_model(
+            "server",
+            port,
+            &format!("http://127.0.0.1:{port}/health"),
+            &format!(", \"--pid-file\", \"{}\"", pid_file.display()),
+            ""
+        ),
+        process_model(
+            "broken",
+            bad_port,
+            &format!("tcp://127.0.0.1:{bad_port}"),
+            ", \"--fail-at-start\"",
+            ""
+        ),
+        process_model(
+            "stuck",
+            slow_port,
+            &format!("http://127.0.0.1:{slow_port}/health"),
+            ", \"--never-ready\"",
+            "ready_timeout = \"300ms\""
+        ),
+    )
+}
+
+#[test]
+fn a_scenario_runs_real_processes_and_leaves_none_behind() {
+    let pid_file = temp_file("scenario-server.pid", "");
+    let text = scenario_text(free_port(), free_port(), free_port(), &pid_file);
+    // The last step leaves "server" running: the manager must stop it when
+    // it exits.
+    let path = temp_file("process-scenario.toml", &text);
+    let (code, out, err) = outcome(&run_cli(
+        &["scenario", path.to_str().unwrap(), "--json"],
+        &[],
+    ));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(gone(pid), "no model server outlives the manager");
+    // With an explicit unload at the end, it is gone before the exit too.
+    let with_unload =
+        format!("{text}[[steps]]\nop = \"unload\"\nmodel = \"server\"\nresident = []\n");
+    let text = with_unload.replace(&format!("\"{}\"", pid_file.display()), "\"/dev/null\"");
+    let path = temp_file("process-scenario-unload.toml", &text);
+    let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 0, "{out}\n{err}");
+}
