@@ -216,6 +216,11 @@ pub fn scenario(file: Option<&Path>, json: bool) -> Outcome {
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
     let capacity = scenario.settings.capacity().unwrap_or(0);
+    let simulated_card = scenario
+        .settings
+        .models
+        .iter()
+        .all(|m| matches!(m.backend, BackendSpec::Sim(_)));
     if !json {
         let name = file.map_or("voice-assistant.toml (built in)".to_string(), |p| {
             p.display().to_string()
@@ -227,7 +232,7 @@ pub fn scenario(file: Option<&Path>, json: bool) -> Outcome {
         if json {
             println!("{}", serde_json::to_string(step).unwrap_or_default());
         } else {
-            print!("{}", timeline_line(step, capacity));
+            print!("{}", timeline_line(step, capacity, simulated_card));
         }
     });
     let report = match report {
@@ -296,8 +301,9 @@ struct SummaryCounts {
 const BAR_CELLS: u64 = 24;
 
 /// One readable line per step: result, evictions, a bar of used and free
-/// VRAM; and a line per expectation that did not hold.
-pub fn timeline_line(step: &StepReport, capacity: u64) -> String {
+/// VRAM (and the simulated card's free memory where it differs, when the
+/// scenario runs on it); and a line per expectation that did not hold.
+pub fn timeline_line(step: &StepReport, capacity: u64, simulated_card: bool) -> String {
     let filled = if capacity == 0 {
         0
     } else {
@@ -320,7 +326,7 @@ pub fn timeline_line(step: &StepReport, capacity: u64) -> String {
         ByteSize(step.free).to_string(),
         step.ms
     );
-    if step.card_free != step.free {
+    if simulated_card && step.card_free != step.free {
         line.push_str(&format!("  card {} free", ByteSize(step.card_free)));
     }
     if !step.evicted.is_empty() {

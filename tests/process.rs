@@ -264,3 +264,74 @@ fn a_scenario_runs_real_processes_and_leaves_none_behind() {
     let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
     assert_eq!(code, 0, "{out}\n{err}");
 }
+
+#[test]
+fn the_documented_process_configs_are_valid() {
+    let (code, out, err) = outcome(&run_cli(
+        &["check-config", "examples/process_backends.toml"],
+        &[
+            ("VRAM__GPU__TOTAL", "16GiB"),
+            ("VRAM__GPU__DEVICE", "GPU-00000000-none"),
+        ],
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("llama-3.1-8b-q4_k_m") && out.contains("process"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_runnable_stand_in_example_passes() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{dir}/examples/process_stand_in.toml")).unwrap();
+    // The file names the debug build's stand-in; use this build's.
+    let text = text.replace("target/debug/vram-stand-in", STAND_IN);
+    let path = temp_file("process-stand-in.toml", &text);
+    let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("0 failed"), "{out}");
+}
+
+#[test]
+fn ctrl_c_on_the_manager_leaves_no_model_server_behind() {
+    let port = free_port();
+    let pid_file = temp_file("ctrl-c.pid", "");
+    let text = format!(
+        "[gpu]\nprobe = \"none\"\n{}[[steps]]\nop = \"load\"\nmodel = \"server\"\n[[steps]]\nop = \"sleep\"\nms = 30000\n",
+        process_model(
+            "server",
+            port,
+            &format!("tcp://127.0.0.1:{port}"),
+            &format!(", \"--pid-file\", \"{}\"", pid_file.display()),
+            ""
+        )
+    );
+    let path = temp_file("ctrl-c.toml", &text);
+    let mut manager = std::process::Command::new(env!("CARGO_BIN_EXE_vram-manager"))
+        .args(["scenario", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait (on the file system) until the model server is up.
+    let mut pid = None;
+    for _ in 0..1000 {
+        if let Ok(text) = std::fs::read_to_string(&pid_file)
+            && let Ok(p) = text.trim().parse::<i32>()
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        {
+            pid = Some(p);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = pid.expect("the model server started");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(manager.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = manager.wait().unwrap();
+    assert!(!status.success());
+    assert!(gone(pid), "the model server died with the manager");
+}
