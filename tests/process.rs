@@ -335,3 +335,26 @@ fn ctrl_c_on_the_manager_leaves_no_model_server_behind() {
     assert!(!status.success());
     assert!(gone(pid), "the model server died with the manager");
 }
+
+#[actix_rt::test]
+async fn a_backend_restart_kills_its_model_servers() {
+    let port = free_port();
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("tcp://127.0.0.1:{port}"),
+        "",
+        "",
+    ));
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+    let pid = m.processes["llm"].pids()["llm"];
+    m.addr
+        .send(vram_manager::CrashBackend { kind: "llm".into() })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(gone(pid), "no orphan after the restart");
+    assert!(m.addr.send(Status).await.unwrap().models.is_empty());
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+    assert_ne!(m.processes["llm"].pids()["llm"], pid, "a fresh server");
+}
