@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod backends;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod gpu;

@@ -97,33 +97,45 @@ pub fn plan(
         return Ok(Plan::Load { victims: vec![] });
     }
     // Step 4: who may go, lowest tier and least recently used first. Leased
-    // models are set aside (counted, so a caller can wait for them).
+    // models are set aside (counted, so a caller can wait for them). The
+    // few kinds are resolved once, not once per model.
+    let kind_table: Vec<(&str, u32, bool)> = kinds
+        .iter()
+        .map(|k| (k.name.as_str(), k.priority, k.evictable_by(requester)))
+        .collect();
     let mut leased = 0u64;
-    let mut candidates: Vec<(u32, u64, &Entry)> = Vec::new();
+    // (priority and recency packed into one sort key, bytes, entry)
+    let mut candidates: Vec<(u64, u64, &Entry)> = Vec::new();
     for entry in ledger.entries() {
         if entry.state != ModelState::Resident || entry.pinned || entry.id == model {
             continue;
         }
-        let Some(kind) = kinds.get(&entry.kind) else {
+        let Some(&(_, priority, evictable)) =
+            kind_table.iter().find(|(name, _, _)| *name == entry.kind)
+        else {
             continue; // a kind we cannot rank is never evicted
         };
-        if !kind.evictable_by(requester) {
+        if !evictable {
             continue;
         }
         if entry.leases > 0 {
             leased += entry.bytes;
             continue;
         }
-        candidates.push((kind.priority, entry.recency, entry));
+        // Priorities fit 16 bits and recencies 48 in any real ledger; the
+        // saturation keeps the order right beyond that.
+        let key = (u64::from(priority.min(0xFFFF)) << 48) | entry.recency.min((1 << 48) - 1);
+        candidates.push((key, entry.bytes, entry));
     }
-    candidates.sort_unstable_by_key(|&(priority, recency, _)| (priority, recency));
+    // Recency is unique, so keys never tie and an unstable sort is exact.
+    candidates.sort_unstable_by_key(|&(key, _, _)| key);
 
     // Step 5: the shortest sufficient prefix, or refuse with nothing evicted.
     let shortfall = needed - free;
     let mut freed = 0u64;
     let mut chosen = 0;
     while freed < shortfall && chosen < candidates.len() {
-        freed += candidates[chosen].2.bytes;
+        freed += candidates[chosen].1;
         chosen += 1;
     }
     if freed < shortfall {
@@ -139,7 +151,7 @@ pub fn plan(
     // Step 6: trim from the last chosen back to the first.
     let mut keep = vec![true; chosen];
     for i in (0..chosen).rev() {
-        let bytes = candidates[i].2.bytes;
+        let bytes = candidates[i].1;
         if freed - bytes >= shortfall {
             freed -= bytes;
             keep[i] = false;

@@ -1,0 +1,105 @@
+//! The quick bench: every figure of `benches/` in one fast run, each beside
+//! its baseline, printed as one JSON object.
+//!
+//! `cargo run --release --example bench -- --quick --json`
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use clap::Parser;
+use serde_json::json;
+use vram_manager::bench::{self, BareActor};
+
+/// Measure the manager against its baselines.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Fewer samples: the whole run takes well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn us(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6 * 1000.0).round() / 1000.0
+}
+
+async fn measure(quick: bool) -> serde_json::Value {
+    let scale = if quick { 1 } else { 5 };
+
+    // Acquire + drop through the manager vs the bare actor, interleaved
+    // batches so both see the same machine.
+    let manager = bench::manager_with_resident_model().await;
+    let bare = BareActor::default().start();
+    let per_batch = 2_000u64;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..(21 * scale) {
+        ours.push(bench::acquire_round_trips(&manager.addr, per_batch).await / per_batch as u32);
+        theirs.push(bench::bare_round_trips(&bare, per_batch).await / per_batch as u32);
+    }
+    let acquire = bench::median(&mut ours);
+    let baseline = bench::median(&mut theirs);
+
+    // Status while a 10 s load is in flight.
+    let slow = bench::slow_load_manager();
+    let mut latencies = bench::status_latencies_during_load(&slow, 20_000 * scale).await;
+    let status_p50 = bench::percentile(&mut latencies, 50.0);
+    let status_p99 = bench::percentile(&mut latencies, 99.0);
+
+    // Loads that need k evictions.
+    let mut loads = BTreeMap::new();
+    for k in [1u64, 4, 16] {
+        let m = bench::eviction_manager(k);
+        let mut samples = Vec::new();
+        for _ in 0..(50 * scale) {
+            samples.push(bench::timed_eviction_load(&m, k).await);
+        }
+        loads.insert(format!("load_k{k}_us"), us(bench::median(&mut samples)));
+    }
+
+    // Planning alone.
+    let mut plans = BTreeMap::new();
+    for n in [10usize, 100, 1_000, 10_000] {
+        let fixture = bench::plan_fixture(n);
+        let runs = if n >= 10_000 { 30 * scale } else { 200 * scale };
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let started = Instant::now();
+            std::hint::black_box(bench::plan_once(&fixture));
+            samples.push(started.elapsed());
+        }
+        plans.insert(n, us(bench::median(&mut samples)));
+    }
+
+    let ops_per_sec = bench::throughput(64, 500 * scale).await;
+
+    json!({
+        "acquire_ratio": (acquire.as_secs_f64() / baseline.as_secs_f64() * 1000.0).round() / 1000.0,
+        "acquire_us": us(acquire),
+        "bare_acquire_us": us(baseline),
+        "status_p50_us": us(status_p50),
+        "status_p99_us": us(status_p99),
+        "plan_10_us": plans[&10],
+        "plan_100_us": plans[&100],
+        "plan_1k_us": plans[&1_000],
+        "plan_10k_us": plans[&10_000],
+        "load_k1_us": loads["load_k1_us"],
+        "load_k4_us": loads["load_k4_us"],
+        "load_k16_us": loads["load_k16_us"],
+        "ops_per_sec": ops_per_sec.round(),
+    })
+}
+
+fn main() {
+    let args = Args::parse();
+    let figures = actix::System::new().block_on(measure(args.quick));
+    if args.json {
+        println!("{figures}");
+    } else {
+        for (key, value) in figures.as_object().into_iter().flatten() {
+            println!("{key:<18} {value}");
+        }
+    }
+}
