@@ -204,9 +204,10 @@ pub fn settings_warnings(settings: &Settings) -> Vec<String> {
         .collect()
 }
 
-/// `scenario [FILE] [--json]`: runs a scenario file (the built-in
-/// voice-assistant day when no file is given) and reports every step.
-pub fn scenario(file: Option<&Path>, json: bool) -> Outcome {
+/// `scenario [FILE] [--json] [--plot OUT.svg]`: runs a scenario file (the
+/// built-in voice-assistant day when no file is given), reports every step
+/// and optionally draws the run.
+pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome {
     let parsed = match file {
         Some(path) => Scenario::load(path),
         None => Scenario::parse("voice-assistant.toml (built in)", scenario::VOICE_ASSISTANT),
@@ -221,10 +222,10 @@ pub fn scenario(file: Option<&Path>, json: bool) -> Outcome {
         .models
         .iter()
         .all(|m| matches!(m.backend, BackendSpec::Sim(_)));
+    let name = file.map_or("voice-assistant.toml (built in)".to_string(), |p| {
+        p.display().to_string()
+    });
     if !json {
-        let name = file.map_or("voice-assistant.toml (built in)".to_string(), |p| {
-            p.display().to_string()
-        });
         println!("{name}: {}", scenario.description);
         println!("capacity {} ({capacity} bytes)", ByteSize(capacity));
     }
@@ -261,6 +262,12 @@ pub fn scenario(file: Option<&Path>, json: bool) -> Outcome {
                 "never over-committed"
             }
         );
+    }
+    if let Some(out) = plot {
+        let title = format!("{name}: {}", scenario.description);
+        if let Err(e) = crate::plot::draw(&report, &scenario.settings, &title, out) {
+            return Outcome::BadInput(e.to_string());
+        }
     }
     if failed == 0 {
         return Outcome::Ok;

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod gpu;
 pub mod manager;
+pub mod plot;
 pub mod scenario;
 pub mod soak;
 

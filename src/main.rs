@@ -42,6 +42,9 @@ enum Command {
         /// Print one JSON object per step, then a summary line.
         #[arg(long)]
         json: bool,
+        /// Also draw VRAM use over the steps to this SVG file.
+        #[arg(long, value_name = "OUT.svg")]
+        plot: Option<PathBuf>,
     },
 }
 
@@ -62,8 +65,10 @@ fn main() -> ExitCode {
     let outcome = match args.command {
         Some(Command::CheckConfig { file }) => cli::check_config(file.as_deref()),
         Some(Command::Gpu { json }) => cli::gpu_report(json),
-        Some(Command::Scenario { file, json }) => cli::scenario(file.as_deref(), json),
-        None => cli::scenario(None, false),
+        Some(Command::Scenario { file, json, plot }) => {
+            cli::scenario(file.as_deref(), json, plot.as_deref())
+        }
+        None => cli::scenario(None, false, None),
     };
     match outcome {
         Outcome::Ok => ExitCode::SUCCESS,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use vram_actors::{
-    Acquire, CrashBackend, Lease, Load, Status, Subscribe, Unload, VramError, VramEvent,
+    Acquire, CrashBackend, Lease, Load, ModelState, Status, Subscribe, Unload, VramError, VramEvent,
 };
 
 use crate::config::{Settings, SettingsError, check_toml, parse_size, read_file};
@@ -273,6 +273,9 @@ pub struct StepReport {
     /// Expectations that did not hold.
     #[serde(skip)]
     pub failures: Vec<String>,
+    /// Each resident model and the bytes charged to it (for plots).
+    #[serde(skip)]
+    pub charged: Vec<(String, u64)>,
 }
 
 /// The whole run.
@@ -438,6 +441,12 @@ async fn run_steps(
             ms: (ms * 1000.0).round() / 1000.0,
             card_free: manager.card.memory_now().free,
             failures: vec![],
+            charged: status
+                .models
+                .iter()
+                .filter(|m| m.state == ModelState::Resident)
+                .map(|m| (m.id.clone(), m.bytes))
+                .collect(),
         };
         report.failures = check(step, &report, result.err());
         on_step(&report);

@@ -200,3 +200,60 @@ fn invalid_scenarios_exit_2_naming_the_problem() {
         assert!(!err.contains("panicked"), "{name}: {err}");
     }
 }
+
+#[test]
+fn plot_writes_a_valid_svg_naming_every_model() {
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-va.svg", std::process::id()));
+    let (code, _, err) = outcome(&run_cli(
+        &[
+            "scenario",
+            "config/scenarios/voice-assistant.toml",
+            "--plot",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert_eq!(code, 0, "{err}");
+    let svg = std::fs::read_to_string(&out).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("well-formed XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
+    for model in [
+        "whisper-large-v3",
+        "kokoro-82m",
+        "llama-3.1-8b-q4_k_m",
+        "qwen2.5-14b-q5_k_m",
+    ] {
+        assert!(texts.iter().any(|t| t.contains(model)), "{model} is named");
+    }
+    assert!(texts.iter().any(|t| t.contains("capacity 16.0 GiB")));
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("evicted llama-3.1-8b-q4_k_m, kokoro-82m"))
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("insufficient_vram")),
+        "the failure is labelled"
+    );
+    // Four model bands plus the capacity line are in the legend; bands are
+    // filled rectangles.
+    let rects = doc.descendants().filter(|n| n.has_tag_name("rect")).count();
+    assert!(rects > 40, "one rectangle per model per step: {rects}");
+}
+
+#[test]
+fn plot_to_an_unwritable_path_exits_2_naming_it() {
+    let (code, _, err) = outcome(&run_cli(
+        &[
+            "scenario",
+            "config/scenarios/trim.toml",
+            "--plot",
+            "/nonexistent/dir/out.svg",
+        ],
+        &[],
+    ));
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/dir/out.svg"), "{err}");
+}

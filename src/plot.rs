@@ -1,0 +1,198 @@
+//! A picture of a scenario run: VRAM use over the steps as one stacked band
+//! per model, coloured by kind, with the capacity as a line and evictions
+//! and failures marked and labelled. Written as SVG with plotters.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::config::Settings;
+use crate::scenario::Report;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Why a plot could not be drawn.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw {path}: {message}")]
+pub struct PlotError {
+    /// The file asked for.
+    pub path: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Base colour of a kind; models of the kind get shades of it.
+fn kind_colour(kind: &str) -> (u8, u8, u8) {
+    match kind {
+        "asr" => (52, 101, 164),
+        "tts" => (78, 154, 6),
+        "llm" => (206, 92, 0),
+        _ => (117, 80, 123),
+    }
+}
+
+/// The `i`th of `n` shades of `base`, from the colour itself towards white.
+fn shade((r, g, b): (u8, u8, u8), i: usize, n: usize) -> RGBColor {
+    let t = if n <= 1 {
+        0.0
+    } else {
+        0.55 * i as f64 / (n - 1) as f64
+    };
+    let mix = |c: u8| (c as f64 + (255.0 - c as f64) * t).round() as u8;
+    RGBColor(mix(r), mix(g), mix(b))
+}
+
+/// Draws `report` (a run of a scenario with `settings`) to `path` as SVG.
+/// Step `n` is the span from `n - 0.5` to `n + 0.5`: what was resident
+/// after it.
+pub fn draw(
+    report: &Report,
+    settings: &Settings,
+    title: &str,
+    path: &Path,
+) -> Result<(), PlotError> {
+    let fail = |e: &dyn std::fmt::Display| PlotError {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    // Models bottom-up: highest priority (most protected) at the bottom.
+    let mut models: Vec<(&str, &str, u32)> = settings
+        .models
+        .iter()
+        .map(|m| {
+            let priority = settings.kinds.get(&m.spec.kind).map_or(0, |k| k.priority);
+            (m.spec.id.as_str(), m.spec.kind.as_str(), priority)
+        })
+        .collect();
+    models.sort_by_key(|&(id, _, priority)| (std::cmp::Reverse(priority), id));
+    let mut per_kind: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, kind, _) in &models {
+        *per_kind.entry(kind).or_default() += 1;
+    }
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let colours: Vec<RGBColor> = models
+        .iter()
+        .map(|(_, kind, _)| {
+            let i = seen.entry(kind).or_default();
+            let colour = shade(kind_colour(kind), *i, per_kind[kind]);
+            *i += 1;
+            colour
+        })
+        .collect();
+
+    let steps = report.steps.len().max(1);
+    let capacity = report.capacity as f64 / GIB;
+    let peak = report.steps.iter().map(|s| s.used).max().unwrap_or(0) as f64 / GIB;
+    let top = capacity.max(peak) * 1.25 + 0.5;
+
+    let title: String = if title.chars().count() > 120 {
+        title.chars().take(117).chain("...".chars()).collect()
+    } else {
+        title.to_string()
+    };
+    let root = SVGBackend::new(path, (1200, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 16))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.5f64..steps as f64 + 0.5, 0f64..top)
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_desc("step")
+        .y_desc("VRAM (GiB)")
+        .x_labels(steps.min(40))
+        .x_label_formatter(&|x| format!("{}", x.round() as i64))
+        .draw()
+        .map_err(|e| fail(&e))?;
+
+    // One band per model: a rectangle per step it is resident in, stacked
+    // in the fixed order above.
+    for ((id, _, _), colour) in models.iter().zip(&colours) {
+        let mut rects = Vec::new();
+        for (i, step) in report.steps.iter().enumerate() {
+            let mut below = 0u64;
+            for (other, _, _) in &models {
+                let Some((_, bytes)) = step.charged.iter().find(|(m, _)| m == other) else {
+                    continue;
+                };
+                if other == id {
+                    let (lo, hi) = (below as f64 / GIB, (below + bytes) as f64 / GIB);
+                    let (x0, x1) = (i as f64 + 0.5, i as f64 + 1.5);
+                    rects.push(Rectangle::new([(x0, lo), (x1, hi)], colour.filled()));
+                    rects.push(Rectangle::new([(x0, lo), (x1, hi)], WHITE.stroke_width(1)));
+                    break;
+                }
+                below += bytes;
+            }
+        }
+        let colour = *colour;
+        chart
+            .draw_series(rects)
+            .map_err(|e| fail(&e))?
+            .label(*id)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
+    }
+
+    // Capacity.
+    let red = RGBColor(204, 0, 0);
+    chart
+        .draw_series(LineSeries::new(
+            [(0.5, capacity), (steps as f64 + 0.5, capacity)],
+            red.stroke_width(2),
+        ))
+        .map_err(|e| fail(&e))?
+        .label(format!("capacity {:.1} GiB", capacity))
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], red.stroke_width(2)));
+
+    // Evictions and failures, marked above the bars and labelled.
+    for (i, step) in report.steps.iter().enumerate() {
+        let x = i as f64 + 1.0;
+        let y = step.used as f64 / GIB;
+        if !step.evicted.is_empty() {
+            let label = format!("evicted {}", step.evicted.join(", "));
+            chart
+                .draw_series([TriangleMarker::new((x, y + 0.35), 6, BLACK.filled())])
+                .map_err(|e| fail(&e))?;
+            chart
+                .draw_series([Text::new(
+                    label,
+                    (x - 0.45, y + 0.9 + 0.45 * (i % 2) as f64),
+                    ("sans-serif", 11),
+                )])
+                .map_err(|e| fail(&e))?;
+        }
+        if step.result != "ok" {
+            chart
+                .draw_series([Cross::new((x, y + 0.35), 6, red.stroke_width(2))])
+                .map_err(|e| fail(&e))?;
+            let label = format!(
+                "{} {}",
+                step.model.as_deref().unwrap_or(step.op),
+                step.result
+            );
+            chart
+                .draw_series([Text::new(
+                    label,
+                    (x - 0.45, y + 1.35 + 0.45 * (i % 2) as f64),
+                    ("sans-serif", 11).into_font().color(&red),
+                )])
+                .map_err(|e| fail(&e))?;
+        }
+    }
+
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))?;
+    Ok(())
+}
