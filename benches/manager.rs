@@ -29,6 +29,18 @@ fn acquire(c: &mut Criterion) {
 fn load_with_evictions(c: &mut Criterion) {
     let system = actix::System::new();
     let mut group = c.benchmark_group("load_with_k_evictions");
+    let plain = system.block_on(async { bench::eviction_manager(1) });
+    group.bench_function("0_baseline", |b| {
+        b.iter_custom(|iters| {
+            system.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += bench::timed_plain_load(&plain).await;
+                }
+                total
+            })
+        })
+    });
     for k in [1u64, 4, 16] {
         let manager = system.block_on(async { bench::eviction_manager(k) });
         group.bench_with_input(BenchmarkId::from_parameter(k), &k, |b, &k| {

@@ -47,9 +47,18 @@ async fn measure(quick: bool) -> serde_json::Value {
     let mut latencies = bench::status_latencies_during_load(&slow, 20_000 * scale).await;
     let status_p50 = bench::percentile(&mut latencies, 50.0);
     let status_p99 = bench::percentile(&mut latencies, 99.0);
+    let mut idle = bench::status_latencies_idle(&manager, 20_000 * scale).await;
+    let idle_p50 = bench::percentile(&mut idle, 50.0);
+    let idle_p99 = bench::percentile(&mut idle, 99.0);
 
-    // Loads that need k evictions.
+    // Loads that need k evictions, and the same load with none.
     let mut loads = BTreeMap::new();
+    let plain = bench::eviction_manager(1);
+    let mut samples = Vec::new();
+    for _ in 0..(50 * scale) {
+        samples.push(bench::timed_plain_load(&plain).await);
+    }
+    loads.insert("load_k0_us".to_string(), us(bench::median(&mut samples)));
     for k in [1u64, 4, 16] {
         let m = bench::eviction_manager(k);
         let mut samples = Vec::new();
@@ -81,10 +90,13 @@ async fn measure(quick: bool) -> serde_json::Value {
         "bare_acquire_us": us(baseline),
         "status_p50_us": us(status_p50),
         "status_p99_us": us(status_p99),
+        "status_idle_p50_us": us(idle_p50),
+        "status_idle_p99_us": us(idle_p99),
         "plan_10_us": plans[&10],
         "plan_100_us": plans[&100],
         "plan_1k_us": plans[&1_000],
         "plan_10k_us": plans[&10_000],
+        "load_k0_us": loads["load_k0_us"],
         "load_k1_us": loads["load_k1_us"],
         "load_k4_us": loads["load_k4_us"],
         "load_k16_us": loads["load_k16_us"],

@@ -148,6 +148,33 @@ pub async fn timed_eviction_load(manager: &Manager, k: u64) -> Duration {
     took
 }
 
+/// The baseline of [`timed_eviction_load`]: the load of "big" on an empty
+/// card (no evictions), then its unload. Answers the load's time.
+pub async fn timed_plain_load(manager: &Manager) -> Duration {
+    let started = Instant::now();
+    let loaded = manager.addr.send(Load::new("big")).await;
+    let took = started.elapsed();
+    debug_assert_eq!(
+        loaded.ok().and_then(Result::ok).map(|l| l.evicted.len()),
+        Some(0)
+    );
+    let _ = manager.addr.send(Unload::new("big")).await;
+    took
+}
+
+/// Latencies of `n` Status round trips to an idle manager (the baseline
+/// of [`status_latencies_during_load`]).
+pub async fn status_latencies_idle(manager: &Manager, n: usize) -> Vec<Duration> {
+    let mut latencies = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let report = manager.addr.send(Status).await;
+        latencies.push(started.elapsed());
+        std::hint::black_box(report.ok());
+    }
+    latencies
+}
+
 /// A manager whose model "slow" takes 10 s to load, and a second one to
 /// start when the first is done.
 pub fn slow_load_manager() -> Manager {
