@@ -165,6 +165,11 @@ pub async fn timed_plain_load(manager: &Manager) -> Duration {
 /// Latencies of `n` Status round trips to an idle manager (the baseline
 /// of [`status_latencies_during_load`]).
 pub async fn status_latencies_idle(manager: &Manager, n: usize) -> Vec<Duration> {
+    status_latencies(manager, n).await
+}
+
+/// Latencies of `n` Status round trips.
+async fn status_latencies(manager: &Manager, n: usize) -> Vec<Duration> {
     let mut latencies = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
@@ -203,14 +208,7 @@ pub async fn status_latencies_during_load(manager: &Manager, n: usize) -> Vec<Du
         manager.addr.do_send(Load::new(next));
         while !manager.addr.send(Status).await.is_ok_and(|s| s.running) {}
     }
-    let mut latencies = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        let report = manager.addr.send(Status).await;
-        latencies.push(started.elapsed());
-        std::hint::black_box(report.ok());
-    }
-    latencies
+    status_latencies(manager, n).await
 }
 
 /// A ledger of `n` resident models (LLMs and TTSs of 1 to 4 GiB, in a

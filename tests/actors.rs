@@ -4,11 +4,8 @@
 
 mod common;
 
-use std::time::Duration;
-
-use actix::prelude::*;
-use common::{GIB, load, model, resident, start, status};
-use vram_manager::{Acquire, Load, Subscribe, Unload, VramEvent};
+use common::{Events, GIB, load, model, resident, start, status};
+use vram_manager::{Acquire, Load, Unload, VramEvent};
 
 fn seed_models() -> String {
     [
@@ -268,17 +265,6 @@ async fn lease_wait_runs_out_with_insufficient_vram_and_in_use() {
     assert_eq!(resident(&m).await, ["a"]);
 }
 
-struct Collector(std::rc::Rc<std::cell::RefCell<Vec<VramEvent>>>);
-impl Actor for Collector {
-    type Context = Context<Self>;
-}
-impl Handler<VramEvent> for Collector {
-    type Result = ();
-    fn handle(&mut self, e: VramEvent, _: &mut Context<Self>) {
-        self.0.borrow_mut().push(e);
-    }
-}
-
 #[actix_rt::test]
 async fn events_arrive_in_the_order_things_happened() {
     let m = start(
@@ -289,17 +275,14 @@ async fn events_arrive_in_the_order_things_happened() {
         ]
         .concat(),
     );
-    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
-    let collector = Collector(seen.clone()).start();
-    m.addr.send(Subscribe(collector.recipient())).await.unwrap();
+    let mut events = Events::subscribe(&m.addr).await;
     load(&m, "a").await.unwrap();
     load(&m, "b").await.unwrap();
     let _ = load(&m, "bad").await;
     m.addr.send(Unload::new("b")).await.unwrap().unwrap();
-    // The collector runs on the same arbiter: let it drain its mailbox.
-    actix::clock::sleep(Duration::from_millis(1)).await;
-    let names: Vec<String> = seen
-        .borrow()
+    let names: Vec<String> = events
+        .drain()
+        .await
         .iter()
         .map(|e| {
             let v = serde_json::to_value(e).unwrap();
@@ -325,28 +308,13 @@ async fn events_arrive_in_the_order_things_happened() {
     );
 }
 
-/// Forwards events into a channel the test can await.
-struct Forward(tokio::sync::mpsc::UnboundedSender<VramEvent>);
-impl Actor for Forward {
-    type Context = Context<Self>;
-}
-impl Handler<VramEvent> for Forward {
-    type Result = ();
-    fn handle(&mut self, e: VramEvent, _: &mut Context<Self>) {
-        let _ = self.0.send(e);
-    }
-}
-
-async fn next_expired(rx: &mut tokio::sync::mpsc::UnboundedReceiver<VramEvent>) -> String {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("an expiry within 10 s")
-            .expect("events keep coming");
-        if let VramEvent::Expired { model, .. } = event {
-            return model;
-        }
-    }
+async fn next_expired(events: &mut Events) -> String {
+    events
+        .next(|e| match e {
+            VramEvent::Expired { model, .. } => Some(model),
+            _ => None,
+        })
+        .await
 }
 
 #[actix_rt::test]
@@ -360,16 +328,12 @@ async fn idle_models_expire_through_the_queue_and_use_restarts_the_clock() {
         ]
         .concat(),
     );
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    m.addr
-        .send(Subscribe(Forward(tx).start().recipient()))
-        .await
-        .unwrap();
+    let mut events = Events::subscribe(&m.addr).await;
     for id in ["short", "pinned", "forever"] {
         load(&m, id).await.unwrap();
     }
     let lease = m.addr.send(Acquire::new("held")).await.unwrap().unwrap();
-    assert_eq!(next_expired(&mut rx).await, "short");
+    assert_eq!(next_expired(&mut events).await, "short");
     assert_eq!(
         resident(&m).await,
         ["forever", "held", "pinned"],
@@ -378,7 +342,7 @@ async fn idle_models_expire_through_the_queue_and_use_restarts_the_clock() {
     assert_eq!(m.sims["llm"].holding(), ["held", "pinned"]);
     drop(lease);
     assert_eq!(
-        next_expired(&mut rx).await,
+        next_expired(&mut events).await,
         "held",
         "the clock starts at the release"
     );

@@ -7,9 +7,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use actix::prelude::*;
-use common::{outcome, run_cli, settings, temp_file};
-use vram_manager::{Acquire, Load, Manager, Status, Subscribe, Unload, VramEvent};
+use common::{Events, outcome, run_cli, settings, temp_file};
+use vram_manager::{Acquire, Load, Manager, Status, Unload, VramEvent};
 
 const STAND_IN: &str = env!("CARGO_BIN_EXE_vram-stand-in");
 
@@ -160,18 +159,6 @@ async fn a_server_ignoring_sigterm_is_killed_after_stop_timeout() {
     );
 }
 
-/// Forwards events into a channel the test can await.
-struct Forward(tokio::sync::mpsc::UnboundedSender<VramEvent>);
-impl Actor for Forward {
-    type Context = Context<Self>;
-}
-impl Handler<VramEvent> for Forward {
-    type Result = ();
-    fn handle(&mut self, e: VramEvent, _: &mut Context<Self>) {
-        let _ = self.0.send(e);
-    }
-}
-
 #[actix_rt::test]
 async fn a_server_crashing_while_resident_leaves_the_ledger() {
     let port = free_port();
@@ -182,22 +169,15 @@ async fn a_server_crashing_while_resident_leaves_the_ledger() {
         ", \"--exit-after-ms\", \"300\", \"--exit-code\", \"139\"",
         "",
     ));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    m.addr
-        .send(Subscribe(Forward(tx).start().recipient()))
-        .await
-        .unwrap();
+    let mut events = Events::subscribe(&m.addr).await;
     let lease = m.addr.send(Acquire::new("llm")).await.unwrap().unwrap();
-    let reason = loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if let VramEvent::ModelExited { model, reason, .. } = event {
-            assert_eq!(model, "llm");
-            break reason;
-        }
-    };
+    let (model, reason) = events
+        .next(|e| match e {
+            VramEvent::ModelExited { model, reason, .. } => Some((model, reason)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(model, "llm");
     assert!(
         reason.contains("exit status: 139") && reason.contains("segmentation fault"),
         "{reason}"

@@ -6,12 +6,12 @@ mod common;
 use std::time::Duration;
 
 use actix::prelude::*;
-use common::{GIB, faulty, model, start, start_faulty};
+use common::{Events, GIB, faulty, model, start, start_faulty};
 use vram_manager::backends::Fault;
 use vram_manager::soak::{self, SoakOptions};
 use vram_manager::{
     Acquire, BackendActor, BackendOf, Crash, CrashBackend, Load, ModelState, Restart, Status,
-    Subscribe, Unload, VramActor, VramError, VramEvent,
+    Unload, VramActor, VramError, VramEvent,
 };
 
 fn models() -> String {
@@ -118,7 +118,7 @@ async fn jobs_queued_behind_a_crash_proceed_after_the_restart() {
 async fn a_panic_mid_load_fails_that_load_and_is_reconciled() {
     let (addr, backends) = start_faulty(&models());
     addr.send(Load::new("tts")).await.unwrap().unwrap();
-    let events = Collector::start_collecting(&addr).await;
+    let mut events = Events::subscribe(&addr).await;
     backends["llm"].script([Fault::Panic]);
     let err = addr.send(Load::new("llm")).await.unwrap().unwrap_err();
     assert!(
@@ -331,49 +331,4 @@ fn bounded_soak_holds_every_invariant() {
         report.results.get("ok").copied().unwrap_or(0) > 10_000,
         "{report:?}"
     );
-}
-
-/// Collects events and hands them over on request.
-struct Collector(Vec<VramEvent>);
-
-impl Actor for Collector {
-    type Context = Context<Self>;
-}
-
-impl Handler<VramEvent> for Collector {
-    type Result = ();
-    fn handle(&mut self, e: VramEvent, _: &mut Context<Self>) {
-        self.0.push(e);
-    }
-}
-
-#[derive(Message)]
-#[rtype(result = "Vec<VramEvent>")]
-struct Drain;
-
-impl Handler<Drain> for Collector {
-    type Result = MessageResult<Drain>;
-    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(std::mem::take(&mut self.0))
-    }
-}
-
-impl Collector {
-    async fn start_collecting(addr: &Addr<VramActor>) -> Addr<Collector> {
-        let collector = Collector(Vec::new()).start();
-        addr.send(Subscribe(collector.clone().recipient()))
-            .await
-            .unwrap();
-        collector
-    }
-}
-
-trait DrainExt {
-    async fn drain(&self) -> Vec<VramEvent>;
-}
-
-impl DrainExt for Addr<Collector> {
-    async fn drain(&self) -> Vec<VramEvent> {
-        self.send(Drain).await.unwrap()
-    }
 }

@@ -435,8 +435,7 @@ impl Handler<PlanLoad> for VramActor {
         let outcome = match planned {
             Ok(Plan::Resident) => {
                 self.ledger.touch(&model);
-                self.last_used
-                    .insert(model.clone(), std::time::Instant::now());
+                self.used_now(&model);
                 PlanOutcome::Done(Ok(Loaded {
                     model,
                     evicted: vec![],
@@ -622,8 +621,7 @@ impl Handler<LoadDone> for VramActor {
         match msg.result {
             Ok(()) => {
                 self.ledger.commit(&msg.model);
-                self.last_used
-                    .insert(msg.model.clone(), std::time::Instant::now());
+                self.used_now(&msg.model);
                 if let Some(measured) = msg.measured {
                     self.calibrate(&msg.model, measured);
                 }
@@ -788,7 +786,7 @@ impl Handler<Reconcile> for VramActor {
                 && self.ledger.get(id).is_none()
             {
                 self.ledger.insert_resident(&spec.clone());
-                self.last_used.insert(id.clone(), std::time::Instant::now());
+                self.used_now(id);
                 // After a restart of the manager, leases it granted before
                 // are still held: count them again.
                 let held = self.leases_of(id).count();

@@ -27,8 +27,8 @@ pub use error::VramError;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};
 pub use messages::{
-    Acquire, BackendOf, CrashBackend, Lease, Load, Loaded, ModelStatus, Release, Status,
-    StatusReport, Subscribe, Unload, Unloaded, VramEvent,
+    Acquire, BackendOf, CrashBackend, Lease, Load, Loaded, Release, Status, StatusReport,
+    Subscribe, Unload, Unloaded, VramEvent,
 };
 pub use model::{Catalog, ModelSpec};
 pub use policy::{Plan, expired, plan};

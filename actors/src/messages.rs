@@ -8,7 +8,7 @@ use actix::prelude::*;
 
 use crate::backend_actor::BackendActor;
 use crate::error::VramError;
-use crate::ledger::ModelState;
+use crate::ledger::{Entry, ModelState};
 use crate::vram_actor::VramActor;
 
 /// Load a model, evicting lower-priority models if needed. Queued behind
@@ -161,8 +161,8 @@ pub struct StatusReport {
     pub queued: usize,
     /// Whether an operation is running now.
     pub running: bool,
-    /// Every model that holds VRAM, by id.
-    pub models: Vec<ModelStatus>,
+    /// Every model that holds VRAM, by id: its ledger entry.
+    pub models: Vec<Entry>,
 }
 
 impl StatusReport {
@@ -174,29 +174,6 @@ impl StatusReport {
             .map(|m| m.id.clone())
             .collect()
     }
-}
-
-/// One model in a [`StatusReport`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ModelStatus {
-    /// The model's id.
-    pub id: String,
-    /// Its kind.
-    pub kind: String,
-    /// Bytes charged to it: the larger of declared and measured.
-    pub bytes: u64,
-    /// Bytes its settings declare.
-    pub declared: u64,
-    /// Bytes the card showed it taking, if measured.
-    pub measured: Option<u64>,
-    /// Loading, resident or unloading.
-    pub state: ModelState,
-    /// Leases holding it.
-    pub leases: u32,
-    /// Whether it is pinned.
-    pub pinned: bool,
-    /// Sequence number of its last use (larger is more recent).
-    pub last_use: u64,
 }
 
 /// Receive every [`VramEvent`] from now on.

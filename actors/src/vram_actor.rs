@@ -32,8 +32,8 @@ use crate::job::{self, JobOp, JobResult};
 use crate::kind::Kinds;
 use crate::ledger::Ledger;
 use crate::messages::{
-    Acquire, CrashBackend, Lease, Load, Loaded, ModelStatus, Release, Status, StatusReport,
-    Subscribe, Unload, Unloaded, VramEvent,
+    Acquire, CrashBackend, Lease, Load, Loaded, Release, Status, StatusReport, Subscribe, Unload,
+    Unloaded, VramEvent,
 };
 use crate::model::Catalog;
 use crate::policy::expired;
@@ -275,7 +275,7 @@ impl VramActor {
 
     /// Takes a lease on a resident model.
     fn lease(&mut self, model: &str, evicted: Vec<String>) -> Result<Lease, VramError> {
-        self.last_used.insert(model.to_string(), Instant::now());
+        self.used_now(model);
         if !self.ledger.lease(model) {
             // Only reachable if the model left between its load and now.
             return Err(VramError::BackendFailed {
@@ -296,7 +296,18 @@ impl VramActor {
         })
     }
 
-    /// Ids of the leases held on `model`.
+    /// Restarts `model`'s idle clock (without allocating on the hot path
+    /// of acquire and release).
+    pub(crate) fn used_now(&mut self, model: &str) {
+        let now = Instant::now();
+        match self.last_used.get_mut(model) {
+            Some(at) => *at = now,
+            None => {
+                self.last_used.insert(model.to_string(), now);
+            }
+        }
+    }
+
     /// Ids of the leases held on `model`.
     pub(crate) fn leases_of<'a>(&'a self, model: &'a str) -> impl Iterator<Item = u64> + 'a {
         self.leases
@@ -513,7 +524,7 @@ impl Handler<Release> for VramActor {
         if let Some((model, _)) = self.leases.remove(&msg.lease) {
             self.ledger.release(&model);
             if self.ledger.get(&model).is_some() {
-                self.last_used.insert(model, Instant::now());
+                self.used_now(&model);
             }
             self.released.notify_waiters();
         }
@@ -616,21 +627,7 @@ impl Handler<Status> for VramActor {
             free: self.ledger.free(),
             queued: self.queue.len(),
             running: self.running.is_some(),
-            models: self
-                .ledger
-                .entries()
-                .map(|e| ModelStatus {
-                    id: e.id.clone(),
-                    kind: e.kind.clone(),
-                    bytes: e.bytes,
-                    declared: e.declared,
-                    measured: e.measured,
-                    state: e.state,
-                    leases: e.leases,
-                    pinned: e.pinned,
-                    last_use: e.recency,
-                })
-                .collect(),
+            models: self.ledger.entries().cloned().collect(),
         })
     }
 }

@@ -106,3 +106,72 @@ pub fn faulty(toml: &str) -> (ManagerConfig, BTreeMap<String, FaultBackend>) {
         .collect();
     (config, backends)
 }
+
+use vram_manager::{Subscribe, VramEvent};
+
+/// Receives a manager's events, in order, for a test to await.
+pub struct Events {
+    rx: tokio::sync::mpsc::UnboundedReceiver<VramEvent>,
+    forward: Addr<Forward>,
+}
+
+/// Forwards events into the channel of an [`Events`].
+pub struct Forward(tokio::sync::mpsc::UnboundedSender<VramEvent>);
+
+impl Actor for Forward {
+    type Context = Context<Self>;
+}
+
+impl Handler<VramEvent> for Forward {
+    type Result = ();
+    fn handle(&mut self, e: VramEvent, _: &mut Context<Self>) {
+        let _ = self.0.send(e);
+    }
+}
+
+/// Answered once every event sent to the forwarder before it is forwarded.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Flush;
+
+impl Handler<Flush> for Forward {
+    type Result = ();
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) {}
+}
+
+impl Events {
+    /// Subscribes to `manager`'s events from now on.
+    pub async fn subscribe(manager: &Addr<VramActor>) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let forward = Forward(tx).start();
+        manager
+            .send(Subscribe(forward.clone().recipient()))
+            .await
+            .expect("manager answers");
+        Self { rx, forward }
+    }
+
+    /// Every event published before this call (events are sent before the
+    /// answer of the request that caused them).
+    pub async fn drain(&mut self) -> Vec<VramEvent> {
+        self.forward.send(Flush).await.expect("forwarder answers");
+        let mut events = Vec::new();
+        while let Ok(e) = self.rx.try_recv() {
+            events.push(e);
+        }
+        events
+    }
+
+    /// Waits (up to 10 s) for the next event `pick` accepts.
+    pub async fn next<T>(&mut self, mut pick: impl FnMut(VramEvent) -> Option<T>) -> T {
+        loop {
+            let event = tokio::time::timeout(std::time::Duration::from_secs(10), self.rx.recv())
+                .await
+                .expect("the event within 10 s")
+                .expect("events keep coming");
+            if let Some(found) = pick(event) {
+                return found;
+            }
+        }
+    }
+}
