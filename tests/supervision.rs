@@ -332,3 +332,20 @@ fn bounded_soak_holds_every_invariant() {
         "{report:?}"
     );
 }
+
+#[actix_rt::test]
+async fn an_acquire_behind_a_queued_crash_waits_for_it() {
+    let m = start(&models());
+    m.addr.send(Load::new("tts")).await.unwrap().unwrap();
+    let crash = m.addr.send(CrashBackend { kind: "tts".into() });
+    let acquire = m.addr.send(Acquire::new("tts"));
+    let (crash, lease) = futures::join!(crash, acquire);
+    crash.unwrap().unwrap();
+    let lease = lease.unwrap().unwrap();
+    assert!(
+        lease.is_valid(),
+        "granted after the crash, on the reloaded model"
+    );
+    assert_eq!(m.sims["tts"].load_count(), 2);
+    assert_eq!(m.addr.send(Status).await.unwrap().models[0].leases, 1);
+}

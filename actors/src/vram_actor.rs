@@ -4,8 +4,9 @@
 //! Load, Unload, CrashBackend and any Acquire that needs a load become jobs
 //! in an internal queue; one job runs at a time, spawned on the actor's
 //! context (never `ctx.wait`, which would stop the mailbox), so Status,
-//! Release and Acquire of an untouched resident model are answered at once
-//! even while a long load runs. Requests for the model of a queued or
+//! Release and Acquire of a resident model that no queued job is about are
+//! answered at once, even while a long load runs (and a Load of a resident
+//! model when nothing is queued). Requests for the model of a queued or
 //! running load join that load instead of queueing a second one.
 //!
 //! Start: `started()` starts one supervised `BackendActor` per backend, on
@@ -171,12 +172,15 @@ impl VramActor {
         }
     }
 
-    /// Whether the running job or a queued one is about `model`.
+    /// Whether the running job or a queued one is about `model`: a load or
+    /// unload of it, or a crash or reconcile of its kind's backend.
     fn touches(&self, model: &str) -> bool {
-        self.running
-            .iter()
-            .chain(&self.queue)
-            .any(|j| j.op.model() == Some(model))
+        let kind = self.ledger.get(model).map(|e| e.kind.as_str());
+        self.running.iter().chain(&self.queue).any(|j| match &j.op {
+            JobOp::Load(m) | JobOp::Unload(m) => m == model,
+            JobOp::Crash(k) | JobOp::Reconcile(k) => Some(k.as_str()) == kind,
+            JobOp::Expire(_) => false,
+        })
     }
 
     /// The load of `model` a new request can join: the last job about the
@@ -490,6 +494,18 @@ impl Handler<Load> for VramActor {
     fn handle(&mut self, msg: Load, ctx: &mut Context<Self>) -> Self::Result {
         if let Err(e) = self.known(&msg.model) {
             return Response::reply(Err(e));
+        }
+        // Already resident and nothing queued or running that could change
+        // that first: policy step 2 (touch, nothing else) needs no trip
+        // through the queue.
+        if self.ledger.is_resident(&msg.model) && self.running.is_none() && self.queue.is_empty() {
+            self.ledger.touch(&msg.model);
+            self.used_now(&msg.model);
+            return Response::reply(Ok(Loaded {
+                model: msg.model,
+                evicted: vec![],
+                already_resident: true,
+            }));
         }
         let (tx, rx) = oneshot::channel();
         match self.submit(JobOp::Load(msg.model.clone()), Waiter::Load(tx), ctx) {
