@@ -11,6 +11,7 @@ mod backend;
 mod backend_actor;
 mod error;
 mod job;
+mod job_steps;
 mod kind;
 mod ledger;
 mod messages;
