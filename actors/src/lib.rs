@@ -10,6 +10,7 @@
 mod backend;
 mod backend_actor;
 mod error;
+mod handlers;
 mod job;
 mod job_steps;
 mod kind;
@@ -25,6 +26,7 @@ pub use backend_actor::{
     BackendActor, BackendRestarted, Crash, ListLoaded, LoadModel, ModelExited, UnloadModel,
 };
 pub use error::VramError;
+pub use handlers::Restart;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};
 pub use messages::{
@@ -34,4 +36,4 @@ pub use messages::{
 pub use model::{Catalog, ModelSpec};
 pub use policy::{Plan, expired, plan};
 pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
-pub use vram_actor::{JobObserver, ManagerConfig, Restart, VramActor};
+pub use vram_actor::{JobObserver, ManagerConfig, VramActor};

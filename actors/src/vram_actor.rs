@@ -9,6 +9,8 @@
 //! model when nothing is queued). Requests for the model of a queued or
 //! running load join that load instead of queueing a second one.
 //!
+//! The handlers of the public messages are in `handlers.rs`.
+//!
 //! Start: `started()` starts one supervised `BackendActor` per backend, on
 //! this actor's arbiter, each told to report its restarts here.
 //!
@@ -27,15 +29,12 @@ use actix::prelude::*;
 use tokio::sync::{Notify, oneshot};
 
 use crate::backend::Backend;
-use crate::backend_actor::{BackendActor, BackendRestarted, ModelExited};
+use crate::backend_actor::BackendActor;
 use crate::error::VramError;
 use crate::job::{self, JobOp, JobResult};
 use crate::kind::Kinds;
 use crate::ledger::Ledger;
-use crate::messages::{
-    Acquire, CrashBackend, Lease, Load, Loaded, Release, Status, StatusReport, Subscribe, Unload,
-    Unloaded, VramEvent,
-};
+use crate::messages::{Lease, Loaded, Unloaded, VramEvent};
 use crate::model::Catalog;
 use crate::policy::expired;
 use crate::probe::GpuProbe;
@@ -122,15 +121,15 @@ pub struct VramActor {
     pub(crate) ledger: Ledger,
     pub(crate) backends: BTreeMap<String, Rc<dyn Backend>>,
     pub(crate) actors: HashMap<String, Addr<BackendActor>>,
-    queue: VecDeque<Job>,
-    running: Option<Job>,
+    pub(crate) queue: VecDeque<Job>,
+    pub(crate) running: Option<Job>,
     /// Granted leases: id -> (model, validity shared with the guard).
-    leases: HashMap<u64, (String, Arc<AtomicBool>)>,
-    next_lease: u64,
-    subscribers: Vec<Recipient<VramEvent>>,
+    pub(crate) leases: HashMap<u64, (String, Arc<AtomicBool>)>,
+    pub(crate) next_lease: u64,
+    pub(crate) subscribers: Vec<Recipient<VramEvent>>,
     pub(crate) released: Rc<Notify>,
     /// This actor's own address, handed to every lease it grants.
-    me: Option<Addr<VramActor>>,
+    pub(crate) me: Option<Addr<VramActor>>,
     /// Called with the ledger after every job (tests check invariants).
     observer: Option<JobObserver>,
     /// The card, when it can be asked.
@@ -174,7 +173,7 @@ impl VramActor {
 
     /// Whether the running job or a queued one is about `model`: a load or
     /// unload of it, or a crash or reconcile of its kind's backend.
-    fn touches(&self, model: &str) -> bool {
+    pub(crate) fn touches(&self, model: &str) -> bool {
         let kind = self.ledger.get(model).map(|e| e.kind.as_str());
         self.running.iter().chain(&self.queue).any(|j| match &j.op {
             JobOp::Load(m) | JobOp::Unload(m) => m == model,
@@ -185,7 +184,7 @@ impl VramActor {
 
     /// The load of `model` a new request can join: the last job about the
     /// model, if that job is a load.
-    fn joinable_load(&mut self, model: &str) -> Option<&mut Job> {
+    pub(crate) fn joinable_load(&mut self, model: &str) -> Option<&mut Job> {
         let last = self
             .queue
             .iter_mut()
@@ -201,7 +200,7 @@ impl VramActor {
     }
 
     /// Queues `op` (or joins an equal load), then starts the next job.
-    fn submit(
+    pub(crate) fn submit(
         &mut self,
         op: JobOp,
         waiter: Waiter,
@@ -227,7 +226,7 @@ impl VramActor {
     }
 
     /// Runs the next job if none is running.
-    fn start_next(&mut self, ctx: &mut Context<Self>) {
+    pub(crate) fn start_next(&mut self, ctx: &mut Context<Self>) {
         if self.running.is_some() {
             return;
         }
@@ -278,7 +277,7 @@ impl VramActor {
     }
 
     /// Takes a lease on a resident model.
-    fn lease(&mut self, model: &str, evicted: Vec<String>) -> Result<Lease, VramError> {
+    pub(crate) fn lease(&mut self, model: &str, evicted: Vec<String>) -> Result<Lease, VramError> {
         self.used_now(model);
         if !self.ledger.lease(model) {
             // Only reachable if the model left between its load and now.
@@ -338,7 +337,7 @@ impl VramActor {
         });
     }
 
-    fn known(&self, model: &str) -> Result<(), VramError> {
+    pub(crate) fn known(&self, model: &str) -> Result<(), VramError> {
         let spec = self
             .config
             .catalog
@@ -471,187 +470,5 @@ impl VramActor {
     pub fn observe_jobs(mut self, observer: impl FnMut(&Ledger) + 'static) -> Self {
         self.observer = Some(Box::new(observer));
         self
-    }
-}
-
-/// Answers a waiter's receiver, mapping a dropped sender (the manager
-/// stopped) to `backend_failed`.
-async fn answer<T>(
-    rx: oneshot::Receiver<Result<T, VramError>>,
-    model: String,
-) -> Result<T, VramError> {
-    rx.await.unwrap_or_else(|_| {
-        Err(VramError::BackendFailed {
-            model,
-            reason: "the manager stopped".to_string(),
-        })
-    })
-}
-
-impl Handler<Load> for VramActor {
-    type Result = Response<Result<Loaded, VramError>>;
-
-    fn handle(&mut self, msg: Load, ctx: &mut Context<Self>) -> Self::Result {
-        if let Err(e) = self.known(&msg.model) {
-            return Response::reply(Err(e));
-        }
-        // Already resident and nothing queued or running that could change
-        // that first: policy step 2 (touch, nothing else) needs no trip
-        // through the queue.
-        if self.ledger.is_resident(&msg.model) && self.running.is_none() && self.queue.is_empty() {
-            self.ledger.touch(&msg.model);
-            self.used_now(&msg.model);
-            return Response::reply(Ok(Loaded {
-                model: msg.model,
-                evicted: vec![],
-                already_resident: true,
-            }));
-        }
-        let (tx, rx) = oneshot::channel();
-        match self.submit(JobOp::Load(msg.model.clone()), Waiter::Load(tx), ctx) {
-            Ok(()) => Response::fut(answer(rx, msg.model)),
-            Err(e) => Response::reply(Err(e)),
-        }
-    }
-}
-
-impl Handler<Acquire> for VramActor {
-    type Result = Response<Result<Lease, VramError>>;
-
-    fn handle(&mut self, msg: Acquire, ctx: &mut Context<Self>) -> Self::Result {
-        if self.ledger.is_resident(&msg.model) && !self.touches(&msg.model) {
-            return Response::reply(self.lease(&msg.model, Vec::new()));
-        }
-        if let Err(e) = self.known(&msg.model) {
-            return Response::reply(Err(e));
-        }
-        let (tx, rx) = oneshot::channel();
-        match self.submit(JobOp::Load(msg.model.clone()), Waiter::Acquire(tx), ctx) {
-            Ok(()) => Response::fut(answer(rx, msg.model)),
-            Err(e) => Response::reply(Err(e)),
-        }
-    }
-}
-
-impl Handler<Release> for VramActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Release, _ctx: &mut Context<Self>) {
-        if let Some((model, _)) = self.leases.remove(&msg.lease) {
-            self.ledger.release(&model);
-            if self.ledger.get(&model).is_some() {
-                self.used_now(&model);
-            }
-            self.released.notify_waiters();
-        }
-    }
-}
-
-impl Handler<Unload> for VramActor {
-    type Result = Response<Result<Unloaded, VramError>>;
-
-    fn handle(&mut self, msg: Unload, ctx: &mut Context<Self>) -> Self::Result {
-        if self.config.catalog.get(&msg.model).is_none() {
-            return Response::reply(Err(VramError::UnknownModel { model: msg.model }));
-        }
-        if self.ledger.get(&msg.model).is_none() && !self.touches(&msg.model) {
-            return Response::reply(Ok(Unloaded {
-                model: msg.model,
-                was_resident: false,
-            }));
-        }
-        let (tx, rx) = oneshot::channel();
-        match self.submit(JobOp::Unload(msg.model.clone()), Waiter::Unload(tx), ctx) {
-            Ok(()) => Response::fut(answer(rx, msg.model)),
-            Err(e) => Response::reply(Err(e)),
-        }
-    }
-}
-
-impl Handler<CrashBackend> for VramActor {
-    type Result = Response<Result<(), VramError>>;
-
-    fn handle(&mut self, msg: CrashBackend, ctx: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = oneshot::channel();
-        let label = format!("<{} backend>", msg.kind);
-        match self.submit(JobOp::Crash(msg.kind), Waiter::Done(tx), ctx) {
-            Ok(()) => Response::fut(answer(rx, label)),
-            Err(e) => Response::reply(Err(e)),
-        }
-    }
-}
-
-impl Handler<BackendRestarted> for VramActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: BackendRestarted, ctx: &mut Context<Self>) {
-        // A running crash job of this kind reconciles by itself.
-        let crashing = self
-            .running
-            .as_ref()
-            .is_some_and(|j| matches!(&j.op, JobOp::Crash(k) if *k == msg.kind));
-        if !crashing {
-            self.reconcile_first(msg.kind, ctx);
-        }
-    }
-}
-
-impl Handler<ModelExited> for VramActor {
-    type Result = ();
-
-    /// A resident model's server exited: it is gone from the card, so it
-    /// leaves the ledger now and its leases become void. A model that a
-    /// running job is loading or unloading is left to that job.
-    fn handle(&mut self, msg: ModelExited, _ctx: &mut Context<Self>) {
-        if !self.ledger.is_resident(&msg.model) {
-            return;
-        }
-        self.ledger.remove(&msg.model);
-        self.last_used.remove(&msg.model);
-        self.void_leases(&msg.model);
-        tracing::warn!(model = %msg.model, kind = %msg.kind, reason = %msg.reason, "model server exited");
-        self.publish(VramEvent::ModelExited {
-            model: msg.model,
-            kind: msg.kind,
-            reason: msg.reason,
-        });
-    }
-}
-
-/// Stop the manager. Under a `Supervisor` it restarts and rebuilds its
-/// ledger from the backends before taking the next job; otherwise it stays
-/// stopped.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct Restart;
-
-impl Handler<Restart> for VramActor {
-    type Result = ();
-
-    fn handle(&mut self, _msg: Restart, ctx: &mut Context<Self>) {
-        ctx.stop();
-    }
-}
-
-impl Handler<Status> for VramActor {
-    type Result = MessageResult<Status>;
-
-    fn handle(&mut self, _msg: Status, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(StatusReport {
-            capacity: self.ledger.capacity(),
-            used: self.ledger.used(),
-            free: self.ledger.free(),
-            queued: self.queue.len(),
-            running: self.running.is_some(),
-            models: self.ledger.entries().cloned().collect(),
-        })
-    }
-}
-
-impl Handler<Subscribe> for VramActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
-        self.subscribers.push(msg.0);
     }
 }

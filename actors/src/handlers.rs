@@ -1,0 +1,198 @@
+//! What the `VramActor` answers: the handlers of its public messages. Each
+//! either answers at once from the ledger (Status, Release, and Acquire or
+//! Load of a resident model nothing queued is about) or queues a job (see
+//! `vram_actor.rs` for the queue, `job.rs` for the jobs).
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::backend_actor::{BackendRestarted, ModelExited};
+use crate::error::VramError;
+use crate::job::JobOp;
+use crate::messages::{
+    Acquire, CrashBackend, Lease, Load, Loaded, Release, Status, StatusReport, Subscribe, Unload,
+    Unloaded, VramEvent,
+};
+use crate::vram_actor::{VramActor, Waiter};
+
+/// Answers a waiter's receiver, mapping a dropped sender (the manager
+/// stopped) to `backend_failed`.
+async fn answer<T>(
+    rx: oneshot::Receiver<Result<T, VramError>>,
+    model: String,
+) -> Result<T, VramError> {
+    rx.await.unwrap_or_else(|_| {
+        Err(VramError::BackendFailed {
+            model,
+            reason: "the manager stopped".to_string(),
+        })
+    })
+}
+
+impl Handler<Load> for VramActor {
+    type Result = Response<Result<Loaded, VramError>>;
+
+    fn handle(&mut self, msg: Load, ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self.known(&msg.model) {
+            return Response::reply(Err(e));
+        }
+        // Already resident and nothing queued or running that could change
+        // that first: policy step 2 (touch, nothing else) needs no trip
+        // through the queue.
+        if self.ledger.is_resident(&msg.model) && self.running.is_none() && self.queue.is_empty() {
+            self.ledger.touch(&msg.model);
+            self.used_now(&msg.model);
+            return Response::reply(Ok(Loaded {
+                model: msg.model,
+                evicted: vec![],
+                already_resident: true,
+            }));
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.submit(JobOp::Load(msg.model.clone()), Waiter::Load(tx), ctx) {
+            Ok(()) => Response::fut(answer(rx, msg.model)),
+            Err(e) => Response::reply(Err(e)),
+        }
+    }
+}
+
+impl Handler<Acquire> for VramActor {
+    type Result = Response<Result<Lease, VramError>>;
+
+    fn handle(&mut self, msg: Acquire, ctx: &mut Context<Self>) -> Self::Result {
+        if self.ledger.is_resident(&msg.model) && !self.touches(&msg.model) {
+            return Response::reply(self.lease(&msg.model, Vec::new()));
+        }
+        if let Err(e) = self.known(&msg.model) {
+            return Response::reply(Err(e));
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.submit(JobOp::Load(msg.model.clone()), Waiter::Acquire(tx), ctx) {
+            Ok(()) => Response::fut(answer(rx, msg.model)),
+            Err(e) => Response::reply(Err(e)),
+        }
+    }
+}
+
+impl Handler<Release> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Release, _ctx: &mut Context<Self>) {
+        if let Some((model, _)) = self.leases.remove(&msg.lease) {
+            self.ledger.release(&model);
+            if self.ledger.get(&model).is_some() {
+                self.used_now(&model);
+            }
+            self.released.notify_waiters();
+        }
+    }
+}
+
+impl Handler<Unload> for VramActor {
+    type Result = Response<Result<Unloaded, VramError>>;
+
+    fn handle(&mut self, msg: Unload, ctx: &mut Context<Self>) -> Self::Result {
+        if self.config.catalog.get(&msg.model).is_none() {
+            return Response::reply(Err(VramError::UnknownModel { model: msg.model }));
+        }
+        if self.ledger.get(&msg.model).is_none() && !self.touches(&msg.model) {
+            return Response::reply(Ok(Unloaded {
+                model: msg.model,
+                was_resident: false,
+            }));
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.submit(JobOp::Unload(msg.model.clone()), Waiter::Unload(tx), ctx) {
+            Ok(()) => Response::fut(answer(rx, msg.model)),
+            Err(e) => Response::reply(Err(e)),
+        }
+    }
+}
+
+impl Handler<CrashBackend> for VramActor {
+    type Result = Response<Result<(), VramError>>;
+
+    fn handle(&mut self, msg: CrashBackend, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let label = format!("<{} backend>", msg.kind);
+        match self.submit(JobOp::Crash(msg.kind), Waiter::Done(tx), ctx) {
+            Ok(()) => Response::fut(answer(rx, label)),
+            Err(e) => Response::reply(Err(e)),
+        }
+    }
+}
+
+impl Handler<BackendRestarted> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: BackendRestarted, ctx: &mut Context<Self>) {
+        // A running crash job of this kind reconciles by itself.
+        let crashing = self
+            .running
+            .as_ref()
+            .is_some_and(|j| matches!(&j.op, JobOp::Crash(k) if *k == msg.kind));
+        if !crashing {
+            self.reconcile_first(msg.kind, ctx);
+        }
+    }
+}
+
+impl Handler<ModelExited> for VramActor {
+    type Result = ();
+
+    /// A resident model's server exited: it is gone from the card, so it
+    /// leaves the ledger now and its leases become void. A model that a
+    /// running job is loading or unloading is left to that job.
+    fn handle(&mut self, msg: ModelExited, _ctx: &mut Context<Self>) {
+        if !self.ledger.is_resident(&msg.model) {
+            return;
+        }
+        self.ledger.remove(&msg.model);
+        self.last_used.remove(&msg.model);
+        self.void_leases(&msg.model);
+        tracing::warn!(model = %msg.model, kind = %msg.kind, reason = %msg.reason, "model server exited");
+        self.publish(VramEvent::ModelExited {
+            model: msg.model,
+            kind: msg.kind,
+            reason: msg.reason,
+        });
+    }
+}
+
+/// Stop the manager. Under a `Supervisor` it restarts and rebuilds its
+/// ledger from the backends before taking the next job; otherwise it stays
+/// stopped.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Restart;
+
+impl Handler<Restart> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Restart, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Status> for VramActor {
+    type Result = MessageResult<Status>;
+
+    fn handle(&mut self, _msg: Status, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(StatusReport {
+            capacity: self.ledger.capacity(),
+            used: self.ledger.used(),
+            free: self.ledger.free(),
+            queued: self.queue.len(),
+            running: self.running.is_some(),
+            models: self.ledger.entries().cloned().collect(),
+        })
+    }
+}
+
+impl Handler<Subscribe> for VramActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
+        self.subscribers.push(msg.0);
+    }
+}
