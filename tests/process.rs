@@ -50,6 +50,19 @@ fn process_model(id: &str, port: u16, ready: &str, args: &str, extra: &str) -> S
     )
 }
 
+/// A manager whose model "llm" is the stand-in with `args`, ready when
+/// its port accepts connections.
+fn tcp_llm(args: &str, extra: &str) -> Manager {
+    let port = free_port();
+    manager(&process_model(
+        "llm",
+        port,
+        &format!("tcp://127.0.0.1:{port}"),
+        args,
+        extra,
+    ))
+}
+
 fn manager(toml: &str) -> Manager {
     Manager::start(&settings(&format!("[gpu]\nprobe = \"none\"\n{toml}"))).unwrap()
 }
@@ -82,14 +95,7 @@ async fn an_http_ready_server_is_started_and_sigterm_stops_it() {
 
 #[actix_rt::test]
 async fn a_tcp_ready_check_works() {
-    let port = free_port();
-    let m = manager(&process_model(
-        "llm",
-        port,
-        &format!("tcp://127.0.0.1:{port}"),
-        "",
-        "",
-    ));
+    let m = tcp_llm("", "");
     m.addr.send(Load::new("llm")).await.unwrap().unwrap();
     assert!(alive(m.processes["llm"].pids()["llm"]));
 }
@@ -141,14 +147,7 @@ async fn a_server_never_ready_times_out_and_is_killed() {
 
 #[actix_rt::test]
 async fn a_server_ignoring_sigterm_is_killed_after_stop_timeout() {
-    let port = free_port();
-    let m = manager(&process_model(
-        "llm",
-        port,
-        &format!("tcp://127.0.0.1:{port}"),
-        ", \"--ignore-sigterm\"",
-        "stop_timeout = \"300ms\"",
-    ));
+    let m = tcp_llm(", \"--ignore-sigterm\"", "stop_timeout = \"300ms\"");
     m.addr.send(Load::new("llm")).await.unwrap().unwrap();
     let pid = m.processes["llm"].pids()["llm"];
     m.addr.send(Unload::new("llm")).await.unwrap().unwrap();
@@ -161,14 +160,10 @@ async fn a_server_ignoring_sigterm_is_killed_after_stop_timeout() {
 
 #[actix_rt::test]
 async fn a_server_crashing_while_resident_leaves_the_ledger() {
-    let port = free_port();
-    let m = manager(&process_model(
-        "llm",
-        port,
-        &format!("tcp://127.0.0.1:{port}"),
+    let m = tcp_llm(
         ", \"--exit-after-ms\", \"300\", \"--exit-code\", \"139\"",
         "",
-    ));
+    );
     let mut events = Events::subscribe(&m.addr).await;
     let lease = m.addr.send(Acquire::new("llm")).await.unwrap().unwrap();
     let (model, reason) = events
@@ -318,14 +313,7 @@ fn ctrl_c_on_the_manager_leaves_no_model_server_behind() {
 
 #[actix_rt::test]
 async fn a_backend_restart_kills_its_model_servers() {
-    let port = free_port();
-    let m = manager(&process_model(
-        "llm",
-        port,
-        &format!("tcp://127.0.0.1:{port}"),
-        "",
-        "",
-    ));
+    let m = tcp_llm("", "");
     m.addr.send(Load::new("llm")).await.unwrap().unwrap();
     let pid = m.processes["llm"].pids()["llm"];
     m.addr

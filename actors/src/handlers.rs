@@ -1,6 +1,7 @@
 //! What the `VramActor` answers: the handlers of its public messages. Each
-//! either answers at once from the ledger (Status, Release, and Acquire or
-//! Load of a resident model nothing queued is about) or queues a job (see
+//! either answers at once from the ledger (Status, Release, Acquire of a
+//! resident model no queued job is about, Load of a resident model when
+//! nothing is queued) or queues a job (see
 //! `vram_actor.rs` for the queue, `job.rs` for the jobs).
 
 use actix::prelude::*;
@@ -40,8 +41,7 @@ impl Handler<Load> for VramActor {
         // that first: policy step 2 (touch, nothing else) needs no trip
         // through the queue.
         if self.ledger.is_resident(&msg.model) && self.running.is_none() && self.queue.is_empty() {
-            self.ledger.touch(&msg.model);
-            self.used_now(&msg.model);
+            self.touch(&msg.model);
             return Response::reply(Ok(Loaded {
                 model: msg.model,
                 evicted: vec![],

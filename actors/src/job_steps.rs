@@ -10,7 +10,7 @@ use crate::error::VramError;
 use crate::ledger::ModelState;
 use crate::messages::{BackendOf, Loaded, Unloaded, VramEvent};
 use crate::model::ModelSpec;
-use crate::policy::{Plan, expired, plan};
+use crate::policy::{Plan, is_expired, plan};
 use crate::vram_actor::VramActor;
 
 /// A planned load, ready to carry out.
@@ -61,8 +61,7 @@ impl Handler<PlanLoad> for VramActor {
         );
         let outcome = match planned {
             Ok(Plan::Resident) => {
-                self.ledger.touch(&model);
-                self.used_now(&model);
+                self.touch(&model);
                 PlanOutcome::Done(Ok(Loaded {
                     model,
                     evicted: vec![],
@@ -296,14 +295,11 @@ impl Handler<BeginUnload> for VramActor {
     type Result = MessageResult<BeginUnload>;
 
     fn handle(&mut self, msg: BeginUnload, _ctx: &mut Context<Self>) -> Self::Result {
-        let still_idle = || {
-            let now = std::time::Instant::now();
-            expired(&self.ledger, &self.config.ttl, &self.last_used, now).contains(&msg.model)
-        };
+        let now = std::time::Instant::now();
         let Some(entry) = self
             .ledger
             .get(&msg.model)
-            .filter(|_| !msg.expiry || still_idle())
+            .filter(|e| !msg.expiry || is_expired(e, &self.config.ttl, &self.last_used, now))
         else {
             return MessageResult(UnloadOutcome::Done(Ok(Unloaded {
                 model: msg.model,

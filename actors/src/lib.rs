@@ -34,6 +34,6 @@ pub use messages::{
     Subscribe, Unload, Unloaded, VramEvent,
 };
 pub use model::{Catalog, ModelSpec};
-pub use policy::{Plan, expired, plan};
+pub use policy::{Plan, expired, is_expired, plan};
 pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
 pub use vram_actor::{JobObserver, ManagerConfig, VramActor};

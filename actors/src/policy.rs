@@ -177,13 +177,23 @@ pub fn expired(
 ) -> Vec<String> {
     ledger
         .entries()
-        .filter(|e| e.state == ModelState::Resident && e.leases == 0 && !e.pinned)
-        .filter(|e| match (ttl.get(&e.id), last_used.get(&e.id)) {
-            (Some(ttl), Some(used)) => now.saturating_duration_since(*used) >= *ttl,
-            _ => false,
-        })
+        .filter(|e| is_expired(e, ttl, last_used, now))
         .map(|e| e.id.clone())
         .collect()
+}
+
+/// Whether one ledger entry has expired, by the rule of [`expired`].
+pub fn is_expired(
+    entry: &Entry,
+    ttl: &HashMap<String, Duration>,
+    last_used: &HashMap<String, Instant>,
+    now: Instant,
+) -> bool {
+    let idle_enough = match (ttl.get(&entry.id), last_used.get(&entry.id)) {
+        (Some(ttl), Some(used)) => now.saturating_duration_since(*used) >= *ttl,
+        _ => false,
+    };
+    idle_enough && entry.state == ModelState::Resident && entry.leases == 0 && !entry.pinned
 }
 
 #[cfg(test)]

@@ -299,6 +299,13 @@ impl VramActor {
         })
     }
 
+    /// Marks a resident `model` as just used: most recent in the ledger's
+    /// order, and its idle clock restarted (policy step 2).
+    pub(crate) fn touch(&mut self, model: &str) {
+        self.ledger.touch(model);
+        self.used_now(model);
+    }
+
     /// Restarts `model`'s idle clock (without allocating on the hot path
     /// of acquire and release).
     pub(crate) fn used_now(&mut self, model: &str) {

@@ -120,12 +120,17 @@ impl Child {
     }
 
     fn stderr_tail(&self) -> String {
-        let lines = self.stderr.borrow();
-        if lines.is_empty() {
-            "(no stderr)".to_string()
-        } else {
-            lines.iter().cloned().collect::<Vec<_>>().join("\n")
-        }
+        tail_text(&self.stderr)
+    }
+}
+
+/// The kept lines of a child's stderr, for an error message.
+fn tail_text(lines: &RefCell<VecDeque<String>>) -> String {
+    let lines = lines.borrow();
+    if lines.is_empty() {
+        "(no stderr)".to_string()
+    } else {
+        lines.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -246,21 +251,15 @@ impl ProcessBackend {
             let Some(state) = state.upgrade() else { return };
             let mut state = state.borrow_mut();
             let ended = status.map_or("unknown status".to_string(), |s| s.to_string());
-            state.exits.insert(model.clone(), ended);
+            state.exits.insert(model.clone(), ended.clone());
             if state.running.get(&model).is_some_and(|c| c.pid == pid) {
                 state.running.remove(&model);
-                let tail = stderr_for_watch
-                    .borrow()
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                let status = status.map_or("unknown status".to_string(), |s| s.to_string());
+                let tail = tail_text(&stderr_for_watch);
                 if let Some(notify) = state.notify.clone() {
                     drop(state);
                     notify(ModelExit {
                         model,
-                        reason: format!("model server exited ({status}); stderr:\n{tail}"),
+                        reason: format!("model server exited ({ended}); stderr:\n{tail}"),
                     });
                 }
             }
