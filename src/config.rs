@@ -145,6 +145,7 @@ struct RawModel {
     ready_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     stop_timeout: Option<Duration>,
+    stop: Option<Vec<String>>,
 }
 
 fn default_backend() -> String {
@@ -474,8 +475,16 @@ impl RawSettings {
                             "a process-backed model needs `ready`: \"http://127.0.0.1:PORT/PATH\" or \"tcp://HOST:PORT\"",
                         )
                     })?;
+                    let stop = raw.stop.clone().unwrap_or_default();
+                    if raw.stop.is_some() && stop.first().is_none_or(String::is_empty) {
+                        return Err(SettingsError::invalid(
+                            key("stop"),
+                            "`stop` must be a non-empty array such as [\"docker\", \"stop\", \"whisper\"]",
+                        ));
+                    }
                     BackendSpec::Process(ProcessSpec {
                         command,
+                        stop,
                         env: raw.env.clone(),
                         cwd: raw.cwd.clone().map(Into::into),
                         ready: ReadyCheck::parse(ready)

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod gpu;
+pub mod keeper;
 pub mod manager;
 pub mod plot;
 pub mod scenario;

@@ -49,6 +49,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The same executable keeps each model server's process tree.
+    vram_manager::keeper::run_if_keeper();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
