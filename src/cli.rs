@@ -19,6 +19,9 @@ pub enum Outcome {
     Failed(String),
     /// The input was invalid; nothing ran (exit 2).
     BadInput(String),
+    /// A signal (SIGINT 2, SIGTERM 15) stopped the run after every model
+    /// server was stopped (exit 128 + the signal: 130, 143).
+    Interrupted(i32),
 }
 
 /// `check-config [FILE]`: validates the layered settings, resolves the
@@ -240,6 +243,9 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         Ok(r) => r,
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
+    if let Some(signal) = report.interrupted {
+        return Outcome::Interrupted(signal);
+    }
     let failed = report.failed();
     if json {
         let summary = Summary {

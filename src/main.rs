@@ -82,5 +82,9 @@ fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::from(2)
         }
+        Outcome::Interrupted(signal) => {
+            eprintln!("stopped by signal {signal}; every model server was stopped");
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
+        }
     }
 }

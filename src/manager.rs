@@ -120,4 +120,11 @@ impl Manager {
             card,
         })
     }
+
+    /// TEMPORARY until the actor's Shutdown lands.
+    pub async fn shutdown(&self) {
+        for process in self.processes.values() {
+            let _ = process.shutdown_all().await;
+        }
+    }
 }

@@ -22,7 +22,6 @@ use vram_actors::{
 };
 
 use crate::config::{Settings, SettingsError, check_toml, parse_size, read_file};
-use crate::gpu::SimCard;
 use crate::manager::Manager;
 
 /// The scenario `cargo run` runs when given no arguments.
@@ -285,10 +284,14 @@ pub struct Report {
     pub capacity: u64,
     /// One report per step.
     pub steps: Vec<StepReport>,
-    /// The simulated card's highest use, bytes.
+    /// The simulated card's highest use, bytes; with process-backed models
+    /// (no simulated card), the ledger's highest use after a step.
     pub peak: u64,
     /// Whether a load ever asked the simulated card for more than it had.
     pub overcommitted: bool,
+    /// The signal (SIGINT 2, SIGTERM 15) that ended the run early, if one
+    /// did; `steps` then holds the steps done before it.
+    pub interrupted: Option<i32>,
 }
 
 impl Report {
@@ -325,24 +328,68 @@ impl Handler<Drain> for Collector {
 }
 
 /// Runs `scenario` on a fresh actix system, calling `on_step` as each step
-/// completes, and reports every step.
+/// completes, and reports every step. SIGINT or SIGTERM ends the run
+/// early (`Report::interrupted`); either way every model server is stopped
+/// before this returns.
 pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Report, SettingsError> {
     let manager_config = Manager::config(&scenario.settings)?;
     let capacity = manager_config.capacity;
-    let (steps, card) = actix::System::new().block_on(run_steps(scenario, on_step))?;
+    let simulated = scenario
+        .settings
+        .models
+        .iter()
+        .all(|m| matches!(m.backend, crate::config::BackendSpec::Sim(_)));
+    let (steps, card, interrupted) = actix::System::new().block_on(async {
+        let manager = Manager::start(&scenario.settings)?;
+        let mut steps = Vec::with_capacity(scenario.steps.len());
+        let interrupted = tokio::select! {
+            done = run_steps(&manager, scenario, on_step, &mut steps) => {
+                done?;
+                None
+            }
+            signal = shutdown_signal() => Some(signal),
+        };
+        manager.shutdown().await;
+        Ok::<_, SettingsError>((steps, manager.card.clone(), interrupted))
+    })?;
+    // Without the simulated card (process-backed models) the ledger is
+    // the record of what the card held.
+    let peak = if simulated {
+        card.peak()
+    } else {
+        steps.iter().map(|s| s.used).max().unwrap_or(0)
+    };
     Ok(Report {
         capacity,
         steps,
-        peak: card.peak(),
+        peak,
         overcommitted: card.overcommitted(),
+        interrupted,
     })
 }
 
+/// Resolves with the signal number when SIGINT or SIGTERM arrives.
+async fn shutdown_signal() -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => nix::sys::signal::Signal::SIGINT as i32,
+            _ = term.recv() => nix::sys::signal::Signal::SIGTERM as i32,
+        },
+        // Without handlers the default action (exit) stands.
+        _ => std::future::pending().await,
+    }
+}
+
 async fn run_steps(
+    manager: &Manager,
     scenario: &Scenario,
     mut on_step: impl FnMut(&StepReport),
-) -> Result<(Vec<StepReport>, SimCard), SettingsError> {
-    let manager = Manager::start(&scenario.settings)?;
+    reports: &mut Vec<StepReport>,
+) -> Result<(), SettingsError> {
     let collector = Collector(Rc::default()).start();
     let mailbox = |e: MailboxError| SettingsError::Shape(format!("the manager stopped: {e}"));
     manager
@@ -352,7 +399,6 @@ async fn run_steps(
         .map_err(mailbox)?;
     let mut leases: HashMap<String, Lease> = HashMap::new();
     let mut lease_models: HashMap<String, String> = HashMap::new();
-    let mut reports = Vec::with_capacity(scenario.steps.len());
     for (i, step) in scenario.steps.iter().enumerate() {
         let started = Instant::now();
         let (model, result): (Option<String>, Result<(), VramError>) = match &step.op {
@@ -452,7 +498,7 @@ async fn run_steps(
         on_step(&report);
         reports.push(report);
     }
-    Ok((reports, manager.card.clone()))
+    Ok(())
 }
 
 /// The expectations of `step` that `report` does not meet.
