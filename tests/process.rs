@@ -225,6 +225,10 @@ fn a_scenario_runs_real_processes_and_leaves_none_behind() {
         &[],
     ));
     assert_eq!(code, 0, "{out}\n{err}");
+    // No simulated card: the peak is the ledger's (one 4 GiB server).
+    let summary: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(summary["summary"]["peak"], 4u64 << 30, "{out}");
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
@@ -325,4 +329,71 @@ async fn a_backend_restart_kills_its_model_servers() {
     assert!(m.addr.send(Status).await.unwrap().models.is_empty());
     m.addr.send(Load::new("llm")).await.unwrap().unwrap();
     assert_ne!(m.processes["llm"].pids()["llm"], pid, "a fresh server");
+}
+
+#[actix_rt::test]
+async fn a_ready_timeout_names_the_last_probe_answer_and_the_stderr_tail() {
+    let port = free_port();
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("http://127.0.0.1:{port}/health"),
+        ", \"--never-ready\"",
+        "ready_timeout = \"300ms\"",
+    ));
+    let mut events = Events::subscribe(&m.addr).await;
+    let err = m.addr.send(Load::new("llm")).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "timeout");
+    let text = err.to_string();
+    assert!(
+        text.contains("answered HTTP 503 Service Unavailable")
+            && text.contains("loading model\"}")
+            && text.contains(&format!("listening on 127.0.0.1:{port}")),
+        "{text}"
+    );
+    let reason = events
+        .next(|e| match e {
+            VramEvent::LoadFailed { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, text, "the event carries the same reason");
+}
+
+#[actix_rt::test]
+async fn a_server_without_the_ready_route_times_out_naming_the_404() {
+    // As llama-cpp-python's server has no /health: the probe's answer says so.
+    let port = free_port();
+    let m = manager(&process_model(
+        "llm",
+        port,
+        &format!("http://127.0.0.1:{port}/missing"),
+        "",
+        "ready_timeout = \"300ms\"",
+    ));
+    let err = m.addr.send(Load::new("llm")).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "timeout");
+    assert!(err.to_string().contains("answered HTTP 404 Not Found"), "{err}");
+}
+
+#[test]
+fn a_ready_timeout_reaches_the_cli_with_its_reason() {
+    let port = free_port();
+    let text = format!(
+        "[gpu]\nprobe = \"none\"\n{}[[steps]]\nop = \"load\"\nmodel = \"llm\"\n",
+        process_model(
+            "llm",
+            port,
+            &format!("http://127.0.0.1:{port}/health"),
+            ", \"--never-ready\"",
+            "ready_timeout = \"300ms\""
+        )
+    );
+    let path = temp_file("ready-timeout-cli.toml", &text);
+    let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("expected result ok, got timeout") && err.contains("HTTP 503"),
+        "{err}"
+    );
 }

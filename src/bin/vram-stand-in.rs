@@ -77,6 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    eprintln!("listening on 127.0.0.1:{}, loading model", args.port);
     let started = Instant::now();
     let ready_after = Duration::from_millis(args.ready_after_ms);
     for stream in listener.incoming() {
