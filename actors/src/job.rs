@@ -207,10 +207,14 @@ impl Card {
         }
     }
 
-    /// Waits until the card's free memory reaches `target` bytes, polling,
-    /// for at most the timeout; on the cap, warns and goes on.
+    /// Waits until the card's free memory reaches `target` bytes, for at
+    /// most the timeout; on the cap, warns and goes on. Asks the card at
+    /// once, then after 10 ms, doubling the pause each time up to the poll
+    /// interval, and never sleeping past the deadline.
     async fn wait_for_free(&self, target: u64) {
         let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut pause = first_pause(self.poll);
         loop {
             let Some(memory) = self.read().await else {
                 return;
@@ -218,7 +222,8 @@ impl Card {
             if memory.free >= target {
                 return;
             }
-            if started.elapsed() >= self.timeout {
+            let now = Instant::now();
+            if now >= deadline {
                 tracing::warn!(
                     free = memory.free,
                     target,
@@ -227,13 +232,40 @@ impl Card {
                 );
                 return;
             }
-            actix::clock::sleep(
-                self.poll
-                    .min(self.timeout.saturating_sub(started.elapsed())),
-            )
-            .await;
+            actix::clock::sleep(pause.min(deadline - now)).await;
+            pause = next_pause(pause, self.poll);
         }
     }
+}
+
+/// The first pause between two readings of the card: 10 ms, or the poll
+/// interval when that is shorter (but at least 1 ms, so a zero interval
+/// cannot spin).
+fn first_pause(poll: Duration) -> Duration {
+    Duration::from_millis(10)
+        .min(poll)
+        .max(Duration::from_millis(1))
+}
+
+/// The pause after `pause`: twice as long, capped at the poll interval
+/// (and never shorter than `pause`).
+fn next_pause(pause: Duration, poll: Duration) -> Duration {
+    pause.saturating_mul(2).min(poll.max(pause))
+}
+
+/// The free bytes to wait for after evicting victims that really held
+/// `back` bytes, when the card showed `before` at plan time and the
+/// ledger's models really held `ledger` bytes then (victims included).
+///
+/// The card cannot show more free than its total less what other
+/// processes use (`before.used` less the ledger's models), so the memory
+/// expected back is capped there; the wait is for `fraction` of it.
+fn release_target(before: GpuMemory, back: u64, ledger: u64, fraction: f64) -> u64 {
+    let others = before.used.saturating_sub(ledger);
+    let max_free = before.total.saturating_sub(others);
+    let expected = before.free.saturating_add(back).min(max_free);
+    let gain = expected.saturating_sub(before.free);
+    before.free + (gain as f64 * fraction) as u64
 }
 
 async fn load(
@@ -284,8 +316,8 @@ async fn load(
     if let Some(before) = before
         && go.victim_bytes > 0
     {
-        let back = (go.victim_bytes as f64 * card.fraction) as u64;
-        card.wait_for_free(before.free.saturating_add(back)).await;
+        let target = release_target(before, go.victim_bytes, go.ledger_bytes, card.fraction);
+        card.wait_for_free(target).await;
     }
     let used_before = card.read().await.map(|m| m.used);
     let kind = go.spec.kind.clone();
@@ -384,4 +416,67 @@ async fn restart(
     me.send(Reconcile { kind, loaded })
         .await
         .map_err(stopped(&label))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn card(total: u64, used: u64) -> GpuMemory {
+        GpuMemory {
+            total,
+            used,
+            free: total - used,
+        }
+    }
+
+    #[test]
+    fn the_release_target_counts_what_the_victims_really_hold() {
+        // 16 GiB card; an over-declared model really holds 2 GiB.
+        let before = card(16 * GIB, 2 * GIB);
+        let target = release_target(before, 2 * GIB, 2 * GIB, 0.75);
+        assert_eq!(target, 14 * GIB + 3 * GIB / 2);
+        assert!(target <= before.total, "reachable");
+    }
+
+    #[test]
+    fn the_release_target_never_asks_for_more_than_the_card_can_show() {
+        // Other processes hold 3 GiB; the ledger's models 5 GiB, of which
+        // the victim is said to hold 9 (inconsistent, but possible with a
+        // stale measurement): at most 13 GiB can ever be free.
+        let before = card(16 * GIB, 8 * GIB);
+        let target = release_target(before, 9 * GIB, 5 * GIB, 1.0);
+        assert_eq!(target, 13 * GIB);
+        // A victim that held nothing: no wait beyond what is free now.
+        assert_eq!(release_target(before, 0, 5 * GIB, 0.75), before.free);
+    }
+
+    #[test]
+    fn the_release_target_is_a_fraction_of_the_expected_gain() {
+        let before = card(16 * GIB, 12 * GIB);
+        assert_eq!(
+            release_target(before, 8 * GIB, 12 * GIB, 0.5),
+            4 * GIB + 4 * GIB
+        );
+    }
+
+    #[test]
+    fn the_pause_between_readings_doubles_up_to_the_poll_interval() {
+        let poll = Duration::from_millis(250);
+        let mut pause = first_pause(poll);
+        let mut pauses = vec![pause.as_millis()];
+        for _ in 0..6 {
+            pause = next_pause(pause, poll);
+            pauses.push(pause.as_millis());
+        }
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 250, 250]);
+        assert_eq!(first_pause(Duration::from_millis(4)).as_millis(), 4);
+        assert_eq!(first_pause(Duration::ZERO).as_millis(), 1, "never spins");
+        assert_eq!(
+            next_pause(Duration::from_millis(1), Duration::ZERO).as_millis(),
+            1
+        );
+    }
 }

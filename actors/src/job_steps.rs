@@ -7,7 +7,7 @@ use actix::prelude::*;
 
 use crate::backend_actor::BackendActor;
 use crate::error::VramError;
-use crate::ledger::ModelState;
+use crate::ledger::{Entry, ModelState};
 use crate::messages::{BackendOf, Loaded, Unloaded, VramEvent};
 use crate::model::ModelSpec;
 use crate::policy::{Plan, is_expired, plan};
@@ -18,8 +18,13 @@ pub(crate) struct Go {
     pub(crate) spec: ModelSpec,
     pub(crate) backend: Addr<BackendActor>,
     pub(crate) victims: Vec<(String, String, Addr<BackendActor>)>,
-    /// Bytes the victims are charged (what the card should give back).
+    /// Bytes the victims really hold (measured when known, else declared):
+    /// what the card can give back once they are unloaded.
     pub(crate) victim_bytes: u64,
+    /// Bytes every model in the ledger really held when the load was
+    /// planned (victims included, this model not), measured the same way:
+    /// the card's use beyond this belongs to other processes.
+    pub(crate) ledger_bytes: u64,
 }
 
 pub(crate) enum PlanOutcome {
@@ -95,6 +100,14 @@ impl Handler<PlanLoad> for VramActor {
     }
 }
 
+/// The bytes a model really holds on the card: what the card showed when
+/// it loaded, or its declared size when that was never measured. (The
+/// ledger charges the larger of the two; a model declared larger than it
+/// is cannot give back what it never took.)
+fn true_bytes(entry: &Entry) -> u64 {
+    entry.measured.unwrap_or(entry.declared)
+}
+
 impl VramActor {
     fn backend_of(&self, kind: &str, model: &str) -> Result<Addr<BackendActor>, VramError> {
         self.actors
@@ -122,10 +135,11 @@ impl VramActor {
         let backend = self.backend_of(&declared.kind, model)?;
         let mut planned = Vec::with_capacity(victims.len());
         let mut victim_bytes = 0;
+        let ledger_bytes = self.ledger.entries().map(true_bytes).sum();
         for victim in victims {
             let entry = self.ledger.get(&victim);
             let kind = entry.map(|e| e.kind.clone()).unwrap_or_default();
-            victim_bytes += entry.map_or(0, |e| e.bytes);
+            victim_bytes += entry.map_or(0, true_bytes);
             let backend = self.backend_of(&kind, model)?;
             planned.push((victim, kind, backend));
         }
@@ -148,6 +162,7 @@ impl VramActor {
             backend,
             victims: planned,
             victim_bytes,
+            ledger_bytes,
         })
     }
 
