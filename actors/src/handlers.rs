@@ -17,15 +17,14 @@ use crate::messages::{
 use crate::vram_actor::{VramActor, Waiter};
 
 /// Answers a waiter's receiver, mapping a dropped sender (the manager
-/// stopped) to `backend_failed`.
+/// stopped before the job answered) to `unavailable`.
 async fn answer<T>(
     rx: oneshot::Receiver<Result<T, VramError>>,
     model: String,
 ) -> Result<T, VramError> {
     rx.await.unwrap_or_else(|_| {
-        Err(VramError::BackendFailed {
-            model,
-            reason: "the manager stopped".to_string(),
+        Err(VramError::Unavailable {
+            reason: format!("the manager stopped before answering for {model}"),
         })
     })
 }

@@ -89,10 +89,18 @@ impl JobResult {
     }
 }
 
+/// A backend actor that cannot be reached: `backend_failed`.
 fn stopped(model: &str) -> impl FnOnce(MailboxError) -> VramError + '_ {
     move |e| VramError::BackendFailed {
         model: model.to_string(),
-        reason: format!("actor unavailable: {e}"),
+        reason: format!("backend actor unavailable: {e}"),
+    }
+}
+
+/// The `VramActor` itself cannot be reached (it stopped): `unavailable`.
+fn gone(model: &str) -> impl FnOnce(MailboxError) -> VramError + '_ {
+    move |e| VramError::Unavailable {
+        reason: format!("the manager stopped during the job for {model}: {e}"),
     }
 }
 
@@ -287,7 +295,7 @@ async fn load(
                 card_free: before.map(|m| m.free),
             })
             .await
-            .map_err(stopped(&model))?;
+            .map_err(gone(&model))?;
         match outcome {
             PlanOutcome::Done(result) => return result,
             PlanOutcome::Wait => {
@@ -308,7 +316,7 @@ async fn load(
             result,
         })
         .await
-        .map_err(stopped(&model))??;
+        .map_err(gone(&model))??;
         if !failed {
             evicted.push(victim);
         }
@@ -337,7 +345,7 @@ async fn load(
         measured,
     })
     .await
-    .map_err(stopped(&model))?
+    .map_err(gone(&model))?
 }
 
 /// Unloads a model on request, or (`expiry`) because it sat idle for its
@@ -360,7 +368,7 @@ async fn unload(
                 expiry,
             })
             .await
-            .map_err(stopped(&model))?;
+            .map_err(gone(&model))?;
         match outcome {
             UnloadOutcome::Done(result) => return result,
             UnloadOutcome::Wait => {
@@ -377,7 +385,7 @@ async fn unload(
         expiry,
     })
     .await
-    .map_err(stopped(&model))?
+    .map_err(gone(&model))?
 }
 
 /// Crashes the backend (when `crash`), then reconciles with what the
@@ -407,7 +415,7 @@ async fn restart(
             let fresh = me
                 .send(BackendOf(kind.clone()))
                 .await
-                .map_err(stopped(&label))?;
+                .map_err(gone(&label))?;
             let fresh = fresh.ok_or_else(|| stopped(&label)(MailboxError::Closed))?;
             fresh.send(ListLoaded).await.map_err(stopped(&label))??
         }
@@ -415,7 +423,7 @@ async fn restart(
     };
     me.send(Reconcile { kind, loaded })
         .await
-        .map_err(stopped(&label))
+        .map_err(gone(&label))
 }
 
 #[cfg(test)]

@@ -390,7 +390,7 @@ impl Actor for VramActor {
 
 /// A restart of the manager itself (when run under a `Supervisor`): the
 /// running job's future is gone, so its waiters are answered with
-/// `backend_failed`; the ledger is rebuilt from every backend's `loaded()`
+/// `unavailable`; the ledger is rebuilt from every backend's `loaded()`
 /// by reconcile jobs placed ahead of everything queued.
 impl Supervised for VramActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
