@@ -130,6 +130,125 @@ async fn an_over_declared_model_keeps_its_declared_size() {
 }
 
 #[test]
+fn calibration_never_takes_the_ledger_over_capacity() {
+    for name in ["calibration", "calibration-evicts", "calibration-overflow"] {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/scenarios/{name}.toml"));
+        let report = scenario::run(&Scenario::load(&path).unwrap(), |_| {}).unwrap();
+        assert_eq!(report.failed(), 0, "{name}: {:?}", report.steps);
+        for step in &report.steps {
+            assert!(
+                step.used <= report.capacity,
+                "{name} step {}: used {} > capacity {}",
+                step.step,
+                step.used,
+                report.capacity
+            );
+        }
+        assert!(!report.overcommitted, "{name}");
+    }
+}
+
+#[actix_rt::test]
+async fn a_model_measured_larger_than_capacity_is_unloaded_and_then_refused() {
+    use vram_manager::{Load, VramError, VramEvent};
+    let m = start(&format!(
+        "[gpu]\ntotal = \"20GiB\"\nreserve = \"6GiB\"\n{}{}",
+        model("tts", "tts", 3, ""),
+        model("llm", "llm", 10, "actual_vram = \"15GiB\"")
+    ));
+    let mut events = common::Events::subscribe(&m.addr).await;
+    load(&m, "tts").await.unwrap();
+    let err = m.addr.send(Load::new("llm")).await.unwrap().unwrap_err();
+    assert_eq!(
+        err,
+        VramError::InsufficientVram {
+            model: "llm".into(),
+            needed: 15 * GIB,
+            free: 11 * GIB,
+            evictable: 3 * GIB,
+            leased: 0,
+        }
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("needs {} bytes", 15 * GIB)),
+        "names the measured bytes: {err}"
+    );
+    let failed: Vec<_> = events
+        .drain()
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            VramEvent::LoadFailed { model, code, .. } => Some((model, code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [("llm".to_string(), "insufficient_vram".to_string())]
+    );
+    assert!(
+        m.sims["llm"].holding().is_empty(),
+        "taken off the card again"
+    );
+    assert_eq!(
+        m.sims["tts"].holding(),
+        ["tts"],
+        "nothing was evicted for it"
+    );
+    let s = status(&m).await;
+    assert_eq!((s.used, s.resident()), (3 * GIB, vec!["tts".to_string()]));
+    assert_eq!(m.card.memory_now().used, 3 * GIB);
+    // The catalog remembers the real size: refused before loading.
+    assert_eq!(load(&m, "llm").await, Err("exceeds_capacity"));
+    assert_eq!(m.sims["llm"].load_count(), 1, "not loaded a second time");
+}
+
+#[actix_rt::test]
+async fn a_model_measured_larger_than_planned_evicts_for_its_real_size() {
+    use vram_manager::VramEvent;
+    let m = start(&format!(
+        "[gpu]\ntotal = \"20GiB\"\nreserve = \"4GiB\"\n{}{}",
+        model("a", "llm", 6, ""),
+        model("b", "llm", 8, "actual_vram = \"12GiB\"")
+    ));
+    load(&m, "a").await.unwrap();
+    let mut events = common::Events::subscribe(&m.addr).await;
+    assert_eq!(load(&m, "b").await, Ok(vec!["a".to_string()]));
+    let names: Vec<String> = events
+        .drain()
+        .await
+        .iter()
+        .map(|e| match e {
+            VramEvent::Loading { model, victims, .. } => format!("loading {model} {victims:?}"),
+            VramEvent::Evicted {
+                model, for_model, ..
+            } => format!("evicted {model} for {for_model}"),
+            VramEvent::Loaded {
+                model,
+                bytes,
+                measured,
+                ..
+            } => format!(
+                "loaded {model} {} {:?}",
+                bytes / GIB,
+                measured.map(|m| m / GIB)
+            ),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["loading b []", "evicted a for b", "loaded b 12 Some(12)"],
+        "planned without victims; the eviction came after the measurement"
+    );
+    let s = status(&m).await;
+    assert_eq!((s.used, s.resident()), (12 * GIB, vec!["b".to_string()]));
+    assert!(m.sims["llm"].holding() == ["b"]);
+}
+
+#[test]
 fn sim_card_returns_memory_late_and_notes_overcommit() {
     actix::System::new().block_on(async {
         let card = SimCard::new(10 * GIB, GIB);
@@ -203,7 +322,14 @@ fn gpu_command_reports_the_card_or_the_fallback_and_exits_0() {
 
 #[test]
 fn the_card_scenarios_pass_without_overcommitting() {
-    for name in ["external-use", "slow-release", "calibration"] {
+    for name in [
+        "external-use",
+        "slow-release",
+        "calibration",
+        "calibration-evicts",
+        "calibration-overflow",
+        "over-declared",
+    ] {
         let file = format!("config/scenarios/{name}.toml");
         let (code, out, err) = outcome(&run_cli(&["scenario", &file, "--json"], &[]));
         assert_eq!(code, 0, "{name}: {out}\n{err}");

@@ -19,8 +19,8 @@ use tracing::Instrument;
 use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModel};
 use crate::error::VramError;
 use crate::job_steps::{
-    BeginUnload, LoadDone, PlanLoad, PlanOutcome, Reconcile, ReplaceBackend, UnloadDone,
-    UnloadOutcome, VictimDone,
+    BeginUnload, Landing, LoadDone, PlanLoad, PlanOutcome, Reconcile, Refused, ReplaceBackend,
+    Settle, UnloadDone, UnloadOutcome, VictimDone, Victims,
 };
 use crate::messages::{BackendOf, Loaded, Unloaded};
 use crate::probe::{GpuMemory, GpuProbe};
@@ -307,20 +307,7 @@ async fn load(
     let victims: Vec<&str> = go.victims.iter().map(|(v, _, _)| v.as_str()).collect();
     tracing::Span::current().record("victims", tracing::field::debug(&victims));
     let mut evicted = Vec::with_capacity(go.victims.len());
-    for (victim, kind, backend) in go.victims {
-        let result = ask(&me, &kind, &backend, UnloadModel(victim.clone()), &victim).await;
-        let failed = result.is_err();
-        me.send(VictimDone {
-            victim: victim.clone(),
-            for_model: model.clone(),
-            result,
-        })
-        .await
-        .map_err(gone(&model))??;
-        if !failed {
-            evicted.push(victim);
-        }
-    }
+    evict(&me, &model, go.victims, false, &mut evicted).await?;
     if let Some(before) = before
         && go.victim_bytes > 0
     {
@@ -329,7 +316,8 @@ async fn load(
     }
     let used_before = card.read().await.map(|m| m.used);
     let kind = go.spec.kind.clone();
-    let result = ask(&me, &kind, &go.backend, LoadModel(go.spec), &model).await;
+    let backend = go.backend;
+    let result = ask(&me, &kind, &backend, LoadModel(go.spec), &model).await;
     // Loads are serialised, so the card's growth is this model's footprint.
     let measured = match (used_before, &result) {
         (Some(before), Ok(())) => card
@@ -338,14 +326,69 @@ async fn load(
             .map(|after| after.used.saturating_sub(before)),
         _ => None,
     };
-    me.send(LoadDone {
+    let landing = me
+        .send(LoadDone {
+            model: model.clone(),
+            evicted: evicted.clone(),
+            result,
+            measured,
+        })
+        .await
+        .map_err(gone(&model))?;
+    let error = match landing {
+        Landing::Done(result) => return result,
+        // Measured larger than planned: make room for the real size by
+        // the same policy, with the model charged its planned size until
+        // the victims are gone.
+        Landing::Evict(victims) => match evict(&me, &model, victims, true, &mut evicted).await {
+            Ok(()) => {
+                return me
+                    .send(Settle {
+                        model: model.clone(),
+                        evicted,
+                        measured: measured.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(gone(&model))?;
+            }
+            Err(e) => e,
+        },
+        Landing::Refuse(e) => e,
+    };
+    // The model cannot stay: take it off the card again.
+    let unloaded = ask(&me, &kind, &backend, UnloadModel(model.clone()), &model).await;
+    me.send(Refused {
         model: model.clone(),
-        evicted,
-        result,
-        measured,
+        error,
+        unloaded,
     })
     .await
     .map_err(gone(&model))?
+}
+
+/// Unloads `victims` in order to make room for `model`, recording each in
+/// the ledger (`after_load`: the model is already on the card). Stops at
+/// the first that fails.
+async fn evict(
+    me: &Addr<VramActor>,
+    model: &str,
+    victims: Victims,
+    after_load: bool,
+    evicted: &mut Vec<String>,
+) -> Result<(), VramError> {
+    for (victim, kind, backend) in victims {
+        let result = ask(me, &kind, &backend, UnloadModel(victim.clone()), &victim).await;
+        me.send(VictimDone {
+            victim: victim.clone(),
+            for_model: model.to_string(),
+            result,
+            after_load,
+        })
+        .await
+        .map_err(gone(model))??;
+        evicted.push(victim);
+    }
+    Ok(())
 }
 
 /// Unloads a model on request, or (`expiry`) because it sat idle for its
