@@ -12,7 +12,7 @@ use crate::ledger::{Entry, Ledger, ModelState};
 use crate::messages::{BackendOf, Loaded, Unloaded, VramEvent};
 use crate::model::ModelSpec;
 use crate::policy::{Plan, is_expired, plan};
-use crate::vram_actor::VramActor;
+use crate::vram_actor::{VramActor, shutting_down};
 
 /// Victims to unload, in order: (model, kind, that kind's backend actor).
 pub(crate) type Victims = Vec<(String, String, Addr<BackendActor>)>;
@@ -51,6 +51,9 @@ impl Handler<PlanLoad> for VramActor {
     type Result = MessageResult<PlanLoad>;
 
     fn handle(&mut self, msg: PlanLoad, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return MessageResult(PlanOutcome::Done(Err(shutting_down())));
+        }
         let model = msg.model;
         // Plan against the tighter of the ledger and the card: memory held
         // by other processes, or not yet returned, is not free.
@@ -310,6 +313,8 @@ impl Handler<LoadDone> for VramActor {
 
     fn handle(&mut self, msg: LoadDone, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(match msg.result {
+            // Loaded while the manager shut down: it cannot stay.
+            Ok(()) if self.shutting_down => Landing::Refuse(shutting_down()),
             Ok(()) => match msg.measured {
                 Some(measured) if self.overflows(&msg.model, measured) => {
                     self.make_room(&msg.model, measured)
@@ -507,6 +512,9 @@ impl Handler<BeginUnload> for VramActor {
     type Result = MessageResult<BeginUnload>;
 
     fn handle(&mut self, msg: BeginUnload, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return MessageResult(UnloadOutcome::Done(Err(shutting_down())));
+        }
         let now = std::time::Instant::now();
         let Some(entry) = self
             .ledger
