@@ -64,9 +64,11 @@ pub struct ManagerConfig {
     /// memory counts only above this).
     pub reserve: u64,
     /// After unloading victims, wait until the card shows this fraction of
-    /// their bytes back before loading (with a probe).
+    /// the memory they really held (measured, else declared) back before
+    /// loading (with a probe); never more than the card can show.
     pub release_fraction: f64,
-    /// How often to ask the card while waiting.
+    /// The longest pause between two readings of the card while waiting
+    /// (the first pause is 10 ms, doubling up to this).
     pub release_poll: Duration,
     /// Give up waiting after this long (and load anyway, with a warning).
     pub release_timeout: Duration,
