@@ -342,3 +342,49 @@ fn the_card_scenarios_pass_without_overcommitting() {
         }
     }
 }
+
+#[actix_rt::test]
+async fn a_victim_that_will_not_unload_after_the_load_takes_the_model_off_again() {
+    use std::collections::{BTreeMap, HashMap};
+    use std::rc::Rc;
+
+    use actix::Actor;
+    use vram_manager::backends::{Fault, FaultBackend, SimBackend};
+    use vram_manager::config::SimOptions;
+    use vram_manager::{Backend, Catalog, Load, ManagerConfig, ModelSpec, Status, VramActor};
+
+    // "a" (tts) lives on a scripted fault backend; "b" (llm) on a
+    // simulated card, where it measures 12 GiB against a declared 8.
+    let card = SimCard::new(20 * GIB, 0);
+    let options = SimOptions {
+        actual_bytes: Some(12 * GIB),
+        ..SimOptions::default()
+    };
+    let sim = SimBackend::new(HashMap::from([("b".to_string(), options)])).on_card(card.clone());
+    let fault = FaultBackend::scripted();
+    let catalog: Catalog = [
+        ModelSpec::new("a", "tts", 6 * GIB),
+        ModelSpec::new("b", "llm", 8 * GIB),
+    ]
+    .into_iter()
+    .collect();
+    let backends: BTreeMap<String, Rc<dyn Backend>> = BTreeMap::from([
+        ("tts".to_string(), Rc::new(fault.clone()) as Rc<dyn Backend>),
+        ("llm".to_string(), Rc::new(sim.clone()) as Rc<dyn Backend>),
+    ]);
+    let addr = VramActor::new(ManagerConfig::new(16 * GIB, catalog), backends)
+        .with_probe(Rc::new(card.clone()))
+        .start();
+    addr.send(Load::new("a")).await.unwrap().unwrap();
+    // 6 + 12 > 16: "a" must go after "b" is on the card, but will not.
+    fault.script([Fault::Fail]);
+    let err = addr.send(Load::new("b")).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "backend_failed", "{err}");
+    assert_eq!(sim.load_count(), 1);
+    assert!(sim.holding().is_empty(), "b was taken off the card again");
+    assert_eq!(card.memory_now().used, 0);
+    let s = addr.send(Status).await.unwrap();
+    assert_eq!(s.resident(), ["a"], "the victim stays resident");
+    assert_eq!(s.used, 6 * GIB);
+    assert_eq!(fault.holding(), ["a"]);
+}
