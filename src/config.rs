@@ -198,10 +198,11 @@ pub struct GpuSettings {
     pub total: GpuTotal,
     /// Bytes never handed to models.
     pub reserve: u64,
-    /// After evicting, wait for this fraction of the victims' bytes to
-    /// show up free on the card before loading.
+    /// After evicting, wait for this fraction of the memory the victims
+    /// really held to show up free on the card before loading.
     pub release_fraction: f64,
-    /// How often to ask the card while waiting.
+    /// The longest pause between two readings of the card while waiting
+    /// (the first pause is 10 ms, doubling up to this).
     pub release_poll: Duration,
     /// The longest wait; then load anyway, with a warning.
     pub release_timeout: Duration,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use actix::prelude::*;
-use vram_actors::{Backend, GpuProbe, ManagerConfig, VramActor};
+use vram_actors::{Backend, GpuProbe, ManagerConfig, Shutdown, VramActor};
 
 use crate::backends::{ProcessBackend, Router, SimBackend};
 use crate::config::{BackendSpec, Settings, SettingsError};
@@ -121,10 +121,18 @@ impl Manager {
         })
     }
 
-    /// TEMPORARY until the actor's Shutdown lands.
+    /// Stops taking work and stops every model server; call before the
+    /// System ends. New requests (and queued ones) are answered
+    /// `unavailable`; answers once every backend has unloaded what it
+    /// held. A manager that is already gone has nothing left to stop.
     pub async fn shutdown(&self) {
+        let _ = self.addr.send(Shutdown).await;
+        // A backstop when the manager itself is gone: its model servers
+        // must still stop (a no-op for those already stopped).
         for process in self.processes.values() {
-            let _ = process.shutdown_all().await;
+            if let Err(e) = process.shutdown_all().await {
+                tracing::error!(error = %e, "model server did not stop");
+            }
         }
     }
 }

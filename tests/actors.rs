@@ -348,3 +348,86 @@ async fn idle_models_expire_through_the_queue_and_use_restarts_the_clock() {
     );
     assert_eq!(resident(&m).await, ["forever", "pinned"]);
 }
+
+/// A backend whose model servers never become ready: "never" gives up
+/// with its own timeout and reason; "hang" never answers at all.
+struct NeverReady;
+
+impl vram_manager::Backend for NeverReady {
+    fn load(&self, model: &vram_manager::ModelSpec) -> vram_manager::BackendFuture<()> {
+        let id = model.id.clone();
+        Box::pin(async move {
+            if id == "hang" {
+                std::future::pending::<()>().await;
+            }
+            Err(vram_manager::BackendError::timeout(
+                format!("{id}: GET /health never answered 200"),
+                std::time::Duration::from_secs(3),
+            ))
+        })
+    }
+    fn unload(&self, _: &str) -> vram_manager::BackendFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn loaded(&self) -> vram_manager::BackendFuture<Vec<String>> {
+        Box::pin(async { Ok(vec![]) })
+    }
+}
+
+#[actix_rt::test]
+async fn a_backend_timeout_carries_its_reason_to_the_caller_and_the_event() {
+    use actix::Actor;
+    use vram_manager::{Catalog, ManagerConfig, ModelSpec, VramActor, VramError};
+    let catalog: Catalog = [
+        ModelSpec::new("never", "llm", GIB),
+        ModelSpec::new("hang", "llm", GIB),
+    ]
+    .into_iter()
+    .collect();
+    let mut config = ManagerConfig::new(16 * GIB, catalog);
+    config.load_timeout = std::time::Duration::from_millis(50);
+    let backend: std::rc::Rc<dyn vram_manager::Backend> = std::rc::Rc::new(NeverReady);
+    let addr = VramActor::new(config, [("llm".to_string(), backend)].into()).start();
+    let mut events = Events::subscribe(&addr).await;
+
+    let err = addr.send(Load::new("never")).await.unwrap().unwrap_err();
+    assert_eq!(
+        err,
+        VramError::Timeout {
+            model: "never".into(),
+            after_ms: 3000,
+            reason: "never: GET /health never answered 200".into(),
+        }
+    );
+    let text = err.to_string();
+    assert!(
+        text.ends_with("within 3000 ms: never: GET /health never answered 200"),
+        "{text}"
+    );
+    let failed: Vec<_> = events
+        .drain()
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            VramEvent::LoadFailed {
+                model,
+                code,
+                reason,
+            } => Some((model, code, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [("never".to_string(), "timeout".to_string(), text.clone())]
+    );
+    assert!(failed[0].2.contains("GET /health never answered 200"));
+
+    // The manager's own timeout has no reason to give.
+    let err = addr.send(Load::new("hang")).await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, VramError::Timeout { after_ms: 50, reason, .. } if reason.is_empty()),
+        "{err:?}"
+    );
+    assert!(err.to_string().ends_with("within 50 ms"), "{err}");
+}

@@ -56,6 +56,28 @@ fn a_slow_release_is_waited_for() {
 }
 
 #[test]
+fn an_over_declared_victim_does_not_stall_the_swap() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/scenarios/over-declared.toml");
+    let scenario = Scenario::load(&path).unwrap();
+    let timeout = scenario.settings.gpu.release_timeout;
+    assert_eq!(timeout, Duration::from_secs(20));
+    let report = scenario::run(&scenario, |_| {}).unwrap();
+    assert_eq!(report.failed(), 0, "{:?}", report.steps);
+    assert!(!report.overcommitted);
+    let swap = &report.steps[1];
+    assert_eq!(swap.evicted, ["llama-3.1-8b"]);
+    // The victim really held 2 GiB and gives it back after 100 ms: the
+    // load waits for that, and nowhere near the 20 s release_timeout
+    // (a wait for its declared 8 GiB could never end before it).
+    assert!(swap.ms >= 90.0, "waited for the release: {} ms", swap.ms);
+    assert!(
+        swap.ms < timeout.as_millis() as f64 / 2.0,
+        "did not sit out the release timeout: {} ms",
+        swap.ms
+    );
+}
+
+#[test]
 fn without_the_wait_slow_release_runs_out_of_memory() {
     let mut scenario = slow_release();
     scenario.settings.gpu.release_timeout = Duration::ZERO;
@@ -105,6 +127,125 @@ async fn an_over_declared_model_keeps_its_declared_size() {
         (s.models[0].bytes, s.models[0].measured),
         (8 * GIB, Some(5 * GIB))
     );
+}
+
+#[test]
+fn calibration_never_takes_the_ledger_over_capacity() {
+    for name in ["calibration", "calibration-evicts", "calibration-overflow"] {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/scenarios/{name}.toml"));
+        let report = scenario::run(&Scenario::load(&path).unwrap(), |_| {}).unwrap();
+        assert_eq!(report.failed(), 0, "{name}: {:?}", report.steps);
+        for step in &report.steps {
+            assert!(
+                step.used <= report.capacity,
+                "{name} step {}: used {} > capacity {}",
+                step.step,
+                step.used,
+                report.capacity
+            );
+        }
+        assert!(!report.overcommitted, "{name}");
+    }
+}
+
+#[actix_rt::test]
+async fn a_model_measured_larger_than_capacity_is_unloaded_and_then_refused() {
+    use vram_manager::{Load, VramError, VramEvent};
+    let m = start(&format!(
+        "[gpu]\ntotal = \"20GiB\"\nreserve = \"6GiB\"\n{}{}",
+        model("tts", "tts", 3, ""),
+        model("llm", "llm", 10, "actual_vram = \"15GiB\"")
+    ));
+    let mut events = common::Events::subscribe(&m.addr).await;
+    load(&m, "tts").await.unwrap();
+    let err = m.addr.send(Load::new("llm")).await.unwrap().unwrap_err();
+    assert_eq!(
+        err,
+        VramError::InsufficientVram {
+            model: "llm".into(),
+            needed: 15 * GIB,
+            free: 11 * GIB,
+            evictable: 3 * GIB,
+            leased: 0,
+        }
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("needs {} bytes", 15 * GIB)),
+        "names the measured bytes: {err}"
+    );
+    let failed: Vec<_> = events
+        .drain()
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            VramEvent::LoadFailed { model, code, .. } => Some((model, code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [("llm".to_string(), "insufficient_vram".to_string())]
+    );
+    assert!(
+        m.sims["llm"].holding().is_empty(),
+        "taken off the card again"
+    );
+    assert_eq!(
+        m.sims["tts"].holding(),
+        ["tts"],
+        "nothing was evicted for it"
+    );
+    let s = status(&m).await;
+    assert_eq!((s.used, s.resident()), (3 * GIB, vec!["tts".to_string()]));
+    assert_eq!(m.card.memory_now().used, 3 * GIB);
+    // The catalog remembers the real size: refused before loading.
+    assert_eq!(load(&m, "llm").await, Err("exceeds_capacity"));
+    assert_eq!(m.sims["llm"].load_count(), 1, "not loaded a second time");
+}
+
+#[actix_rt::test]
+async fn a_model_measured_larger_than_planned_evicts_for_its_real_size() {
+    use vram_manager::VramEvent;
+    let m = start(&format!(
+        "[gpu]\ntotal = \"20GiB\"\nreserve = \"4GiB\"\n{}{}",
+        model("a", "llm", 6, ""),
+        model("b", "llm", 8, "actual_vram = \"12GiB\"")
+    ));
+    load(&m, "a").await.unwrap();
+    let mut events = common::Events::subscribe(&m.addr).await;
+    assert_eq!(load(&m, "b").await, Ok(vec!["a".to_string()]));
+    let names: Vec<String> = events
+        .drain()
+        .await
+        .iter()
+        .map(|e| match e {
+            VramEvent::Loading { model, victims, .. } => format!("loading {model} {victims:?}"),
+            VramEvent::Evicted {
+                model, for_model, ..
+            } => format!("evicted {model} for {for_model}"),
+            VramEvent::Loaded {
+                model,
+                bytes,
+                measured,
+                ..
+            } => format!(
+                "loaded {model} {} {:?}",
+                bytes / GIB,
+                measured.map(|m| m / GIB)
+            ),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["loading b []", "evicted a for b", "loaded b 12 Some(12)"],
+        "planned without victims; the eviction came after the measurement"
+    );
+    let s = status(&m).await;
+    assert_eq!((s.used, s.resident()), (12 * GIB, vec!["b".to_string()]));
+    assert!(m.sims["llm"].holding() == ["b"]);
 }
 
 #[test]
@@ -181,7 +322,14 @@ fn gpu_command_reports_the_card_or_the_fallback_and_exits_0() {
 
 #[test]
 fn the_card_scenarios_pass_without_overcommitting() {
-    for name in ["external-use", "slow-release", "calibration"] {
+    for name in [
+        "external-use",
+        "slow-release",
+        "calibration",
+        "calibration-evicts",
+        "calibration-overflow",
+        "over-declared",
+    ] {
         let file = format!("config/scenarios/{name}.toml");
         let (code, out, err) = outcome(&run_cli(&["scenario", &file, "--json"], &[]));
         assert_eq!(code, 0, "{name}: {out}\n{err}");
@@ -193,4 +341,50 @@ fn the_card_scenarios_pass_without_overcommitting() {
             assert!(v["card_free"].is_u64(), "{line}");
         }
     }
+}
+
+#[actix_rt::test]
+async fn a_victim_that_will_not_unload_after_the_load_takes_the_model_off_again() {
+    use std::collections::{BTreeMap, HashMap};
+    use std::rc::Rc;
+
+    use actix::Actor;
+    use vram_manager::backends::{Fault, FaultBackend, SimBackend};
+    use vram_manager::config::SimOptions;
+    use vram_manager::{Backend, Catalog, Load, ManagerConfig, ModelSpec, Status, VramActor};
+
+    // "a" (tts) lives on a scripted fault backend; "b" (llm) on a
+    // simulated card, where it measures 12 GiB against a declared 8.
+    let card = SimCard::new(20 * GIB, 0);
+    let options = SimOptions {
+        actual_bytes: Some(12 * GIB),
+        ..SimOptions::default()
+    };
+    let sim = SimBackend::new(HashMap::from([("b".to_string(), options)])).on_card(card.clone());
+    let fault = FaultBackend::scripted();
+    let catalog: Catalog = [
+        ModelSpec::new("a", "tts", 6 * GIB),
+        ModelSpec::new("b", "llm", 8 * GIB),
+    ]
+    .into_iter()
+    .collect();
+    let backends: BTreeMap<String, Rc<dyn Backend>> = BTreeMap::from([
+        ("tts".to_string(), Rc::new(fault.clone()) as Rc<dyn Backend>),
+        ("llm".to_string(), Rc::new(sim.clone()) as Rc<dyn Backend>),
+    ]);
+    let addr = VramActor::new(ManagerConfig::new(16 * GIB, catalog), backends)
+        .with_probe(Rc::new(card.clone()))
+        .start();
+    addr.send(Load::new("a")).await.unwrap().unwrap();
+    // 6 + 12 > 16: "a" must go after "b" is on the card, but will not.
+    fault.script([Fault::Fail]);
+    let err = addr.send(Load::new("b")).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "backend_failed", "{err}");
+    assert_eq!(sim.load_count(), 1);
+    assert!(sim.holding().is_empty(), "b was taken off the card again");
+    assert_eq!(card.memory_now().used, 0);
+    let s = addr.send(Status).await.unwrap();
+    assert_eq!(s.resident(), ["a"], "the victim stays resident");
+    assert_eq!(s.used, 6 * GIB);
+    assert_eq!(fault.holding(), ["a"]);
 }

@@ -81,4 +81,75 @@ pub trait Backend {
     /// server that exits while resident). Called each time the backend's
     /// actor starts. The default never reports anything.
     fn watch(&self, _notify: ExitNotifier) {}
+
+    /// Stops serving for good: takes every model off the card. Called once,
+    /// when the manager shuts down, directly rather than through the
+    /// backend's actor, so it may run while another call (a long load) is
+    /// still in flight; that call may then fail.
+    ///
+    /// Takes the `Rc` the manager holds the backend in, so the future can
+    /// keep using the backend. The default unloads every model
+    /// [`loaded`](Backend::loaded) reports, one after another, tries them
+    /// all even when one fails, and answers the first error.
+    fn shutdown(self: Rc<Self>) -> BackendFuture<()>
+    where
+        Self: 'static,
+    {
+        Box::pin(async move {
+            let mut first_error = None;
+            for id in self.loaded().await? {
+                if let Err(e) = self.unload(&id).await {
+                    tracing::warn!(model = %id, error = %e, "could not unload at shutdown");
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// Holds `a`, `b` and `c`; unloading `b` fails.
+    #[derive(Default)]
+    struct Three {
+        held: RefCell<Vec<String>>,
+    }
+
+    impl Backend for Three {
+        fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
+            self.held.borrow_mut().push(model.id.clone());
+            Box::pin(async { Ok(()) })
+        }
+        fn unload(&self, id: &str) -> BackendFuture<()> {
+            if id == "b" {
+                return Box::pin(async { Err(BackendError::new("b is stuck")) });
+            }
+            self.held.borrow_mut().retain(|m| m != id);
+            Box::pin(async { Ok(()) })
+        }
+        fn loaded(&self) -> BackendFuture<Vec<String>> {
+            let held = self.held.borrow().clone();
+            Box::pin(async move { Ok(held) })
+        }
+    }
+
+    #[test]
+    fn the_default_shutdown_unloads_everything_and_answers_the_first_error() {
+        let backend = Rc::new(Three::default());
+        for id in ["a", "b", "c"] {
+            drop(backend.load(&ModelSpec::new(id, "llm", 1)));
+        }
+        let result = futures::executor::block_on(backend.clone().shutdown());
+        assert_eq!(result, Err(BackendError::new("b is stuck")));
+        assert_eq!(
+            *backend.held.borrow(),
+            ["b"],
+            "c was unloaded after b failed"
+        );
+    }
 }

@@ -171,6 +171,7 @@ impl BackendActor {
                     Some(after) => VramError::Timeout {
                         model,
                         after_ms: after.as_millis() as u64,
+                        reason: e.message,
                     },
                     None => VramError::BackendFailed {
                         model,
@@ -183,6 +184,7 @@ impl BackendActor {
                 Err(VramError::Timeout {
                     model,
                     after_ms: limit.as_millis() as u64,
+                    reason: String::new(),
                 })
             }
             Outcome::Panicked(text) => {

@@ -55,12 +55,19 @@ pub enum VramError {
         reason: String,
     },
     /// The backend did not answer within its timeout.
-    #[error("backend for {model} did not answer within {after_ms} ms")]
+    #[error(
+        "backend for {model} did not answer within {after_ms} ms{}",
+        colon_then(reason)
+    )]
     Timeout {
         /// The model being loaded or unloaded.
         model: String,
         /// The timeout that ran out, in milliseconds.
         after_ms: u64,
+        /// What the backend said when it gave up waiting (e.g. which
+        /// readiness check never passed); empty when the manager's own
+        /// timeout cut the call off.
+        reason: String,
     },
     /// The manager's queue is full; try again later.
     #[error("queue full ({queued} operations waiting)")]
@@ -68,6 +75,22 @@ pub enum VramError {
         /// How many operations were waiting.
         queued: usize,
     },
+    /// The manager is gone or shutting down: it takes no more work. Not a
+    /// fault of any backend.
+    #[error("the manager is unavailable: {reason}")]
+    Unavailable {
+        /// Why, e.g. "the manager is shutting down".
+        reason: String,
+    },
+}
+
+/// `": reason"`, or nothing for an empty reason.
+fn colon_then(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {reason}")
+    }
 }
 
 impl VramError {
@@ -81,11 +104,12 @@ impl VramError {
             Self::BackendFailed { .. } => "backend_failed",
             Self::Timeout { .. } => "timeout",
             Self::Busy { .. } => "busy",
+            Self::Unavailable { .. } => "unavailable",
         }
     }
 
     /// Every code the manager can answer, in the order DESIGN.md lists them.
-    pub const CODES: [&'static str; 7] = [
+    pub const CODES: [&'static str; 8] = [
         "unknown_model",
         "exceeds_capacity",
         "insufficient_vram",
@@ -93,6 +117,7 @@ impl VramError {
         "backend_failed",
         "timeout",
         "busy",
+        "unavailable",
     ];
 }
 
@@ -127,8 +152,12 @@ mod tests {
             VramError::Timeout {
                 model: "m".into(),
                 after_ms: 5,
+                reason: String::new(),
             },
             VramError::Busy { queued: 64 },
+            VramError::Unavailable {
+                reason: "stopped".into(),
+            },
         ];
         let codes: Vec<_> = errors.iter().map(VramError::code).collect();
         assert_eq!(codes, VramError::CODES);
@@ -145,5 +174,35 @@ mod tests {
         };
         let text = e.to_string();
         assert!(text.contains("llm2") && text.contains("7") && text.contains("4 evictable"));
+    }
+
+    #[test]
+    fn a_timeout_names_its_reason_when_it_has_one() {
+        let mut e = VramError::Timeout {
+            model: "whisper".into(),
+            after_ms: 3000,
+            reason: "GET /health never answered 200".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "backend for whisper did not answer within 3000 ms: GET /health never answered 200"
+        );
+        if let VramError::Timeout { reason, .. } = &mut e {
+            reason.clear();
+        }
+        assert_eq!(
+            e.to_string(),
+            "backend for whisper did not answer within 3000 ms",
+            "no dangling colon without a reason"
+        );
+    }
+
+    #[test]
+    fn unavailable_is_its_own_code_and_says_why() {
+        let e = VramError::Unavailable {
+            reason: "the manager is shutting down".into(),
+        };
+        assert_eq!(e.code(), "unavailable");
+        assert!(e.to_string().contains("shutting down"), "{e}");
     }
 }

@@ -10,22 +10,22 @@ use tokio::sync::oneshot;
 use crate::backend_actor::{BackendRestarted, ModelExited};
 use crate::error::VramError;
 use crate::job::JobOp;
+use crate::ledger::Ledger;
 use crate::messages::{
-    Acquire, CrashBackend, Lease, Load, Loaded, Release, Status, StatusReport, Subscribe, Unload,
-    Unloaded, VramEvent,
+    Acquire, CrashBackend, Lease, Load, Loaded, Release, Shutdown, Status, StatusReport, Subscribe,
+    Unload, Unloaded, VramEvent,
 };
-use crate::vram_actor::{VramActor, Waiter};
+use crate::vram_actor::{VramActor, Waiter, shutting_down};
 
 /// Answers a waiter's receiver, mapping a dropped sender (the manager
-/// stopped) to `backend_failed`.
+/// stopped before the job answered) to `unavailable`.
 async fn answer<T>(
     rx: oneshot::Receiver<Result<T, VramError>>,
     model: String,
 ) -> Result<T, VramError> {
     rx.await.unwrap_or_else(|_| {
-        Err(VramError::BackendFailed {
-            model,
-            reason: "the manager stopped".to_string(),
+        Err(VramError::Unavailable {
+            reason: format!("the manager stopped before answering for {model}"),
         })
     })
 }
@@ -34,6 +34,9 @@ impl Handler<Load> for VramActor {
     type Result = Response<Result<Loaded, VramError>>;
 
     fn handle(&mut self, msg: Load, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Response::reply(Err(shutting_down()));
+        }
         if let Err(e) = self.known(&msg.model) {
             return Response::reply(Err(e));
         }
@@ -60,6 +63,9 @@ impl Handler<Acquire> for VramActor {
     type Result = Response<Result<Lease, VramError>>;
 
     fn handle(&mut self, msg: Acquire, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Response::reply(Err(shutting_down()));
+        }
         if self.ledger.is_resident(&msg.model) && !self.touches(&msg.model) {
             return Response::reply(self.lease(&msg.model, Vec::new()));
         }
@@ -92,6 +98,9 @@ impl Handler<Unload> for VramActor {
     type Result = Response<Result<Unloaded, VramError>>;
 
     fn handle(&mut self, msg: Unload, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Response::reply(Err(shutting_down()));
+        }
         if self.config.catalog.get(&msg.model).is_none() {
             return Response::reply(Err(VramError::UnknownModel { model: msg.model }));
         }
@@ -113,6 +122,9 @@ impl Handler<CrashBackend> for VramActor {
     type Result = Response<Result<(), VramError>>;
 
     fn handle(&mut self, msg: CrashBackend, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Response::reply(Err(shutting_down()));
+        }
         let (tx, rx) = oneshot::channel();
         let label = format!("<{} backend>", msg.kind);
         match self.submit(JobOp::Crash(msg.kind), Waiter::Done(tx), ctx) {
@@ -171,6 +183,46 @@ impl Handler<Restart> for VramActor {
 
     fn handle(&mut self, _msg: Restart, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+impl Handler<Shutdown> for VramActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
+        self.refuse_queued();
+        tracing::info!(
+            running = self.running.is_some(),
+            "shutting down; stopping every backend"
+        );
+        // Straight to the backends, not through their actors: a long load
+        // in an actor's mailbox must not hold the shutdown back.
+        let stops: Vec<_> = self
+            .backends
+            .iter()
+            .map(|(kind, backend)| {
+                let (kind, stop) = (kind.clone(), backend.clone().shutdown());
+                async move { (kind, stop.await) }
+            })
+            .collect();
+        Box::pin(
+            futures::future::join_all(stops)
+                .into_actor(self)
+                .map(|results, act, _ctx| {
+                    for (kind, result) in results {
+                        if let Err(e) = result {
+                            tracing::warn!(kind = %kind, error = %e, "backend did not shut down cleanly");
+                        }
+                    }
+                    for (_, (_, valid)) in act.leases.drain() {
+                        valid.store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    act.ledger = Ledger::new(act.config.capacity);
+                    act.last_used.clear();
+                    tracing::info!("shut down");
+                }),
+        )
     }
 }
 

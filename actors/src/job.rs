@@ -19,8 +19,8 @@ use tracing::Instrument;
 use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModel};
 use crate::error::VramError;
 use crate::job_steps::{
-    BeginUnload, LoadDone, PlanLoad, PlanOutcome, Reconcile, ReplaceBackend, UnloadDone,
-    UnloadOutcome, VictimDone,
+    BeginUnload, Landing, LoadDone, PlanLoad, PlanOutcome, Reconcile, Refused, ReplaceBackend,
+    Settle, UnloadDone, UnloadOutcome, VictimDone, Victims,
 };
 use crate::messages::{BackendOf, Loaded, Unloaded};
 use crate::probe::{GpuMemory, GpuProbe};
@@ -89,10 +89,18 @@ impl JobResult {
     }
 }
 
+/// A backend actor that cannot be reached: `backend_failed`.
 fn stopped(model: &str) -> impl FnOnce(MailboxError) -> VramError + '_ {
     move |e| VramError::BackendFailed {
         model: model.to_string(),
-        reason: format!("actor unavailable: {e}"),
+        reason: format!("backend actor unavailable: {e}"),
+    }
+}
+
+/// The `VramActor` itself cannot be reached (it stopped): `unavailable`.
+fn gone(model: &str) -> impl FnOnce(MailboxError) -> VramError + '_ {
+    move |e| VramError::Unavailable {
+        reason: format!("the manager stopped during the job for {model}: {e}"),
     }
 }
 
@@ -207,10 +215,14 @@ impl Card {
         }
     }
 
-    /// Waits until the card's free memory reaches `target` bytes, polling,
-    /// for at most the timeout; on the cap, warns and goes on.
+    /// Waits until the card's free memory reaches `target` bytes, for at
+    /// most the timeout; on the cap, warns and goes on. Asks the card at
+    /// once, then after 10 ms, doubling the pause each time up to the poll
+    /// interval, and never sleeping past the deadline.
     async fn wait_for_free(&self, target: u64) {
         let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut pause = first_pause(self.poll);
         loop {
             let Some(memory) = self.read().await else {
                 return;
@@ -218,7 +230,8 @@ impl Card {
             if memory.free >= target {
                 return;
             }
-            if started.elapsed() >= self.timeout {
+            let now = Instant::now();
+            if now >= deadline {
                 tracing::warn!(
                     free = memory.free,
                     target,
@@ -227,13 +240,40 @@ impl Card {
                 );
                 return;
             }
-            actix::clock::sleep(
-                self.poll
-                    .min(self.timeout.saturating_sub(started.elapsed())),
-            )
-            .await;
+            actix::clock::sleep(pause.min(deadline - now)).await;
+            pause = next_pause(pause, self.poll);
         }
     }
+}
+
+/// The first pause between two readings of the card: 10 ms, or the poll
+/// interval when that is shorter (but at least 1 ms, so a zero interval
+/// cannot spin).
+fn first_pause(poll: Duration) -> Duration {
+    Duration::from_millis(10)
+        .min(poll)
+        .max(Duration::from_millis(1))
+}
+
+/// The pause after `pause`: twice as long, capped at the poll interval
+/// (and never shorter than `pause`).
+fn next_pause(pause: Duration, poll: Duration) -> Duration {
+    pause.saturating_mul(2).min(poll.max(pause))
+}
+
+/// The free bytes to wait for after evicting victims that really held
+/// `back` bytes, when the card showed `before` at plan time and the
+/// ledger's models really held `ledger` bytes then (victims included).
+///
+/// The card cannot show more free than its total less what other
+/// processes use (`before.used` less the ledger's models), so the memory
+/// expected back is capped there; the wait is for `fraction` of it.
+fn release_target(before: GpuMemory, back: u64, ledger: u64, fraction: f64) -> u64 {
+    let others = before.used.saturating_sub(ledger);
+    let max_free = before.total.saturating_sub(others);
+    let expected = before.free.saturating_add(back).min(max_free);
+    let gain = expected.saturating_sub(before.free);
+    before.free + (gain as f64 * fraction) as u64
 }
 
 async fn load(
@@ -255,7 +295,7 @@ async fn load(
                 card_free: before.map(|m| m.free),
             })
             .await
-            .map_err(stopped(&model))?;
+            .map_err(gone(&model))?;
         match outcome {
             PlanOutcome::Done(result) => return result,
             PlanOutcome::Wait => {
@@ -267,29 +307,17 @@ async fn load(
     let victims: Vec<&str> = go.victims.iter().map(|(v, _, _)| v.as_str()).collect();
     tracing::Span::current().record("victims", tracing::field::debug(&victims));
     let mut evicted = Vec::with_capacity(go.victims.len());
-    for (victim, kind, backend) in go.victims {
-        let result = ask(&me, &kind, &backend, UnloadModel(victim.clone()), &victim).await;
-        let failed = result.is_err();
-        me.send(VictimDone {
-            victim: victim.clone(),
-            for_model: model.clone(),
-            result,
-        })
-        .await
-        .map_err(stopped(&model))??;
-        if !failed {
-            evicted.push(victim);
-        }
-    }
+    evict(&me, &model, go.victims, false, &mut evicted).await?;
     if let Some(before) = before
         && go.victim_bytes > 0
     {
-        let back = (go.victim_bytes as f64 * card.fraction) as u64;
-        card.wait_for_free(before.free.saturating_add(back)).await;
+        let target = release_target(before, go.victim_bytes, go.ledger_bytes, card.fraction);
+        card.wait_for_free(target).await;
     }
     let used_before = card.read().await.map(|m| m.used);
     let kind = go.spec.kind.clone();
-    let result = ask(&me, &kind, &go.backend, LoadModel(go.spec), &model).await;
+    let backend = go.backend;
+    let result = ask(&me, &kind, &backend, LoadModel(go.spec), &model).await;
     // Loads are serialised, so the card's growth is this model's footprint.
     let measured = match (used_before, &result) {
         (Some(before), Ok(())) => card
@@ -298,14 +326,69 @@ async fn load(
             .map(|after| after.used.saturating_sub(before)),
         _ => None,
     };
-    me.send(LoadDone {
+    let landing = me
+        .send(LoadDone {
+            model: model.clone(),
+            evicted: evicted.clone(),
+            result,
+            measured,
+        })
+        .await
+        .map_err(gone(&model))?;
+    let error = match landing {
+        Landing::Done(result) => return result,
+        // Measured larger than planned: make room for the real size by
+        // the same policy, with the model charged its planned size until
+        // the victims are gone.
+        Landing::Evict(victims) => match evict(&me, &model, victims, true, &mut evicted).await {
+            Ok(()) => {
+                return me
+                    .send(Settle {
+                        model: model.clone(),
+                        evicted,
+                        measured: measured.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(gone(&model))?;
+            }
+            Err(e) => e,
+        },
+        Landing::Refuse(e) => e,
+    };
+    // The model cannot stay: take it off the card again.
+    let unloaded = ask(&me, &kind, &backend, UnloadModel(model.clone()), &model).await;
+    me.send(Refused {
         model: model.clone(),
-        evicted,
-        result,
-        measured,
+        error,
+        unloaded,
     })
     .await
-    .map_err(stopped(&model))?
+    .map_err(gone(&model))?
+}
+
+/// Unloads `victims` in order to make room for `model`, recording each in
+/// the ledger (`after_load`: the model is already on the card). Stops at
+/// the first that fails.
+async fn evict(
+    me: &Addr<VramActor>,
+    model: &str,
+    victims: Victims,
+    after_load: bool,
+    evicted: &mut Vec<String>,
+) -> Result<(), VramError> {
+    for (victim, kind, backend) in victims {
+        let result = ask(me, &kind, &backend, UnloadModel(victim.clone()), &victim).await;
+        me.send(VictimDone {
+            victim: victim.clone(),
+            for_model: model.to_string(),
+            result,
+            after_load,
+        })
+        .await
+        .map_err(gone(model))??;
+        evicted.push(victim);
+    }
+    Ok(())
 }
 
 /// Unloads a model on request, or (`expiry`) because it sat idle for its
@@ -328,7 +411,7 @@ async fn unload(
                 expiry,
             })
             .await
-            .map_err(stopped(&model))?;
+            .map_err(gone(&model))?;
         match outcome {
             UnloadOutcome::Done(result) => return result,
             UnloadOutcome::Wait => {
@@ -345,7 +428,7 @@ async fn unload(
         expiry,
     })
     .await
-    .map_err(stopped(&model))?
+    .map_err(gone(&model))?
 }
 
 /// Crashes the backend (when `crash`), then reconciles with what the
@@ -375,7 +458,7 @@ async fn restart(
             let fresh = me
                 .send(BackendOf(kind.clone()))
                 .await
-                .map_err(stopped(&label))?;
+                .map_err(gone(&label))?;
             let fresh = fresh.ok_or_else(|| stopped(&label)(MailboxError::Closed))?;
             fresh.send(ListLoaded).await.map_err(stopped(&label))??
         }
@@ -383,5 +466,68 @@ async fn restart(
     };
     me.send(Reconcile { kind, loaded })
         .await
-        .map_err(stopped(&label))
+        .map_err(gone(&label))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn card(total: u64, used: u64) -> GpuMemory {
+        GpuMemory {
+            total,
+            used,
+            free: total - used,
+        }
+    }
+
+    #[test]
+    fn the_release_target_counts_what_the_victims_really_hold() {
+        // 16 GiB card; an over-declared model really holds 2 GiB.
+        let before = card(16 * GIB, 2 * GIB);
+        let target = release_target(before, 2 * GIB, 2 * GIB, 0.75);
+        assert_eq!(target, 14 * GIB + 3 * GIB / 2);
+        assert!(target <= before.total, "reachable");
+    }
+
+    #[test]
+    fn the_release_target_never_asks_for_more_than_the_card_can_show() {
+        // Other processes hold 3 GiB; the ledger's models 5 GiB, of which
+        // the victim is said to hold 9 (inconsistent, but possible with a
+        // stale measurement): at most 13 GiB can ever be free.
+        let before = card(16 * GIB, 8 * GIB);
+        let target = release_target(before, 9 * GIB, 5 * GIB, 1.0);
+        assert_eq!(target, 13 * GIB);
+        // A victim that held nothing: no wait beyond what is free now.
+        assert_eq!(release_target(before, 0, 5 * GIB, 0.75), before.free);
+    }
+
+    #[test]
+    fn the_release_target_is_a_fraction_of_the_expected_gain() {
+        let before = card(16 * GIB, 12 * GIB);
+        assert_eq!(
+            release_target(before, 8 * GIB, 12 * GIB, 0.5),
+            4 * GIB + 4 * GIB
+        );
+    }
+
+    #[test]
+    fn the_pause_between_readings_doubles_up_to_the_poll_interval() {
+        let poll = Duration::from_millis(250);
+        let mut pause = first_pause(poll);
+        let mut pauses = vec![pause.as_millis()];
+        for _ in 0..6 {
+            pause = next_pause(pause, poll);
+            pauses.push(pause.as_millis());
+        }
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 250, 250]);
+        assert_eq!(first_pause(Duration::from_millis(4)).as_millis(), 4);
+        assert_eq!(first_pause(Duration::ZERO).as_millis(), 1, "never spins");
+        assert_eq!(
+            next_pause(Duration::from_millis(1), Duration::ZERO).as_millis(),
+            1
+        );
+    }
 }

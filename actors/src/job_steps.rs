@@ -7,19 +7,28 @@ use actix::prelude::*;
 
 use crate::backend_actor::BackendActor;
 use crate::error::VramError;
-use crate::ledger::ModelState;
+use crate::kind::Kinds;
+use crate::ledger::{Entry, Ledger, ModelState};
 use crate::messages::{BackendOf, Loaded, Unloaded, VramEvent};
 use crate::model::ModelSpec;
 use crate::policy::{Plan, is_expired, plan};
-use crate::vram_actor::VramActor;
+use crate::vram_actor::{VramActor, shutting_down};
+
+/// Victims to unload, in order: (model, kind, that kind's backend actor).
+pub(crate) type Victims = Vec<(String, String, Addr<BackendActor>)>;
 
 /// A planned load, ready to carry out.
 pub(crate) struct Go {
     pub(crate) spec: ModelSpec,
     pub(crate) backend: Addr<BackendActor>,
-    pub(crate) victims: Vec<(String, String, Addr<BackendActor>)>,
-    /// Bytes the victims are charged (what the card should give back).
+    pub(crate) victims: Victims,
+    /// Bytes the victims really hold (measured when known, else declared):
+    /// what the card can give back once they are unloaded.
     pub(crate) victim_bytes: u64,
+    /// Bytes every model in the ledger really held when the load was
+    /// planned (victims included, this model not), measured the same way:
+    /// the card's use beyond this belongs to other processes.
+    pub(crate) ledger_bytes: u64,
 }
 
 pub(crate) enum PlanOutcome {
@@ -42,6 +51,9 @@ impl Handler<PlanLoad> for VramActor {
     type Result = MessageResult<PlanLoad>;
 
     fn handle(&mut self, msg: PlanLoad, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return MessageResult(PlanOutcome::Done(Err(shutting_down())));
+        }
         let model = msg.model;
         // Plan against the tighter of the ledger and the card: memory held
         // by other processes, or not yet returned, is not free.
@@ -95,6 +107,14 @@ impl Handler<PlanLoad> for VramActor {
     }
 }
 
+/// The bytes a model really holds on the card: what the card showed when
+/// it loaded, or its declared size when that was never measured. (The
+/// ledger charges the larger of the two; a model declared larger than it
+/// is cannot give back what it never took.)
+fn true_bytes(entry: &Entry) -> u64 {
+    entry.measured.unwrap_or(entry.declared)
+}
+
 impl VramActor {
     fn backend_of(&self, kind: &str, model: &str) -> Result<Addr<BackendActor>, VramError> {
         self.actors
@@ -120,18 +140,13 @@ impl VramActor {
             .get(model)
             .map_or(declared.bytes, |s| s.bytes);
         let backend = self.backend_of(&declared.kind, model)?;
-        let mut planned = Vec::with_capacity(victims.len());
-        let mut victim_bytes = 0;
-        for victim in victims {
-            let entry = self.ledger.get(&victim);
-            let kind = entry.map(|e| e.kind.clone()).unwrap_or_default();
-            victim_bytes += entry.map_or(0, |e| e.bytes);
-            let backend = self.backend_of(&kind, model)?;
-            planned.push((victim, kind, backend));
-        }
-        for (victim, _, _) in &planned {
-            self.ledger.begin_unload(victim);
-        }
+        let ledger_bytes = self.ledger.entries().map(true_bytes).sum();
+        let victim_bytes = victims
+            .iter()
+            .filter_map(|v| self.ledger.get(v))
+            .map(true_bytes)
+            .sum();
+        let planned = self.begin_evicting(model, victims)?;
         self.ledger.reserve(&declared);
         if charged > declared.bytes {
             self.ledger.calibrate(model, charged);
@@ -148,16 +163,42 @@ impl VramActor {
             backend,
             victims: planned,
             victim_bytes,
+            ledger_bytes,
         })
+    }
+
+    /// Resolves each victim's backend, then marks them all unloading
+    /// (none of them if one has no backend).
+    fn begin_evicting(&mut self, model: &str, victims: Vec<String>) -> Result<Victims, VramError> {
+        let mut planned = Vec::with_capacity(victims.len());
+        for victim in victims {
+            let kind = self
+                .ledger
+                .get(&victim)
+                .map(|e| e.kind.clone())
+                .unwrap_or_default();
+            let backend = self.backend_of(&kind, model)?;
+            planned.push((victim, kind, backend));
+        }
+        for (victim, _, _) in &planned {
+            self.ledger.begin_unload(victim);
+        }
+        Ok(planned)
     }
 
     /// Records a measured footprint: the ledger charges the larger of
     /// declared and measured, and later plans for this model use it too.
     fn calibrate(&mut self, model: &str, measured: u64) {
+        self.ledger.calibrate(model, measured);
+        self.remember(model, measured);
+    }
+
+    /// Keeps a measured footprint in the catalog, so later plans (and the
+    /// `exceeds_capacity` check) use the larger of declared and measured.
+    fn remember(&mut self, model: &str, measured: u64) {
         let Some(mut spec) = self.declared.get(model).cloned() else {
             return;
         };
-        self.ledger.calibrate(model, measured);
         if measured.abs_diff(spec.bytes) > spec.bytes / 10 {
             tracing::warn!(
                 model,
@@ -171,9 +212,8 @@ impl VramActor {
         self.config.catalog.insert(spec);
     }
 
-    /// Undoes a load that cannot go on: victims not yet unloaded are
-    /// resident again, the reservation is dropped.
-    fn abort_load(&mut self, model: &str, error: &VramError) {
+    /// Victims not yet unloaded are resident again.
+    fn cancel_evictions(&mut self) {
         let unloading: Vec<String> = self
             .ledger
             .entries()
@@ -183,6 +223,12 @@ impl VramActor {
         for id in unloading {
             self.ledger.cancel_unload(&id);
         }
+    }
+
+    /// Undoes a load that cannot go on: victims not yet unloaded are
+    /// resident again, the reservation is dropped.
+    fn abort_load(&mut self, model: &str, error: &VramError) {
+        self.cancel_evictions();
         self.ledger.remove(model);
         tracing::warn!(model = %model, code = error.code(), error = %error, "load failed");
         self.publish(VramEvent::LoadFailed {
@@ -200,6 +246,10 @@ pub(crate) struct VictimDone {
     pub(crate) victim: String,
     pub(crate) for_model: String,
     pub(crate) result: Result<(), VramError>,
+    /// The model is already on the card (it measured larger than planned
+    /// and these victims make room for its real size): a failure leaves
+    /// it to the driver to take the model off again (see [`Refused`]).
+    pub(crate) after_load: bool,
 }
 
 impl Handler<VictimDone> for VramActor {
@@ -220,6 +270,10 @@ impl Handler<VictimDone> for VramActor {
                 }
                 Ok(())
             }
+            Err(e) if msg.after_load => {
+                self.cancel_evictions();
+                Err(e)
+            }
             Err(e) => {
                 self.abort_load(&msg.for_model, &e);
                 Err(e)
@@ -230,7 +284,7 @@ impl Handler<VictimDone> for VramActor {
 
 /// The requested model's load finished.
 #[derive(Message)]
-#[rtype(result = "Result<Loaded, VramError>")]
+#[rtype(result = "Landing")]
 pub(crate) struct LoadDone {
     pub(crate) model: String,
     pub(crate) evicted: Vec<String>,
@@ -240,39 +294,202 @@ pub(crate) struct LoadDone {
     pub(crate) measured: Option<u64>,
 }
 
+/// What a finished backend load leads to.
+pub(crate) enum Landing {
+    /// The job is over.
+    Done(Result<Loaded, VramError>),
+    /// The model measured larger than planned, and charging its real size
+    /// would take the ledger over capacity: unload these victims (marked
+    /// unloading, the model still charged its planned size), then send
+    /// [`Settle`].
+    Evict(Victims),
+    /// No eviction can make room for the measured size: take the model
+    /// off the card again, then send [`Refused`] with this error.
+    Refuse(VramError),
+}
+
 impl Handler<LoadDone> for VramActor {
-    type Result = Result<Loaded, VramError>;
+    type Result = MessageResult<LoadDone>;
 
     fn handle(&mut self, msg: LoadDone, _ctx: &mut Context<Self>) -> Self::Result {
-        match msg.result {
-            Ok(()) => {
-                self.ledger.commit(&msg.model);
-                self.used_now(&msg.model);
-                if let Some(measured) = msg.measured {
-                    self.calibrate(&msg.model, measured);
+        MessageResult(match msg.result {
+            // Loaded while the manager shut down: it cannot stay.
+            Ok(()) if self.shutting_down => Landing::Refuse(shutting_down()),
+            Ok(()) => match msg.measured {
+                Some(measured) if self.overflows(&msg.model, measured) => {
+                    self.make_room(&msg.model, measured)
                 }
-                if let Some(entry) = self.ledger.get(&msg.model) {
-                    let event = VramEvent::Loaded {
-                        model: entry.id.clone(),
-                        kind: entry.kind.clone(),
-                        bytes: entry.bytes,
-                        declared: entry.declared,
-                        measured: entry.measured,
-                    };
-                    tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, measured = ?entry.measured, "loaded");
-                    self.publish(event);
+                measured => {
+                    if let Some(measured) = measured {
+                        self.calibrate(&msg.model, measured);
+                    }
+                    Landing::Done(Ok(self.land(msg.model, msg.evicted)))
                 }
-                Ok(Loaded {
-                    model: msg.model,
-                    evicted: msg.evicted,
-                    already_resident: false,
-                })
-            }
+            },
             Err(e) => {
                 self.abort_load(&msg.model, &e);
-                Err(e)
+                Landing::Done(Err(e))
+            }
+        })
+    }
+}
+
+impl VramActor {
+    /// Whether charging `model` its measured size would take the ledger's
+    /// use above capacity.
+    fn overflows(&self, model: &str, measured: u64) -> bool {
+        self.ledger.get(model).is_some_and(|entry| {
+            let used = self.ledger.used() - entry.bytes + entry.declared.max(measured);
+            used > self.ledger.capacity()
+        })
+    }
+
+    /// Plans room for a model already on the card at its measured size, by
+    /// the same policy as any load: against the ledger without the model,
+    /// the model charged the larger of declared and measured.
+    fn make_room(&mut self, model: &str, measured: u64) -> Landing {
+        self.remember(model, measured);
+        let Some((spec, charge)) = self.ledger.get(model).and_then(|entry| {
+            let spec = self.declared.get(model)?.clone();
+            Some((spec, entry.declared.max(measured)))
+        }) else {
+            return Landing::Done(Err(VramError::UnknownModel {
+                model: model.to_string(),
+            }));
+        };
+        let mut view = self.ledger.clone();
+        view.remove(model);
+        let mut catalog = self.config.catalog.clone();
+        catalog.insert(ModelSpec {
+            bytes: charge,
+            ..spec.clone()
+        });
+        let refused = |free, evictable, leased| VramError::InsufficientVram {
+            model: model.to_string(),
+            needed: charge,
+            free,
+            evictable,
+            leased,
+        };
+        match plan(&view, &self.config.kinds, &catalog, model, view.free()) {
+            Ok(Plan::Load { victims }) if !victims.is_empty() => {
+                match self.begin_evicting(model, victims) {
+                    Ok(victims) => {
+                        let ids: Vec<&str> = victims.iter().map(|(v, _, _)| v.as_str()).collect();
+                        tracing::warn!(model, measured, victims = ?ids, "measured larger than planned; evicting to stay within capacity");
+                        Landing::Evict(victims)
+                    }
+                    Err(e) => Landing::Refuse(e),
+                }
+            }
+            Ok(_) => {
+                // Unreachable while `overflows` holds; charge it anyway.
+                self.ledger.calibrate(model, measured);
+                Landing::Done(Ok(self.land(model.to_string(), vec![])))
+            }
+            Err(VramError::InsufficientVram {
+                free,
+                evictable,
+                leased,
+                ..
+            }) => Landing::Refuse(refused(free, evictable, leased)),
+            Err(_) => {
+                // Larger than the whole card: no eviction helps.
+                let (evictable, leased) = evictable_for(&view, &self.config.kinds, &spec.kind);
+                Landing::Refuse(refused(view.free(), evictable, leased))
             }
         }
+    }
+
+    /// Makes a loaded model resident and publishes `loaded`.
+    fn land(&mut self, model: String, evicted: Vec<String>) -> Loaded {
+        self.ledger.commit(&model);
+        self.used_now(&model);
+        if let Some(entry) = self.ledger.get(&model) {
+            let event = VramEvent::Loaded {
+                model: entry.id.clone(),
+                kind: entry.kind.clone(),
+                bytes: entry.bytes,
+                declared: entry.declared,
+                measured: entry.measured,
+            };
+            tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, measured = ?entry.measured, "loaded");
+            self.publish(event);
+        }
+        Loaded {
+            model,
+            evicted,
+            already_resident: false,
+        }
+    }
+}
+
+/// Bytes of the resident models in `view` that a request of `kind` may
+/// evict: (not leased, leased). Pinned models never count.
+fn evictable_for(view: &Ledger, kinds: &Kinds, kind: &str) -> (u64, u64) {
+    let Some(requester) = kinds.get(kind) else {
+        return (0, 0);
+    };
+    let mut sums = (0, 0);
+    for entry in view.entries() {
+        let may_go = entry.state == ModelState::Resident
+            && !entry.pinned
+            && kinds
+                .get(&entry.kind)
+                .is_some_and(|k| k.evictable_by(requester));
+        if may_go && entry.leases == 0 {
+            sums.0 += entry.bytes;
+        } else if may_go {
+            sums.1 += entry.bytes;
+        }
+    }
+    sums
+}
+
+/// The victims of a [`Landing::Evict`] are gone: charge the model its
+/// measured size and make it resident.
+#[derive(Message)]
+#[rtype(result = "Result<Loaded, VramError>")]
+pub(crate) struct Settle {
+    pub(crate) model: String,
+    pub(crate) evicted: Vec<String>,
+    pub(crate) measured: u64,
+}
+
+impl Handler<Settle> for VramActor {
+    type Result = Result<Loaded, VramError>;
+
+    fn handle(&mut self, msg: Settle, _ctx: &mut Context<Self>) -> Self::Result {
+        self.ledger.calibrate(&msg.model, msg.measured);
+        Ok(self.land(msg.model, msg.evicted))
+    }
+}
+
+/// A loaded model that cannot stay (see [`Landing::Refuse`], or a victim
+/// that would not unload after the load) was unloaded again, or tried to
+/// be: it leaves the ledger and the load fails with `error`.
+#[derive(Message)]
+#[rtype(result = "Result<Loaded, VramError>")]
+pub(crate) struct Refused {
+    pub(crate) model: String,
+    pub(crate) error: VramError,
+    /// How the model's own unload went.
+    pub(crate) unloaded: Result<(), VramError>,
+}
+
+impl Handler<Refused> for VramActor {
+    type Result = Result<Loaded, VramError>;
+
+    fn handle(&mut self, msg: Refused, ctx: &mut Context<Self>) -> Self::Result {
+        let kind = self.ledger.get(&msg.model).map(|e| e.kind.clone());
+        self.abort_load(&msg.model, &msg.error);
+        self.last_used.remove(&msg.model);
+        if let (Err(e), Some(kind)) = (msg.unloaded, kind) {
+            // The backend may still hold it: learn the truth from it.
+            tracing::error!(model = %msg.model, error = %e, "could not unload a model that does not fit; reconciling");
+            self.reconcile_first(kind, ctx);
+        }
+        Err(msg.error)
     }
 }
 
@@ -295,6 +512,9 @@ impl Handler<BeginUnload> for VramActor {
     type Result = MessageResult<BeginUnload>;
 
     fn handle(&mut self, msg: BeginUnload, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return MessageResult(UnloadOutcome::Done(Err(shutting_down())));
+        }
         let now = std::time::Instant::now();
         let Some(entry) = self
             .ledger

@@ -30,7 +30,7 @@ pub use handlers::Restart;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};
 pub use messages::{
-    Acquire, BackendOf, CrashBackend, Lease, Load, Loaded, Release, Status, StatusReport,
+    Acquire, BackendOf, CrashBackend, Lease, Load, Loaded, Release, Shutdown, Status, StatusReport,
     Subscribe, Unload, Unloaded, VramEvent,
 };
 pub use model::{Catalog, ModelSpec};

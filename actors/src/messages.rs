@@ -191,6 +191,20 @@ pub struct CrashBackend {
     pub kind: String,
 }
 
+/// Stop taking work and stop every model server, for good. From the
+/// moment it is handled, every new [`Load`], [`Acquire`], [`Unload`] and
+/// [`CrashBackend`] is answered `unavailable` at once, and so is everyone
+/// waiting for a queued operation (the queue is emptied). Then every
+/// backend's [`shutdown`](crate::Backend::shutdown) runs, all at once and
+/// directly (a long load in a backend actor does not delay it); when they
+/// are all done the ledger is emptied, every lease becomes void, and this
+/// is answered. An operation already running is not waited for: its
+/// backend call fails once its server is stopped, and its waiters get
+/// that error (or `unavailable`).
+#[derive(Debug, Clone, Copy, Default, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
 /// Ask for the backend actor that serves a kind (for monitoring and fault
 /// testing). Answered at once; `None` for a kind without a backend.
 #[derive(Debug, Clone, Message)]

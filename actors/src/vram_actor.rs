@@ -64,9 +64,11 @@ pub struct ManagerConfig {
     /// memory counts only above this).
     pub reserve: u64,
     /// After unloading victims, wait until the card shows this fraction of
-    /// their bytes back before loading (with a probe).
+    /// the memory they really held (measured, else declared) back before
+    /// loading (with a probe); never more than the card can show.
     pub release_fraction: f64,
-    /// How often to ask the card while waiting.
+    /// The longest pause between two readings of the card while waiting
+    /// (the first pause is 10 ms, doubling up to this).
     pub release_poll: Duration,
     /// Give up waiting after this long (and load anyway, with a warning).
     pub release_timeout: Duration,
@@ -109,6 +111,25 @@ pub(crate) enum Waiter {
     Done(oneshot::Sender<Result<(), VramError>>),
 }
 
+impl Waiter {
+    /// Answers this waiter with `error`.
+    pub(crate) fn refuse(self, error: VramError) {
+        match self {
+            Waiter::Load(tx) => drop(tx.send(Err(error))),
+            Waiter::Acquire(tx) => drop(tx.send(Err(error))),
+            Waiter::Unload(tx) => drop(tx.send(Err(error))),
+            Waiter::Done(tx) => drop(tx.send(Err(error))),
+        }
+    }
+}
+
+/// What a manager that is shutting down answers.
+pub(crate) fn shutting_down() -> VramError {
+    VramError::Unavailable {
+        reason: "the manager is shutting down".to_string(),
+    }
+}
+
 /// A queued operation and everyone waiting for it.
 pub(crate) struct Job {
     pub(crate) op: JobOp,
@@ -139,6 +160,8 @@ pub struct VramActor {
     /// Wall-clock time of each resident model's last load, acquire,
     /// release or touch (for TTLs).
     pub(crate) last_used: HashMap<String, Instant>,
+    /// Set by `Shutdown`: no more work is taken or started.
+    pub(crate) shutting_down: bool,
 }
 
 impl VramActor {
@@ -160,6 +183,7 @@ impl VramActor {
             observer: None,
             probe: None,
             last_used: HashMap::new(),
+            shutting_down: false,
         }
     }
 
@@ -225,8 +249,13 @@ impl VramActor {
         Ok(())
     }
 
-    /// Runs the next job if none is running.
+    /// Runs the next job if none is running (after `Shutdown`, answers
+    /// every queued job `unavailable` instead).
     pub(crate) fn start_next(&mut self, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            self.refuse_queued();
+            return;
+        }
         if self.running.is_some() {
             return;
         }
@@ -239,6 +268,15 @@ impl VramActor {
             act.finish(result);
             act.start_next(ctx);
         }));
+    }
+
+    /// Empties the queue, answering everyone waiting `unavailable`.
+    pub(crate) fn refuse_queued(&mut self) {
+        for job in std::mem::take(&mut self.queue) {
+            for waiter in job.waiters {
+                waiter.refuse(shutting_down());
+            }
+        }
     }
 
     /// Answers everyone waiting for the running job.
@@ -390,7 +428,7 @@ impl Actor for VramActor {
 
 /// A restart of the manager itself (when run under a `Supervisor`): the
 /// running job's future is gone, so its waiters are answered with
-/// `backend_failed`; the ledger is rebuilt from every backend's `loaded()`
+/// `unavailable`; the ledger is rebuilt from every backend's `loaded()`
 /// by reconcile jobs placed ahead of everything queued.
 impl Supervised for VramActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
@@ -425,6 +463,9 @@ impl VramActor {
     /// Queues an expiry job for each idle model that has none queued yet.
     /// The job checks again when it runs: a use in between cancels it.
     fn expire_idle(&mut self, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
         let idle = expired(
             &self.ledger,
             &self.config.ttl,

@@ -727,6 +727,12 @@ impl Backend for ProcessBackend {
     fn watch(&self, notify: ExitNotifier) {
         self.state.borrow_mut().notify = Some(notify);
     }
+
+    /// Stops every server at once, resident or still starting (see
+    /// [`ProcessBackend::shutdown_all`]).
+    fn shutdown(self: Rc<Self>) -> BackendFuture<()> {
+        self.shutdown_all()
+    }
 }
 
 /// The error of a server that exited before it was ready, once its tree is

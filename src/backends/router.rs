@@ -1,6 +1,8 @@
 //! The backend of one kind when its models use different backends: each
 //! call goes to the backend that serves that model.
 
+use std::rc::Rc;
+
 use vram_actors::{Backend, BackendFuture, ExitNotifier, ModelSpec};
 
 use super::{ProcessBackend, SimBackend};
@@ -48,5 +50,16 @@ impl Backend for Router {
 
     fn watch(&self, notify: ExitNotifier) {
         self.process.watch(notify);
+    }
+
+    /// Shuts both backends down at once (each by its own `shutdown`);
+    /// answers the first error.
+    fn shutdown(self: Rc<Self>) -> BackendFuture<()> {
+        let sim = Rc::new(self.sim.clone()).shutdown();
+        let process = Rc::new(self.process.clone()).shutdown();
+        Box::pin(async move {
+            let (sim, process) = futures::join!(sim, process);
+            sim.and(process)
+        })
     }
 }

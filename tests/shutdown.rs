@@ -1,0 +1,101 @@
+//! Shutdown: the manager stops taking work, answers what was queued with
+//! `unavailable`, stops every model server without waiting for a running
+//! load, and leaves nothing on the card or in the ledger.
+
+mod common;
+
+use common::{GIB, load, model, start, status};
+use vram_manager::{Acquire, CrashBackend, Load, Shutdown, Unload, VramError};
+
+#[actix_rt::test]
+async fn after_shutdown_nothing_is_held_and_new_work_is_unavailable() {
+    let m = start(
+        &[
+            model("asr", "asr", 3, ""),
+            model("tts", "tts", 2, ""),
+            model("llm", "llm", 8, ""),
+        ]
+        .concat(),
+    );
+    for id in ["asr", "tts", "llm"] {
+        load(&m, id).await.unwrap();
+    }
+    let lease = m.addr.send(Acquire::new("tts")).await.unwrap().unwrap();
+    assert_eq!(m.card.memory_now().used, 13 * GIB);
+
+    m.shutdown().await;
+
+    for kind in ["asr", "tts", "llm"] {
+        assert!(m.sims[kind].holding().is_empty(), "{kind} holds nothing");
+    }
+    assert_eq!(m.card.memory_now().used, 0, "every model left the card");
+    let s = status(&m).await;
+    assert!(s.models.is_empty(), "{:?}", s.models);
+    assert_eq!(s.used, 0);
+    assert!(!lease.is_valid(), "leases are void after shutdown");
+    drop(lease);
+
+    assert_eq!(load(&m, "tts").await, Err("unavailable"));
+    let acquire = m.addr.send(Acquire::new("tts")).await.unwrap();
+    assert_eq!(acquire.unwrap_err().code(), "unavailable");
+    let unload = m.addr.send(Unload::new("llm")).await.unwrap();
+    assert_eq!(unload.unwrap_err().code(), "unavailable");
+    let crash = m
+        .addr
+        .send(CrashBackend { kind: "llm".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        crash,
+        Err(VramError::Unavailable {
+            reason: "the manager is shutting down".into()
+        })
+    );
+    assert!(
+        m.sims["tts"].holding().is_empty(),
+        "nothing was loaded again"
+    );
+    // A second shutdown is harmless.
+    m.shutdown().await;
+    m.addr.send(Shutdown).await.unwrap();
+}
+
+#[actix_rt::test]
+async fn queued_work_is_unavailable_and_a_running_load_does_not_delay_the_shutdown() {
+    let m = start(
+        &[
+            model("tts", "tts", 2, ""),
+            model("slow", "llm", 4, "load_ms = 1500"),
+            model("next", "llm", 4, ""),
+        ]
+        .concat(),
+    );
+    load(&m, "tts").await.unwrap();
+    let running = m.addr.send(Load::new("slow"));
+    let queued = m.addr.send(Load::new("next"));
+    futures::pin_mut!(running, queued);
+    assert!(futures::poll!(&mut running).is_pending());
+    assert!(futures::poll!(&mut queued).is_pending());
+    let s = status(&m).await;
+    assert!(s.running && s.queued == 1, "{s:?}");
+
+    let shutdown = m.shutdown();
+    futures::pin_mut!(shutdown);
+    // The shutdown goes straight to the backends: it is done while the
+    // slow load is still in its backend.
+    match futures::future::select(&mut running, shutdown).await {
+        futures::future::Either::Right(((), _)) => {}
+        futures::future::Either::Left(_) => panic!("the running load finished first"),
+    }
+    let queued = queued.await.unwrap().unwrap_err();
+    assert_eq!(queued.code(), "unavailable", "{queued}");
+    assert_eq!(m.sims["llm"].load_count(), 0, "the queued load never ran");
+    assert!(m.sims["tts"].holding().is_empty());
+
+    // The running load ends after the shutdown: its model cannot stay.
+    let running = running.await.unwrap().unwrap_err();
+    assert_eq!(running.code(), "unavailable", "{running}");
+    assert!(m.sims["llm"].holding().is_empty());
+    assert_eq!(m.card.memory_now().used, 0);
+    assert!(status(&m).await.models.is_empty());
+}
