@@ -74,7 +74,8 @@ impl ReadyCheck {
         let uri: Uri = text
             .parse()
             .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-        let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else {
+        let (Some(host), Some(port)) = (uri.host().filter(|h| !h.is_empty()), uri.port_u16())
+        else {
             return Err(format!(
                 "{text:?} needs a host and a port, as in http://127.0.0.1:8080/health or tcp://127.0.0.1:8080"
             ));
