@@ -373,7 +373,10 @@ async fn a_server_without_the_ready_route_times_out_naming_the_404() {
     ));
     let err = m.addr.send(Load::new("llm")).await.unwrap().unwrap_err();
     assert_eq!(err.code(), "timeout");
-    assert!(err.to_string().contains("answered HTTP 404 Not Found"), "{err}");
+    assert!(
+        err.to_string().contains("answered HTTP 404 Not Found"),
+        "{err}"
+    );
 }
 
 #[test]

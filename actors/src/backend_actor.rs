@@ -26,9 +26,9 @@ use actix::prelude::*;
 use futures::FutureExt;
 
 use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
+use crate::config::ManagerConfig;
 use crate::error::VramError;
 use crate::model::ModelSpec;
-use crate::vram_actor::ManagerConfig;
 
 /// Told to the `VramActor` each time a backend actor restarts.
 #[derive(Debug, Clone, Message)]

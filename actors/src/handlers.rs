@@ -1,21 +1,23 @@
 //! What the `VramActor` answers: the handlers of its public messages. Each
-//! either answers at once from the ledger (Status, Release, Acquire of a
+//! either answers at once from the books (Status, Release, Acquire of a
 //! resident model no queued job is about, Load of a resident model when
-//! nothing is queued) or queues a job (see
-//! `vram_actor.rs` for the queue, `job.rs` for the jobs).
+//! nothing is queued) or queues a job (see `vram_actor.rs` for the queue,
+//! `job/` for the jobs).
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::backend_actor::{BackendRestarted, ModelExited};
+use crate::backend_actor::{BackendActor, BackendRestarted, ModelExited};
 use crate::error::VramError;
-use crate::job::JobOp;
+use crate::events::{Loaded, Unloaded, VramEvent};
+use crate::job::{RestartJob, UnloadJob};
 use crate::ledger::Ledger;
 use crate::messages::{
-    Acquire, CrashBackend, Lease, Load, Loaded, Release, Shutdown, Status, StatusReport, Subscribe,
-    Unload, Unloaded, VramEvent,
+    Acquire, BackendOf, CrashBackend, Lease, Load, Release, Shutdown, Status, StatusReport,
+    Subscribe, Unload,
 };
-use crate::vram_actor::{VramActor, Waiter, shutting_down};
+use crate::policy::servable;
+use crate::vram_actor::{LoadWaiter, Queued, VramActor, now, shutting_down};
 
 /// Answers a waiter's receiver, mapping a dropped sender (the manager
 /// stopped before the job answered) to `unavailable`.
@@ -30,6 +32,13 @@ async fn answer<T>(
     })
 }
 
+impl VramActor {
+    /// Policy step 1 against the sizes plans use now.
+    fn servable(&self, model: &str) -> Result<(), VramError> {
+        servable(&self.books.planned, self.books.ledger.capacity(), model).map(drop)
+    }
+}
+
 impl Handler<Load> for VramActor {
     type Result = Response<Result<Loaded, VramError>>;
 
@@ -37,14 +46,14 @@ impl Handler<Load> for VramActor {
         if self.shutting_down {
             return Response::reply(Err(shutting_down()));
         }
-        if let Err(e) = self.known(&msg.model) {
+        if let Err(e) = self.servable(&msg.model) {
             return Response::reply(Err(e));
         }
         // Already resident and nothing queued or running that could change
         // that first: policy step 2 (touch, nothing else) needs no trip
         // through the queue.
-        if self.ledger.is_resident(&msg.model) && self.running.is_none() && self.queue.is_empty() {
-            self.touch(&msg.model);
+        if self.books.ledger.is_resident(&msg.model) && !self.is_busy() {
+            self.books.touch(&msg.model, now());
             return Response::reply(Ok(Loaded {
                 model: msg.model,
                 evicted: vec![],
@@ -52,7 +61,7 @@ impl Handler<Load> for VramActor {
             }));
         }
         let (tx, rx) = oneshot::channel();
-        match self.submit(JobOp::Load(msg.model.clone()), Waiter::Load(tx), ctx) {
+        match self.submit_load(&msg.model, LoadWaiter::Load(tx), ctx) {
             Ok(()) => Response::fut(answer(rx, msg.model)),
             Err(e) => Response::reply(Err(e)),
         }
@@ -66,14 +75,14 @@ impl Handler<Acquire> for VramActor {
         if self.shutting_down {
             return Response::reply(Err(shutting_down()));
         }
-        if self.ledger.is_resident(&msg.model) && !self.touches(&msg.model) {
+        if self.books.ledger.is_resident(&msg.model) && !self.touches(&msg.model) {
             return Response::reply(self.lease(&msg.model, Vec::new()));
         }
-        if let Err(e) = self.known(&msg.model) {
+        if let Err(e) = self.servable(&msg.model) {
             return Response::reply(Err(e));
         }
         let (tx, rx) = oneshot::channel();
-        match self.submit(JobOp::Load(msg.model.clone()), Waiter::Acquire(tx), ctx) {
+        match self.submit_load(&msg.model, LoadWaiter::Acquire(tx), ctx) {
             Ok(()) => Response::fut(answer(rx, msg.model)),
             Err(e) => Response::reply(Err(e)),
         }
@@ -83,13 +92,13 @@ impl Handler<Acquire> for VramActor {
 impl Handler<Release> for VramActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Release, _ctx: &mut Context<Self>) {
-        if let Some((model, _)) = self.leases.remove(&msg.lease) {
-            self.ledger.release(&model);
-            if self.ledger.get(&model).is_some() {
-                self.used_now(&model);
+    fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
+        if let Some((model, _)) = self.books.leases.remove(&msg.lease) {
+            self.books.ledger.release(&model);
+            if self.books.ledger.get(&model).is_some() {
+                self.books.used_now(&model, now());
             }
-            self.released.notify_waiters();
+            self.released(ctx);
         }
     }
 }
@@ -101,17 +110,18 @@ impl Handler<Unload> for VramActor {
         if self.shutting_down {
             return Response::reply(Err(shutting_down()));
         }
-        if self.config.catalog.get(&msg.model).is_none() {
+        if self.books.declared.get(&msg.model).is_none() {
             return Response::reply(Err(VramError::UnknownModel { model: msg.model }));
         }
-        if self.ledger.get(&msg.model).is_none() && !self.touches(&msg.model) {
+        if self.books.ledger.get(&msg.model).is_none() && !self.touches(&msg.model) {
             return Response::reply(Ok(Unloaded {
                 model: msg.model,
                 was_resident: false,
             }));
         }
         let (tx, rx) = oneshot::channel();
-        match self.submit(JobOp::Unload(msg.model.clone()), Waiter::Unload(tx), ctx) {
+        let job = Queued::Unload(UnloadJob::new(msg.model.clone()), vec![tx]);
+        match self.submit(job, ctx) {
             Ok(()) => Response::fut(answer(rx, msg.model)),
             Err(e) => Response::reply(Err(e)),
         }
@@ -127,7 +137,7 @@ impl Handler<CrashBackend> for VramActor {
         }
         let (tx, rx) = oneshot::channel();
         let label = format!("<{} backend>", msg.kind);
-        match self.submit(JobOp::Crash(msg.kind), Waiter::Done(tx), ctx) {
+        match self.submit(Queued::Restart(RestartJob::crash(msg.kind), vec![tx]), ctx) {
             Ok(()) => Response::fut(answer(rx, label)),
             Err(e) => Response::reply(Err(e)),
         }
@@ -139,11 +149,7 @@ impl Handler<BackendRestarted> for VramActor {
 
     fn handle(&mut self, msg: BackendRestarted, ctx: &mut Context<Self>) {
         // A running crash job of this kind reconciles by itself.
-        let crashing = self
-            .running
-            .as_ref()
-            .is_some_and(|j| matches!(&j.op, JobOp::Crash(k) if *k == msg.kind));
-        if !crashing {
+        if !self.crashing(&msg.kind) {
             self.reconcile_first(msg.kind, ctx);
         }
     }
@@ -156,12 +162,11 @@ impl Handler<ModelExited> for VramActor {
     /// leaves the ledger now and its leases become void. A model that a
     /// running job is loading or unloading is left to that job.
     fn handle(&mut self, msg: ModelExited, _ctx: &mut Context<Self>) {
-        if !self.ledger.is_resident(&msg.model) {
+        if !self.books.ledger.is_resident(&msg.model) {
             return;
         }
-        self.ledger.remove(&msg.model);
-        self.last_used.remove(&msg.model);
-        self.void_leases(&msg.model);
+        self.books.forget(&msg.model);
+        self.books.void_leases(&msg.model);
         tracing::warn!(model = %msg.model, kind = %msg.kind, reason = %msg.reason, "model server exited");
         self.publish(VramEvent::ModelExited {
             model: msg.model,
@@ -193,7 +198,7 @@ impl Handler<Shutdown> for VramActor {
         self.shutting_down = true;
         self.refuse_queued();
         tracing::info!(
-            running = self.running.is_some(),
+            running = self.is_running(),
             "shutting down; stopping every backend"
         );
         // Straight to the backends, not through their actors: a long load
@@ -215,11 +220,11 @@ impl Handler<Shutdown> for VramActor {
                             tracing::warn!(kind = %kind, error = %e, "backend did not shut down cleanly");
                         }
                     }
-                    for (_, (_, valid)) in act.leases.drain() {
+                    for (_, (_, valid)) in act.books.leases.drain() {
                         valid.store(false, std::sync::atomic::Ordering::Relaxed);
                     }
-                    act.ledger = Ledger::new(act.config.capacity);
-                    act.last_used.clear();
+                    act.books.ledger = Ledger::new(act.config.capacity);
+                    act.books.last_used.clear();
                     tracing::info!("shut down");
                 }),
         )
@@ -231,12 +236,12 @@ impl Handler<Status> for VramActor {
 
     fn handle(&mut self, _msg: Status, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(StatusReport {
-            capacity: self.ledger.capacity(),
-            used: self.ledger.used(),
-            free: self.ledger.free(),
+            capacity: self.books.ledger.capacity(),
+            used: self.books.ledger.used(),
+            free: self.books.ledger.free(),
             queued: self.queue.len(),
-            running: self.running.is_some(),
-            models: self.ledger.entries().cloned().collect(),
+            running: self.is_running(),
+            models: self.books.ledger.entries().cloned().collect(),
         })
     }
 }
@@ -246,5 +251,13 @@ impl Handler<Subscribe> for VramActor {
 
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
         self.subscribers.push(msg.0);
+    }
+}
+
+impl Handler<BackendOf> for VramActor {
+    type Result = Option<Addr<BackendActor>>;
+
+    fn handle(&mut self, msg: BackendOf, _ctx: &mut Context<Self>) -> Self::Result {
+        self.actors.get(&msg.0).cloned()
     }
 }

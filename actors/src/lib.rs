@@ -1,18 +1,25 @@
 //! The actor system of vram-manager and the pure state it owns.
 //!
 //! The pure core decides: [`Ledger`] records what holds VRAM, [`plan`]
-//! chooses victims by the policy of DESIGN.md, [`Kinds`] and [`Catalog`]
-//! describe what can be loaded. The actors carry those decisions out:
-//! [`VramActor`] owns the ledger and serialises loads and unloads;
-//! [`BackendActor`]s, one per kind and supervised, talk to [`Backend`]s.
+//! chooses victims by the eviction policy, [`Kinds`] and [`Catalog`]
+//! describe what can be loaded, and the job machines (load, unload,
+//! expire, crash, reconcile) turn events into commands. The actors carry
+//! those decisions out: [`VramActor`] owns the books and runs one job at a
+//! time; [`BackendActor`]s, one per kind and supervised, talk to
+//! [`Backend`]s.
+//!
+//! Modules import one way: `kind`, `model`, `error`, `events`, `probe` ->
+//! `ledger` -> `policy` -> `job` -> `backend`, `backend_actor`, `config`
+//! -> `messages` -> `vram_actor` -> `handlers`.
 #![warn(missing_docs)]
 
 mod backend;
 mod backend_actor;
+mod config;
 mod error;
+mod events;
 mod handlers;
 mod job;
-mod job_steps;
 mod kind;
 mod ledger;
 mod messages;
@@ -25,15 +32,17 @@ pub use backend::{Backend, BackendError, BackendFuture, ExitNotifier, ModelExit}
 pub use backend_actor::{
     BackendActor, BackendRestarted, Crash, ListLoaded, LoadModel, ModelExited, UnloadModel,
 };
+pub use config::ManagerConfig;
 pub use error::VramError;
+pub use events::{Loaded, Unloaded, VramEvent};
 pub use handlers::Restart;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};
 pub use messages::{
-    Acquire, BackendOf, CrashBackend, Lease, Load, Loaded, Release, Shutdown, Status, StatusReport,
-    Subscribe, Unload, Unloaded, VramEvent,
+    Acquire, BackendOf, CrashBackend, Lease, Load, Release, Shutdown, Status, StatusReport,
+    Subscribe, Unload,
 };
 pub use model::{Catalog, ModelSpec};
-pub use policy::{Plan, expired, is_expired, plan};
+pub use policy::{Plan, expired, is_expired, plan, servable};
 pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
-pub use vram_actor::{JobObserver, ManagerConfig, VramActor};
+pub use vram_actor::{JobObserver, VramActor};

@@ -1,5 +1,5 @@
-//! The messages a `VramActor` answers, what they answer, and the events it
-//! publishes.
+//! The messages a `VramActor` answers and what they answer (the answers
+//! and events themselves are plain data in `events.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,8 +8,8 @@ use actix::prelude::*;
 
 use crate::backend_actor::BackendActor;
 use crate::error::VramError;
+use crate::events::{Loaded, Unloaded, VramEvent};
 use crate::ledger::{Entry, ModelState};
-use crate::vram_actor::VramActor;
 
 /// Load a model, evicting lower-priority models if needed. Queued behind
 /// earlier loads and unloads. Answers what was evicted for it.
@@ -29,17 +29,6 @@ impl Load {
     }
 }
 
-/// What a successful [`Load`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Loaded {
-    /// The model now resident.
-    pub model: String,
-    /// Models unloaded to make room for it, in unload order.
-    pub evicted: Vec<String>,
-    /// True if it was already resident (nothing was loaded).
-    pub already_resident: bool,
-}
-
 /// Unload a model. Queued like a load. Waits up to `lease_wait` for its
 /// leases to be released, then fails with `in_use`. Unloading a model that
 /// is not resident succeeds and does nothing.
@@ -57,15 +46,6 @@ impl Unload {
             model: model.into(),
         }
     }
-}
-
-/// What a successful [`Unload`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unloaded {
-    /// The model asked for.
-    pub model: String,
-    /// False if it was not resident (nothing was done).
-    pub was_resident: bool,
 }
 
 /// Pin a model for the length of a request: loads it if needed, then
@@ -104,7 +84,7 @@ pub struct Lease {
     pub(crate) id: u64,
     pub(crate) model: String,
     pub(crate) evicted: Vec<String>,
-    pub(crate) owner: Option<Addr<VramActor>>,
+    pub(crate) owner: Option<Recipient<Release>>,
     /// Cleared by the manager when the model is lost in a backend crash.
     pub(crate) valid: Arc<AtomicBool>,
 }
@@ -210,89 +190,3 @@ pub struct Shutdown;
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Option<Addr<BackendActor>>")]
 pub struct BackendOf(pub String);
-
-/// Something that happened to a model, in the order it happened.
-#[derive(Debug, Clone, PartialEq, Eq, Message, serde::Serialize)]
-#[rtype(result = "()")]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum VramEvent {
-    /// A load was planned; its bytes are reserved.
-    Loading {
-        /// The model.
-        model: String,
-        /// Its kind.
-        kind: String,
-        /// Bytes reserved.
-        bytes: u64,
-        /// Models that will be evicted for it, in order.
-        victims: Vec<String>,
-    },
-    /// A model is resident.
-    Loaded {
-        /// The model.
-        model: String,
-        /// Its kind.
-        kind: String,
-        /// Bytes charged: the larger of declared and measured.
-        bytes: u64,
-        /// Bytes its settings declare.
-        declared: u64,
-        /// Bytes the card showed it taking, when a probe is present.
-        measured: Option<u64>,
-    },
-    /// A model was unloaded to make room for another.
-    Evicted {
-        /// The model unloaded.
-        model: String,
-        /// Its kind.
-        kind: String,
-        /// Bytes freed.
-        bytes: u64,
-        /// The model it made room for.
-        for_model: String,
-    },
-    /// A model was unloaded on request.
-    Unloaded {
-        /// The model.
-        model: String,
-        /// Its kind.
-        kind: String,
-        /// Bytes freed.
-        bytes: u64,
-    },
-    /// A model was unloaded because it was idle for its TTL.
-    Expired {
-        /// The model.
-        model: String,
-        /// Its kind.
-        kind: String,
-        /// Bytes freed.
-        bytes: u64,
-    },
-    /// A load failed; no reservation remains.
-    LoadFailed {
-        /// The model.
-        model: String,
-        /// The error code.
-        code: String,
-        /// The error's message.
-        reason: String,
-    },
-    /// A resident model's server exited by itself; it left the ledger.
-    ModelExited {
-        /// The model.
-        model: String,
-        /// Its kind.
-        kind: String,
-        /// Why: exit status and the last lines of its stderr.
-        reason: String,
-    },
-    /// A backend restarted after a crash; `lost` are the models it no
-    /// longer holds, removed from the ledger.
-    BackendRestarted {
-        /// The backend's kind.
-        kind: String,
-        /// Models that left the ledger because of the crash.
-        lost: Vec<String>,
-    },
-}

@@ -3,7 +3,7 @@
 //! order) so the request fits, or refuse with the numbers.
 //!
 //! Pure: no actix, no I/O, no clock. It follows the seven steps of the
-//! policy in DESIGN.md:
+//! policy (see ARCHITECTURE.md):
 //!
 //! 1. unknown model -> `unknown_model`; larger than the card ->
 //!    `exceeds_capacity`;
@@ -22,9 +22,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::error::VramError;
-use crate::kind::Kinds;
+use crate::kind::{Kind, Kinds};
 use crate::ledger::{Entry, Ledger, ModelState};
-use crate::model::Catalog;
+use crate::model::{Catalog, ModelSpec};
 
 /// What the planner decided for a request that can be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,19 +75,12 @@ pub fn plan(
     free: u64,
 ) -> Result<Plan, VramError> {
     // Step 1: requests that no eviction can serve.
+    let spec = servable(catalog, ledger.capacity(), model)?;
     let unknown = || VramError::UnknownModel {
         model: model.to_string(),
     };
-    let spec = catalog.get(model).ok_or_else(unknown)?;
     let requester = kinds.get(&spec.kind).ok_or_else(unknown)?;
     let needed = spec.bytes;
-    if needed > ledger.capacity() {
-        return Err(VramError::ExceedsCapacity {
-            model: model.to_string(),
-            needed,
-            capacity: ledger.capacity(),
-        });
-    }
     // Step 2: already there.
     if ledger.is_resident(model) {
         return Ok(Plan::Resident);
@@ -99,36 +92,7 @@ pub fn plan(
     // Step 4: who may go, lowest tier and least recently used first. Leased
     // models are set aside (counted, so a caller can wait for them). The
     // few kinds are resolved once, not once per model.
-    let kind_table: Vec<(&str, u32, bool)> = kinds
-        .iter()
-        .map(|k| (k.name.as_str(), k.priority, k.evictable_by(requester)))
-        .collect();
-    let mut leased = 0u64;
-    // (priority and recency packed into one sort key, bytes, entry)
-    let mut candidates: Vec<(u64, u64, &Entry)> = Vec::new();
-    for entry in ledger.entries() {
-        if entry.state != ModelState::Resident || entry.pinned || entry.id == model {
-            continue;
-        }
-        let Some(&(_, priority, evictable)) =
-            kind_table.iter().find(|(name, _, _)| *name == entry.kind)
-        else {
-            continue; // a kind we cannot rank is never evicted
-        };
-        if !evictable {
-            continue;
-        }
-        if entry.leases > 0 {
-            leased += entry.bytes;
-            continue;
-        }
-        // Priorities fit 16 bits and recencies 48 in any real ledger; the
-        // saturation keeps the order right beyond that.
-        let key = (u64::from(priority.min(0xFFFF)) << 48) | entry.recency.min((1 << 48) - 1);
-        candidates.push((key, entry.bytes, entry));
-    }
-    // Recency is unique, so keys never tie and an unstable sort is exact.
-    candidates.sort_unstable_by_key(|&(key, _, _)| key);
+    let (candidates, leased) = candidates(ledger, kinds, requester, model);
 
     // Step 5: the shortest sufficient prefix, or refuse with nothing evicted.
     let shortfall = needed - free;
@@ -164,6 +128,71 @@ pub fn plan(
         .map(|((_, _, entry), _)| entry.id.clone())
         .collect();
     Ok(Plan::Load { victims })
+}
+
+/// Policy step 4: the resident models a request for `model` (of kind
+/// `requester`) may evict, lowest tier and least recently used first, as
+/// (sort key, bytes, entry); and the bytes of those set aside only because
+/// they are leased (a caller may wait for them).
+pub(crate) fn candidates<'a>(
+    ledger: &'a Ledger,
+    kinds: &Kinds,
+    requester: &Kind,
+    model: &str,
+) -> (Vec<(u64, u64, &'a Entry)>, u64) {
+    // The few kinds are resolved once, not once per model.
+    let kind_table: Vec<(&str, u32, bool)> = kinds
+        .iter()
+        .map(|k| (k.name.as_str(), k.priority, k.evictable_by(requester)))
+        .collect();
+    let mut leased = 0u64;
+    // (priority and recency packed into one sort key, bytes, entry)
+    let mut candidates: Vec<(u64, u64, &Entry)> = Vec::new();
+    for entry in ledger.entries() {
+        if entry.state != ModelState::Resident || entry.pinned || entry.id == model {
+            continue;
+        }
+        let Some(&(_, priority, evictable)) =
+            kind_table.iter().find(|(name, _, _)| *name == entry.kind)
+        else {
+            continue; // a kind we cannot rank is never evicted
+        };
+        if !evictable {
+            continue;
+        }
+        if entry.leases > 0 {
+            leased += entry.bytes;
+            continue;
+        }
+        // Priorities fit 16 bits and recencies 48 in any real ledger; the
+        // saturation keeps the order right beyond that.
+        let key = (u64::from(priority.min(0xFFFF)) << 48) | entry.recency.min((1 << 48) - 1);
+        candidates.push((key, entry.bytes, entry));
+    }
+    // Recency is unique, so keys never tie and an unstable sort is exact.
+    candidates.sort_unstable_by_key(|&(key, _, _)| key);
+    (candidates, leased)
+}
+
+/// Policy step 1: the model's entry, unless it is unknown
+/// (`unknown_model`) or larger than the whole `capacity`
+/// (`exceeds_capacity`) — requests no eviction can serve.
+pub fn servable<'a>(
+    catalog: &'a Catalog,
+    capacity: u64,
+    model: &str,
+) -> Result<&'a ModelSpec, VramError> {
+    let spec = catalog.get(model).ok_or_else(|| VramError::UnknownModel {
+        model: model.to_string(),
+    })?;
+    if spec.bytes > capacity {
+        return Err(VramError::ExceedsCapacity {
+            model: model.to_string(),
+            needed: spec.bytes,
+            capacity,
+        });
+    }
+    Ok(spec)
 }
 
 /// The resident models whose idle time has reached their TTL: not leased,

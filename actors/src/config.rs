@@ -1,0 +1,70 @@
+//! `ManagerConfig`: what a manager is built from (capacity, kinds,
+//! catalog, timeouts, the release wait, TTLs). The application builds it
+//! from its validated settings.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::kind::Kinds;
+use crate::model::Catalog;
+
+/// What a `VramActor` is built from.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Usable bytes of the card (total less reserve).
+    pub capacity: u64,
+    /// Eviction tiers.
+    pub kinds: Kinds,
+    /// Every model that may be loaded.
+    pub catalog: Catalog,
+    /// How long a load waits for leases to be released.
+    pub lease_wait: Duration,
+    /// How long a backend may take to load.
+    pub load_timeout: Duration,
+    /// How long a backend may take to unload.
+    pub unload_timeout: Duration,
+    /// Waiting jobs beyond this are refused with `busy`.
+    pub max_queue: usize,
+    /// Delay before a restarted backend takes its next message.
+    pub restart_backoff: Duration,
+    /// Cap of that delay, which doubles with each restart in a row.
+    pub restart_backoff_max: Duration,
+    /// Bytes of the card never planned for (with a probe, the card's free
+    /// memory counts only above this).
+    pub reserve: u64,
+    /// After unloading victims, wait until the card shows this fraction of
+    /// the memory they really held (measured, else declared) back before
+    /// loading (with a probe); never more than the card can show.
+    pub release_fraction: f64,
+    /// The longest pause between two readings of the card while waiting
+    /// (the first pause is 10 ms, doubling up to this).
+    pub release_poll: Duration,
+    /// Give up waiting after this long (and load anyway, with a warning).
+    pub release_timeout: Duration,
+    /// Idle time after which a model is unloaded, by model id (models
+    /// without an entry never expire).
+    pub ttl: HashMap<String, Duration>,
+}
+
+impl ManagerConfig {
+    /// A configuration with the voice-assistant kinds, no lease wait,
+    /// generous timeouts and a queue of 64.
+    pub fn new(capacity: u64, catalog: Catalog) -> Self {
+        Self {
+            capacity,
+            kinds: Kinds::voice_assistant(),
+            catalog,
+            lease_wait: Duration::ZERO,
+            load_timeout: Duration::from_secs(120),
+            unload_timeout: Duration::from_secs(30),
+            max_queue: 64,
+            restart_backoff: Duration::from_millis(10),
+            restart_backoff_max: Duration::from_secs(2),
+            reserve: 0,
+            release_fraction: 0.75,
+            release_poll: Duration::from_millis(250),
+            release_timeout: Duration::from_secs(5),
+            ttl: HashMap::new(),
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! The load job: plan (policy), reserve, evict the victims one by one,
+//! wait for the card to give their memory back, load, measure, and keep
+//! `used <= capacity` when the measurement is larger than planned.
+//!
+//! ```text
+//! Start ─▶ [ReadCard] ─▶ plan ─┬─ resident ─────────────────────────▶ done
+//!                              ├─ refuse ──────────────────────────▶ done (load_failed)
+//!                              ├─ leased victims ─▶ [WaitRelease] ─▶ plan again
+//!                              └─ victims ─▶ [Unload]* ─▶ [ReadCard/Wait]* ─▶ [Load]
+//!   ─▶ [ReadCard] (measure) ─┬─ fits ─────────────────────────────▶ done (loaded)
+//!                            ├─ room by policy ─▶ [Unload]* ──────▶ done (loaded)
+//!                            └─ no room ─▶ [Unload self] ─────────▶ done (insufficient_vram)
+//! ```
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{Books, Command, Event, Job, first_pause, load_failed, next_pause, true_bytes};
+use crate::error::VramError;
+use crate::events::{Loaded, VramEvent};
+use crate::ledger::{Ledger, ModelState};
+use crate::policy::{Plan, candidates, plan};
+use crate::probe::GpuMemory;
+
+/// Where a load is.
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the card, to plan.
+    Planning,
+    /// Waiting for a lease release (or the deadline), to plan again.
+    WaitingLeases,
+    /// Unloading the planned victims, in order.
+    Evicting {
+        victims: VecDeque<(String, String)>,
+        card: Option<GpuMemory>,
+        /// Bytes the victims really held.
+        back: u64,
+        /// Bytes of the card held by other processes at plan time.
+        others: u64,
+    },
+    /// Waiting for the card to show the victims' memory back.
+    Releasing {
+        target: u64,
+        until: Instant,
+        pause: Duration,
+    },
+    /// The backend is loading the model.
+    Loading { used_before: Option<u64> },
+    /// Reading the card after the load, to measure the model.
+    Measuring { used_before: u64 },
+    /// The model measured larger than planned: evicting to keep
+    /// `used <= capacity`.
+    MakingRoom {
+        victims: VecDeque<(String, String)>,
+        measured: u64,
+    },
+    /// No room for the measured size (or a victim would not leave):
+    /// unloading the model again, then answering `error`.
+    Refusing { error: VramError },
+    /// Finished.
+    Done,
+}
+
+/// Loads one model; see the module docs.
+#[derive(Debug)]
+pub(crate) struct LoadJob {
+    model: String,
+    /// Until when a plan blocked by leases may wait for their release.
+    lease_deadline: Option<Instant>,
+    phase: Phase,
+    evicted: Vec<String>,
+    outcome: Option<Result<Loaded, VramError>>,
+}
+
+impl LoadJob {
+    /// A load of `model`.
+    pub(crate) fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            lease_deadline: None,
+            phase: Phase::Planning,
+            evicted: Vec::new(),
+            outcome: None,
+        }
+    }
+
+    /// The model this job loads.
+    pub(crate) fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn finish(&mut self, result: Result<Loaded, VramError>) {
+        self.phase = Phase::Done;
+        self.outcome = Some(result);
+    }
+
+    fn plan(
+        &mut self,
+        card: Option<GpuMemory>,
+        books: &mut Books,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
+        let deadline = *self.lease_deadline.get_or_insert(now + books.lease_wait);
+        // Plan against the tighter of the ledger and the card: memory held
+        // by other processes, or not yet returned, is not free.
+        let free = match card {
+            Some(card) => books
+                .ledger
+                .free()
+                .min(card.free.saturating_sub(books.reserve)),
+            None => books.ledger.free(),
+        };
+        match plan(
+            &books.ledger,
+            &books.kinds,
+            &books.planned,
+            &self.model,
+            free,
+        ) {
+            Ok(Plan::Resident) => {
+                books.touch(&self.model, now);
+                let model = self.model.clone();
+                self.finish(Ok(Loaded {
+                    model,
+                    evicted: vec![],
+                    already_resident: true,
+                }));
+            }
+            Ok(Plan::Load { victims }) => self.reserve(victims, card, books, now, out),
+            Err(VramError::InsufficientVram {
+                needed,
+                free,
+                evictable,
+                leased,
+                ..
+            }) if now < deadline && leased > 0 && free + evictable + leased >= needed => {
+                tracing::debug!(model = %self.model, leased, "waiting for leases to be released");
+                self.phase = Phase::WaitingLeases;
+                out.push(Command::WaitRelease { until: deadline });
+            }
+            Err(e) => {
+                out.push(load_failed(&self.model, &e));
+                self.finish(Err(e));
+            }
+        }
+    }
+
+    /// Reserves the model's bytes, marks the victims unloading and starts
+    /// the first unload.
+    fn reserve(
+        &mut self,
+        victims: Vec<String>,
+        card: Option<GpuMemory>,
+        books: &mut Books,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(declared) = books.declared.get(&self.model).cloned() else {
+            let e = VramError::UnknownModel {
+                model: self.model.clone(),
+            };
+            return self.finish(Err(e));
+        };
+        let charged = books
+            .planned
+            .get(&self.model)
+            .map_or(declared.bytes, |s| s.bytes);
+        // What the card can give back: the victims' true bytes, and what
+        // other processes hold (the card's use less our models' true bytes).
+        let ours: u64 = books.ledger.entries().map(true_bytes).sum();
+        let others = card.map_or(0, |c| c.used.saturating_sub(ours));
+        let mut back = 0;
+        let mut planned = VecDeque::with_capacity(victims.len());
+        for victim in victims {
+            if let Some(entry) = books.ledger.get(&victim) {
+                back += true_bytes(entry);
+                planned.push_back((victim.clone(), entry.kind.clone()));
+            }
+            books.ledger.begin_unload(&victim);
+        }
+        books.ledger.reserve(&declared);
+        if charged > declared.bytes {
+            books.ledger.calibrate(&self.model, charged);
+        }
+        tracing::info!(model = %declared.id, kind = %declared.kind, bytes = charged, victims = planned.len(), "loading");
+        out.push(Command::Publish(VramEvent::Loading {
+            model: declared.id.clone(),
+            kind: declared.kind.clone(),
+            bytes: charged,
+            victims: planned.iter().map(|(v, _)| v.clone()).collect(),
+        }));
+        self.phase = Phase::Evicting {
+            victims: planned,
+            card,
+            back,
+            others,
+        };
+        self.next_victim(books, now, out);
+    }
+
+    /// Unloads the next victim, or goes on once all are gone.
+    fn next_victim(&mut self, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
+        let Phase::Evicting {
+            victims,
+            card,
+            back,
+            others,
+        } = &mut self.phase
+        else {
+            return;
+        };
+        if let Some((model, kind)) = victims.front().cloned() {
+            out.push(Command::Unload { model, kind });
+            return;
+        }
+        match *card {
+            Some(before) if *back > 0 => {
+                // Wait for what the card can really show: the victims'
+                // true bytes, capped by the card's total less other
+                // processes' use, times the release fraction.
+                let max_free = before.total.saturating_sub(*others);
+                let expected = before.free.saturating_add(*back).min(max_free);
+                let gain = expected.saturating_sub(before.free);
+                let target = before.free + (gain as f64 * books.release.fraction) as u64;
+                self.phase = Phase::Releasing {
+                    target,
+                    until: now + books.release.timeout,
+                    pause: first_pause(books.release.poll),
+                };
+                out.push(Command::ReadCard);
+            }
+            card => self.start_load(card.map(|c| c.used), books, out),
+        }
+    }
+
+    fn start_load(&mut self, used_before: Option<u64>, books: &mut Books, out: &mut Vec<Command>) {
+        match books.declared.get(&self.model) {
+            Some(spec) => {
+                out.push(Command::Load(spec.clone()));
+                self.phase = Phase::Loading { used_before };
+            }
+            None => {
+                let e = VramError::UnknownModel {
+                    model: self.model.clone(),
+                };
+                self.abort(e, books, out);
+            }
+        }
+    }
+
+    /// Undoes a load that cannot go on: victims not yet unloaded are
+    /// resident again, the reservation is dropped.
+    fn abort(&mut self, error: VramError, books: &mut Books, out: &mut Vec<Command>) {
+        cancel_unloads(&mut books.ledger);
+        books.ledger.remove(&self.model);
+        tracing::warn!(model = %self.model, code = error.code(), error = %error, "load failed");
+        out.push(load_failed(&self.model, &error));
+        self.finish(Err(error));
+    }
+
+    /// The victim `model` left the card for this load.
+    fn evicted(&mut self, model: &str, books: &mut Books, out: &mut Vec<Command>) {
+        if let Some(entry) = books.forget(model) {
+            tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, for_model = %self.model, "evicted");
+            out.push(Command::Publish(VramEvent::Evicted {
+                model: entry.id,
+                kind: entry.kind,
+                bytes: entry.bytes,
+                for_model: self.model.clone(),
+            }));
+        }
+        self.evicted.push(model.to_string());
+    }
+
+    /// The model is loaded and measured (when the card could tell).
+    fn commit(
+        &mut self,
+        measured: Option<u64>,
+        books: &mut Books,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
+        if let Some(measured) = measured {
+            let entry = books.ledger.get(&self.model);
+            let (charged, declared) = entry.map_or((0, 0), |e| (e.bytes, e.declared));
+            let would_use = books.ledger.used() - charged + declared.max(measured);
+            if would_use > books.ledger.capacity() {
+                return self.make_room(measured, books, out);
+            }
+        }
+        self.resident(measured, books, now, out);
+    }
+
+    /// Commits the model: resident, measured, announced.
+    fn resident(
+        &mut self,
+        measured: Option<u64>,
+        books: &mut Books,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
+        books.ledger.commit(&self.model);
+        books.used_now(&self.model, now);
+        if let Some(measured) = measured {
+            books.calibrate(&self.model, measured);
+        }
+        if let Some(entry) = books.ledger.get(&self.model) {
+            tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, measured = ?entry.measured, "loaded");
+            out.push(Command::Publish(VramEvent::Loaded {
+                model: entry.id.clone(),
+                kind: entry.kind.clone(),
+                bytes: entry.bytes,
+                declared: entry.declared,
+                measured: entry.measured,
+            }));
+        }
+        let loaded = Loaded {
+            model: self.model.clone(),
+            evicted: std::mem::take(&mut self.evicted),
+            already_resident: false,
+        };
+        self.finish(Ok(loaded));
+    }
+
+    /// The model measured more than the card has room for: plan for its
+    /// measured size by the same policy (as if it were not there yet), or
+    /// unload it again.
+    fn make_room(&mut self, measured: u64, books: &mut Books, out: &mut Vec<Command>) {
+        books.plan_with(&self.model, measured);
+        let mut view = books.ledger.clone();
+        view.remove(&self.model);
+        let planned = plan(
+            &view,
+            &books.kinds,
+            &books.planned,
+            &self.model,
+            view.free(),
+        );
+        match planned {
+            Ok(Plan::Load { victims }) if !victims.is_empty() => {
+                tracing::warn!(model = %self.model, measured, victims = ?victims, "measured larger than planned; making room");
+                let mut queue = VecDeque::with_capacity(victims.len());
+                for victim in victims {
+                    if let Some(entry) = books.ledger.get(&victim) {
+                        queue.push_back((victim.clone(), entry.kind.clone()));
+                    }
+                    books.ledger.begin_unload(&victim);
+                }
+                if let Some(first) = queue.front().cloned() {
+                    out.push(Command::Unload {
+                        model: first.0,
+                        kind: first.1,
+                    });
+                }
+                self.phase = Phase::MakingRoom {
+                    victims: queue,
+                    measured,
+                };
+            }
+            Err(error @ VramError::InsufficientVram { .. }) => self.refuse(error, books, out),
+            _ => {
+                // Larger than the whole card: no eviction helps; say what
+                // could have been evicted all the same.
+                let requester = books
+                    .declared
+                    .get(&self.model)
+                    .and_then(|s| books.kinds.get(&s.kind));
+                let (evictable, leased) = requester.map_or((0, 0), |kind| {
+                    let (found, leased) = candidates(&view, &books.kinds, kind, &self.model);
+                    (found.iter().map(|(_, bytes, _)| bytes).sum(), leased)
+                });
+                let error = VramError::InsufficientVram {
+                    model: self.model.clone(),
+                    needed: measured,
+                    free: view.free(),
+                    evictable,
+                    leased,
+                };
+                self.refuse(error, books, out)
+            }
+        }
+    }
+
+    /// Unloads the model again: it cannot stay within the capacity.
+    fn refuse(&mut self, error: VramError, books: &mut Books, out: &mut Vec<Command>) {
+        cancel_unloads(&mut books.ledger);
+        let kind = books
+            .ledger
+            .get(&self.model)
+            .map(|e| e.kind.clone())
+            .unwrap_or_default();
+        tracing::warn!(model = %self.model, error = %error, "no room for the measured size; unloading it");
+        out.push(Command::Unload {
+            model: self.model.clone(),
+            kind,
+        });
+        self.phase = Phase::Refusing { error };
+    }
+}
+
+/// Victims not unloaded yet are resident again.
+fn cancel_unloads(ledger: &mut Ledger) {
+    let unloading: Vec<String> = ledger
+        .entries()
+        .filter(|e| e.state == ModelState::Unloading)
+        .map(|e| e.id.clone())
+        .collect();
+    for id in unloading {
+        ledger.cancel_unload(&id);
+    }
+}
+
+impl Job for LoadJob {
+    type Output = Result<Loaded, VramError>;
+
+    fn handle(&mut self, event: Event, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        match (phase, event) {
+            (Phase::Planning, Event::Start) => {
+                self.phase = Phase::Planning;
+                out.push(Command::ReadCard);
+            }
+            (Phase::Planning, Event::Card(card)) => self.plan(card, books, now, out),
+            (Phase::WaitingLeases, Event::Released | Event::Deadline) => {
+                self.phase = Phase::Planning;
+                out.push(Command::ReadCard);
+            }
+            (mut phase @ Phase::Evicting { .. }, Event::Unloaded { model, result }) => {
+                if let Phase::Evicting { victims, .. } = &mut phase {
+                    victims.pop_front();
+                }
+                self.phase = phase;
+                match result {
+                    Ok(()) => {
+                        self.evicted(&model, books, out);
+                        self.next_victim(books, now, out);
+                    }
+                    Err(e) => self.abort(e, books, out),
+                }
+            }
+            (
+                Phase::Releasing {
+                    target,
+                    until,
+                    pause,
+                },
+                Event::Card(card),
+            ) => match card {
+                Some(card) if card.free < target && now < until => {
+                    self.phase = Phase::Releasing {
+                        target,
+                        until,
+                        pause: next_pause(pause, books.release.poll),
+                    };
+                    out.push(Command::Wait {
+                        until: (now + pause).min(until),
+                    });
+                }
+                Some(card) => {
+                    if card.free < target {
+                        tracing::warn!(
+                            free = card.free,
+                            target,
+                            "evicted memory not returned in time; loading anyway"
+                        );
+                    }
+                    self.start_load(Some(card.used), books, out);
+                }
+                None => self.start_load(None, books, out),
+            },
+            (phase @ Phase::Releasing { .. }, Event::Deadline) => {
+                self.phase = phase;
+                out.push(Command::ReadCard);
+            }
+            (Phase::Loading { used_before }, Event::Loaded(result)) => {
+                match (result, used_before) {
+                    (Ok(()), Some(used_before)) => {
+                        self.phase = Phase::Measuring { used_before };
+                        out.push(Command::ReadCard);
+                    }
+                    (Ok(()), None) => self.commit(None, books, now, out),
+                    (Err(e), _) => self.abort(e, books, out),
+                }
+            }
+            (Phase::Measuring { used_before }, Event::Card(card)) => {
+                // Loads are serialised: the card's growth is this model.
+                let measured = card.map(|c| c.used.saturating_sub(used_before));
+                self.commit(measured, books, now, out);
+            }
+            (
+                Phase::MakingRoom {
+                    mut victims,
+                    measured,
+                },
+                Event::Unloaded { model, result },
+            ) => {
+                victims.pop_front();
+                match result {
+                    Ok(()) => {
+                        self.evicted(&model, books, out);
+                        match victims.front().cloned() {
+                            Some((model, kind)) => {
+                                out.push(Command::Unload { model, kind });
+                                self.phase = Phase::MakingRoom { victims, measured };
+                            }
+                            None => self.resident(Some(measured), books, now, out),
+                        }
+                    }
+                    Err(e) => self.refuse(e, books, out),
+                }
+            }
+            (Phase::Refusing { error }, Event::Unloaded { result, .. }) => {
+                let kind = books.forget(&self.model).map(|e| e.kind);
+                if let (Err(e), Some(kind)) = (&result, kind) {
+                    // It may still be on the card: ask its backend.
+                    tracing::error!(model = %self.model, error = %e, "could not unload a model that does not fit");
+                    out.push(Command::Reconcile { kind });
+                }
+                out.push(load_failed(&self.model, &error));
+                self.finish(Err(error));
+            }
+            (phase, event) => {
+                // An event this phase does not wait for (a stale timer):
+                // nothing changes.
+                tracing::debug!(model = %self.model, ?event, "load job ignored an event");
+                self.phase = phase;
+            }
+        }
+    }
+
+    fn outcome(&mut self) -> Option<Self::Output> {
+        self.outcome.take()
+    }
+
+    fn is_done(&self) -> bool {
+        self.outcome.is_some()
+    }
+}

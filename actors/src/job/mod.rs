@@ -1,0 +1,251 @@
+//! The jobs of the manager as pure state machines: each job (load, unload,
+//! expire, crash, reconcile) is a value that takes an [`Event`] together
+//! with the manager's [`Books`] and the time, changes the books, and
+//! answers [`Command`]s for the actor to carry out. No actix, no clock of
+//! its own, no I/O; the `VramActor` only executes commands and feeds back
+//! what they produced, the way quinn's driver runs quinn-proto's
+//! `Connection`.
+//!
+//! A job finishes by leaving its typed outcome in place
+//! ([`Job::outcome`]): a load answers `Result<Loaded, VramError>`, an
+//! unload `Result<Unloaded, VramError>`, a restart `Result<(), VramError>`.
+
+mod load;
+mod restart;
+mod unload;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub(crate) use load::LoadJob;
+pub(crate) use restart::RestartJob;
+pub(crate) use unload::UnloadJob;
+
+use crate::error::VramError;
+use crate::events::VramEvent;
+use crate::kind::Kinds;
+use crate::ledger::{Entry, Ledger};
+use crate::model::{Catalog, ModelSpec};
+use crate::probe::GpuMemory;
+
+/// What happened, fed to the running job.
+#[derive(Debug, Clone)]
+pub(crate) enum Event {
+    /// The job starts.
+    Start,
+    /// The card was read (`None`: no probe, or it failed).
+    Card(Option<GpuMemory>),
+    /// A backend finished unloading `model`.
+    Unloaded {
+        /// The model.
+        model: String,
+        /// How it went.
+        result: Result<(), VramError>,
+    },
+    /// The backend finished loading the job's model.
+    Loaded(Result<(), VramError>),
+    /// The backend crashed as asked and restarted.
+    Crashed(Result<(), VramError>),
+    /// The backend listed the models it holds.
+    Listed(Result<Vec<String>, VramError>),
+    /// A lease was released while the job waited for one.
+    Released,
+    /// The time the job waited for has come.
+    Deadline,
+}
+
+/// What the running job asks the actor to do.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Command {
+    /// Read the card; answer with [`Event::Card`].
+    ReadCard,
+    /// Unload `model` on the backend of `kind`; answer with
+    /// [`Event::Unloaded`].
+    Unload {
+        /// The model.
+        model: String,
+        /// Its kind (which backend).
+        kind: String,
+    },
+    /// Load this model on its kind's backend; answer with
+    /// [`Event::Loaded`].
+    Load(ModelSpec),
+    /// Make the backend of `kind` crash and restart; answer with
+    /// [`Event::Crashed`].
+    Crash {
+        /// The backend's kind.
+        kind: String,
+    },
+    /// Ask the backend of `kind` what it holds; answer with
+    /// [`Event::Listed`].
+    List {
+        /// The backend's kind.
+        kind: String,
+    },
+    /// Answer [`Event::Released`] at the next lease release, or
+    /// [`Event::Deadline`] at `until`, whichever is first.
+    WaitRelease {
+        /// The latest moment to wake.
+        until: Instant,
+    },
+    /// Answer [`Event::Deadline`] at `until`.
+    Wait {
+        /// When to wake.
+        until: Instant,
+    },
+    /// Send this event to the subscribers.
+    Publish(VramEvent),
+    /// Make the ledger agree with the backend of `kind` before anything
+    /// else runs (a model it was asked to unload may still be there).
+    Reconcile {
+        /// The backend's kind.
+        kind: String,
+    },
+}
+
+/// A job: events in, commands out, a typed outcome at the end.
+pub(crate) trait Job {
+    /// What the job answers its waiters.
+    type Output;
+
+    /// Takes one event; changes `books`; pushes commands to `out`.
+    fn handle(&mut self, event: Event, books: &mut Books, now: Instant, out: &mut Vec<Command>);
+
+    /// The outcome, once the job has finished (taken once).
+    fn outcome(&mut self) -> Option<Self::Output>;
+
+    /// Whether the job has finished and its outcome is still to be taken.
+    fn is_done(&self) -> bool;
+}
+
+/// How a load waits for evicted memory to come back on the card.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ReleaseWait {
+    /// The share of the victims' true bytes the card must show back.
+    pub(crate) fraction: f64,
+    /// The longest pause between two reads of the card.
+    pub(crate) poll: Duration,
+    /// Load anyway (with a warning) after this long.
+    pub(crate) timeout: Duration,
+}
+
+/// The first pause between two reads of the card while waiting for
+/// memory (at most `poll`); it doubles up to `poll`.
+pub(crate) fn first_pause(poll: Duration) -> Duration {
+    Duration::from_millis(10)
+        .min(poll)
+        .max(Duration::from_millis(1))
+}
+
+/// The pause after `pause`: twice as long, up to `poll`.
+pub(crate) fn next_pause(pause: Duration, poll: Duration) -> Duration {
+    pause.saturating_mul(2).min(poll.max(pause))
+}
+
+/// The manager's books: the ledger and the records the jobs keep with it.
+#[derive(Debug)]
+pub(crate) struct Books {
+    /// Who holds VRAM.
+    pub(crate) ledger: Ledger,
+    /// Eviction tiers.
+    pub(crate) kinds: Kinds,
+    /// The models as configured.
+    pub(crate) declared: Catalog,
+    /// The sizes plans use: declared, or larger once measured.
+    pub(crate) planned: Catalog,
+    /// Granted leases: id -> (model, validity shared with the guard).
+    pub(crate) leases: HashMap<u64, (String, Arc<AtomicBool>)>,
+    /// When each resident model was last used (for TTLs).
+    pub(crate) last_used: HashMap<String, Instant>,
+    /// Idle time after which a model expires, by model id.
+    pub(crate) ttl: HashMap<String, Duration>,
+    /// Bytes of the card never planned for.
+    pub(crate) reserve: u64,
+    /// How long a load or unload waits for leases.
+    pub(crate) lease_wait: Duration,
+    /// How a load waits for evicted memory.
+    pub(crate) release: ReleaseWait,
+}
+
+impl Books {
+    /// Marks `model` as just used: most recent in the ledger's order and
+    /// its idle clock restarted.
+    pub(crate) fn touch(&mut self, model: &str, now: Instant) {
+        self.ledger.touch(model);
+        self.used_now(model, now);
+    }
+
+    /// Restarts `model`'s idle clock (no allocation when it has one).
+    pub(crate) fn used_now(&mut self, model: &str, now: Instant) {
+        match self.last_used.get_mut(model) {
+            Some(at) => *at = now,
+            None => {
+                self.last_used.insert(model.to_string(), now);
+            }
+        }
+    }
+
+    /// Removes `model` from the ledger and its idle clock.
+    pub(crate) fn forget(&mut self, model: &str) -> Option<Entry> {
+        self.last_used.remove(model);
+        self.ledger.remove(model)
+    }
+
+    /// Voids every lease on `model`: the guards report `is_valid() ==
+    /// false` and their release does nothing.
+    pub(crate) fn void_leases(&mut self, model: &str) {
+        self.leases.retain(|_, (m, valid)| {
+            if m == model {
+                valid.store(false, Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Records a measured footprint: the ledger charges the larger of
+    /// declared and measured, and later plans use it too.
+    pub(crate) fn calibrate(&mut self, model: &str, measured: u64) {
+        self.ledger.calibrate(model, measured);
+        self.plan_with(model, measured);
+    }
+
+    /// Later plans for `model` use at least `measured` bytes.
+    pub(crate) fn plan_with(&mut self, model: &str, measured: u64) {
+        let Some(mut spec) = self.declared.get(model).cloned() else {
+            return;
+        };
+        if measured.abs_diff(spec.bytes) > spec.bytes / 10 {
+            tracing::warn!(
+                model,
+                declared = spec.bytes,
+                measured,
+                "measured footprint differs from the declared size by more than 10%"
+            );
+        }
+        let planned = self.planned.get(model).map_or(0, |s| s.bytes);
+        spec.bytes = spec.bytes.max(measured).max(planned);
+        self.planned.insert(spec);
+    }
+}
+
+/// The bytes a model really holds: measured once calibrated, else
+/// declared (which may be generous).
+pub(crate) fn true_bytes(entry: &Entry) -> u64 {
+    entry.measured.unwrap_or(entry.declared)
+}
+
+/// A `load_failed` event for `error`.
+pub(crate) fn load_failed(model: &str, error: &VramError) -> Command {
+    Command::Publish(VramEvent::LoadFailed {
+        model: model.to_string(),
+        code: error.code().to_string(),
+        reason: error.to_string(),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

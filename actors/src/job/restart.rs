@@ -1,0 +1,146 @@
+//! The restart job: crash a kind's backend on request (fault testing) or
+//! follow a restart that happened, then make the ledger's models of that
+//! kind equal to what the restarted backend holds.
+
+use std::time::Instant;
+
+use super::{Books, Command, Event, Job};
+use crate::error::VramError;
+use crate::events::VramEvent;
+use crate::ledger::ModelState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Crashing,
+    Listing,
+    Done,
+}
+
+/// Crashes (when asked) and reconciles one kind's backend.
+#[derive(Debug)]
+pub(crate) struct RestartJob {
+    kind: String,
+    crash: bool,
+    phase: Phase,
+    outcome: Option<Result<(), VramError>>,
+}
+
+impl RestartJob {
+    /// Crash the backend of `kind`, then reconcile.
+    pub(crate) fn crash(kind: impl Into<String>) -> Self {
+        Self::with(kind.into(), true)
+    }
+
+    /// Reconcile with the backend of `kind` after it restarted.
+    pub(crate) fn reconcile(kind: impl Into<String>) -> Self {
+        Self::with(kind.into(), false)
+    }
+
+    fn with(kind: String, crash: bool) -> Self {
+        Self {
+            kind,
+            crash,
+            phase: Phase::Starting,
+            outcome: None,
+        }
+    }
+
+    /// The kind whose backend this job restarts.
+    pub(crate) fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// Whether it crashes the backend itself.
+    pub(crate) fn crashes(&self) -> bool {
+        self.crash
+    }
+
+    fn finish(&mut self, result: Result<(), VramError>) {
+        self.phase = Phase::Done;
+        self.outcome = Some(result);
+    }
+}
+
+impl Job for RestartJob {
+    type Output = Result<(), VramError>;
+
+    fn handle(&mut self, event: Event, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
+        let kind = self.kind.clone();
+        match (self.phase, event) {
+            (Phase::Starting, Event::Start) if self.crash => {
+                self.phase = Phase::Crashing;
+                out.push(Command::Crash { kind });
+            }
+            (Phase::Starting, Event::Start) | (Phase::Crashing, Event::Crashed(Ok(()))) => {
+                self.phase = Phase::Listing;
+                out.push(Command::List { kind });
+            }
+            (Phase::Crashing, Event::Crashed(Err(e))) | (Phase::Listing, Event::Listed(Err(e))) => {
+                self.finish(Err(e))
+            }
+            (Phase::Listing, Event::Listed(Ok(loaded))) => {
+                let lost = reconcile(books, &kind, &loaded, now);
+                tracing::warn!(kind = %kind, lost = ?lost, "ledger reconciled with restarted backend");
+                out.push(Command::Publish(VramEvent::BackendRestarted { kind, lost }));
+                self.finish(Ok(()));
+            }
+            (_, event) => {
+                tracing::debug!(kind = %self.kind, ?event, "restart job ignored an event");
+            }
+        }
+    }
+
+    fn outcome(&mut self) -> Option<Self::Output> {
+        self.outcome.take()
+    }
+
+    fn is_done(&self) -> bool {
+        self.outcome.is_some()
+    }
+}
+
+/// Makes the ledger's models of `kind` equal to `loaded`; answers the
+/// models it dropped. Leases on models the backend no longer holds become
+/// void; a model the backend holds that the ledger did not know of becomes
+/// resident (counting the leases still held on it, as after a restart of
+/// the manager itself).
+pub(crate) fn reconcile(
+    books: &mut Books,
+    kind: &str,
+    loaded: &[String],
+    now: Instant,
+) -> Vec<String> {
+    let lost: Vec<String> = books
+        .ledger
+        .entries()
+        .filter(|e| e.kind == kind && e.state != ModelState::Loading && !loaded.contains(&e.id))
+        .map(|e| e.id.clone())
+        .collect();
+    for id in &lost {
+        books.forget(id);
+    }
+    let void: Vec<String> = books
+        .leases
+        .values()
+        .map(|(m, _)| m.clone())
+        .filter(|m| !loaded.contains(m))
+        .filter(|m| books.declared.get(m).is_some_and(|s| s.kind == kind))
+        .collect();
+    for id in void {
+        books.void_leases(&id);
+    }
+    for id in loaded {
+        if let Some(spec) = books.declared.get(id).cloned()
+            && books.ledger.get(id).is_none()
+        {
+            books.ledger.insert_resident(&spec);
+            books.used_now(id, now);
+            let held = books.leases.values().filter(|(m, _)| m == id).count();
+            for _ in 0..held {
+                books.ledger.lease(id);
+            }
+        }
+    }
+    lost
+}

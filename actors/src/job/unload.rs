@@ -1,0 +1,145 @@
+//! The unload job, on request or because a model sat idle for its TTL
+//! (expiry): refuse or wait while leased, then unload through the backend.
+//! An expiry never waits and quietly does nothing if the model was used,
+//! leased or removed since it was queued.
+
+use std::time::Instant;
+
+use super::{Books, Command, Event, Job};
+use crate::error::VramError;
+use crate::events::{Unloaded, VramEvent};
+use crate::policy::is_expired;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Checking,
+    WaitingLeases,
+    Unloading,
+    Done,
+}
+
+/// Unloads one model; see the module docs.
+#[derive(Debug)]
+pub(crate) struct UnloadJob {
+    model: String,
+    expiry: bool,
+    lease_deadline: Option<Instant>,
+    phase: Phase,
+    outcome: Option<Result<Unloaded, VramError>>,
+}
+
+impl UnloadJob {
+    /// An unload of `model` on request.
+    pub(crate) fn new(model: impl Into<String>) -> Self {
+        Self::with(model.into(), false)
+    }
+
+    /// An unload of `model` if it is still idle past its TTL.
+    pub(crate) fn expiry(model: impl Into<String>) -> Self {
+        Self::with(model.into(), true)
+    }
+
+    fn with(model: String, expiry: bool) -> Self {
+        Self {
+            model,
+            expiry,
+            lease_deadline: None,
+            phase: Phase::Checking,
+            outcome: None,
+        }
+    }
+
+    /// The model this job unloads.
+    pub(crate) fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Whether this is an expiry rather than a request.
+    pub(crate) fn is_expiry(&self) -> bool {
+        self.expiry
+    }
+
+    fn finish(&mut self, result: Result<Unloaded, VramError>) {
+        self.phase = Phase::Done;
+        self.outcome = Some(result);
+    }
+
+    fn check(&mut self, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
+        let deadline = *self.lease_deadline.get_or_insert(now + books.lease_wait);
+        let Some(entry) = books
+            .ledger
+            .get(&self.model)
+            .filter(|e| !self.expiry || is_expired(e, &books.ttl, &books.last_used, now))
+        else {
+            let model = self.model.clone();
+            return self.finish(Ok(Unloaded {
+                model,
+                was_resident: false,
+            }));
+        };
+        if entry.leases > 0 {
+            if !self.expiry && now < deadline {
+                self.phase = Phase::WaitingLeases;
+                out.push(Command::WaitRelease { until: deadline });
+            } else {
+                let leases = entry.leases;
+                let model = self.model.clone();
+                self.finish(Err(VramError::InUse { model, leases }));
+            }
+            return;
+        }
+        let kind = entry.kind.clone();
+        books.ledger.begin_unload(&self.model);
+        self.phase = Phase::Unloading;
+        out.push(Command::Unload {
+            model: self.model.clone(),
+            kind,
+        });
+    }
+}
+
+impl Job for UnloadJob {
+    type Output = Result<Unloaded, VramError>;
+
+    fn handle(&mut self, event: Event, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
+        match (self.phase, event) {
+            (Phase::Checking, Event::Start)
+            | (Phase::WaitingLeases, Event::Released | Event::Deadline) => {
+                self.check(books, now, out)
+            }
+            (Phase::Unloading, Event::Unloaded { result: Ok(()), .. }) => {
+                if let Some(entry) = books.forget(&self.model) {
+                    let (model, kind, bytes) = (entry.id, entry.kind, entry.bytes);
+                    let event = if self.expiry {
+                        tracing::info!(model = %model, kind = %kind, bytes, "expired");
+                        VramEvent::Expired { model, kind, bytes }
+                    } else {
+                        tracing::info!(model = %model, kind = %kind, bytes, "unloaded");
+                        VramEvent::Unloaded { model, kind, bytes }
+                    };
+                    out.push(Command::Publish(event));
+                }
+                let model = self.model.clone();
+                self.finish(Ok(Unloaded {
+                    model,
+                    was_resident: true,
+                }));
+            }
+            (Phase::Unloading, Event::Unloaded { result: Err(e), .. }) => {
+                books.ledger.cancel_unload(&self.model);
+                self.finish(Err(e));
+            }
+            (_, event) => {
+                tracing::debug!(model = %self.model, ?event, "unload job ignored an event");
+            }
+        }
+    }
+
+    fn outcome(&mut self) -> Option<Self::Output> {
+        self.outcome.take()
+    }
+
+    fn is_done(&self) -> bool {
+        self.outcome.is_some()
+    }
+}
