@@ -22,6 +22,10 @@ struct Args {
     json: bool,
 }
 
+fn ratio(a: f64, b: f64) -> f64 {
+    (a / b * 1000.0).round() / 1000.0
+}
+
 fn us(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6 * 1000.0).round() / 1000.0
 }
@@ -100,6 +104,11 @@ async fn measure(quick: bool) -> serde_json::Value {
         "load_k1_us": loads["load_k1_us"],
         "load_k4_us": loads["load_k4_us"],
         "load_k16_us": loads["load_k16_us"],
+        // A load with k evictions against one bare actix round trip: the
+        // target is at most 1.5 x (k + 2).
+        "load_k1_ratio": ratio(loads["load_k1_us"], us(baseline)),
+        "load_k4_ratio": ratio(loads["load_k4_us"], us(baseline)),
+        "load_k16_ratio": ratio(loads["load_k16_us"], us(baseline)),
         "ops_per_sec": ops_per_sec.round(),
     })
 }

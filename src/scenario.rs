@@ -1,7 +1,7 @@
 //! Scenario files: a configuration plus steps with expectations, parsed,
 //! run against a live manager, and reported as a timeline or JSON lines.
 //!
-//! The format is the one of DESIGN.md ("Scenario files"): every key of the
+//! The format (see the README, "Scenario files"): every key of the
 //! settings, plus `description` and `[[steps]]` with `op` (load, unload,
 //! acquire, release, crash, sleep, external), the op's arguments, and
 //! optional expectations `expect`, `resident`, `free` and `evicted`.

@@ -267,7 +267,21 @@ async fn a_foreign_server_on_the_ready_port_fails_the_load_and_starts_nothing() 
 /// A daemon of the test's own (as dockerd is to `docker run`): asked
 /// through files in `dir`, it starts the stand-in as its own child and
 /// stops it, so the server is never a descendant of the model's command.
-fn daemon(dir: &Path, port: u16, mark: &str) -> Child {
+/// The daemon, killed (and reaped) with everything it started when
+/// dropped, so a failing test leaves no helper behind.
+struct KillOnDrop(Child, String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        for pid in marked(&self.1) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn daemon(dir: &Path, port: u16, mark: &str) -> KillOnDrop {
     let script = format!(
         "while :; do \
            if [ -e {d}/start ]; then rm {d}/start; {STAND_IN} --port {port} --pid-file {d}/server.pid & fi; \
@@ -276,19 +290,22 @@ fn daemon(dir: &Path, port: u16, mark: &str) -> Child {
          done",
         d = dir.display()
     );
-    Command::new("sh")
-        .args(["-c", &script])
-        .env("VRAM_TEST_MARK", mark)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
+    KillOnDrop(
+        Command::new("sh")
+            .args(["-c", &script])
+            .env("VRAM_TEST_MARK", mark)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+        mark.to_string(),
+    )
 }
 
 #[actix_rt::test]
 async fn a_stop_command_stops_a_server_that_is_not_a_descendant() {
     let (mark, dir, port) = (mark("stop-cmd"), scratch("stop-cmd"), free_port());
     let daemon_mark = format!("{mark}-daemon");
-    let mut helper = daemon(&dir, port, &daemon_mark);
+    let helper = daemon(&dir, port, &daemon_mark);
     let run = format!("touch {}/start; exec sleep 300", dir.display());
     let stop = format!(
         "stop = [\"sh\", \"-c\", \"touch {d}/stop; while [ -e {d}/stop ]; do sleep 0.02; done\"]\nstop_timeout = \"5s\"",
@@ -326,8 +343,7 @@ async fn a_stop_command_stops_a_server_that_is_not_a_descendant() {
         .unwrap();
     assert!(!running(server), "the stop command stopped the server");
     assert_eq!(marked(&mark), Vec::<i32>::new());
-    helper.kill().unwrap();
-    helper.wait().unwrap();
+    drop(helper);
     assert_eq!(
         left_after(&daemon_mark, Duration::from_secs(5)),
         Vec::<i32>::new()

@@ -134,39 +134,56 @@ impl BackendActor {
 
     /// Runs one backend call: catches a panic (while the future is built or
     /// polled), applies the timeout, and stops the actor after a panic so
-    /// the supervisor restarts it.
+    /// the supervisor restarts it. A call that is done at once (a simulated
+    /// backend) is answered at once, with no timer and no spawned future.
     fn guarded<T: 'static>(
-        &self,
+        &mut self,
         model: String,
         timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
         call: impl FnOnce(&dyn Backend) -> BackendFuture<T>,
-    ) -> ResponseActFuture<Self, Result<T, VramError>> {
+    ) -> ActorResponse<Self, Result<T, VramError>> {
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| call(self.backend.as_ref())));
-        let fut = async move {
-            let fut = match started {
-                Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
-                Err(panic) => return Outcome::Panicked(panic_text(&panic)),
-            };
-            let result = match timeout {
-                Some(limit) => match actix::clock::timeout(limit, fut).await {
-                    Ok(result) => result,
-                    Err(_) => return Outcome::TimedOut(limit),
-                },
-                None => fut.await,
-            };
-            match result {
-                Ok(Ok(value)) => Outcome::Done(value),
-                Ok(Err(e)) => Outcome::Failed(e),
-                Err(panic) => Outcome::Panicked(panic_text(&panic)),
+        let mut fut = match started {
+            Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
+            Err(panic) => {
+                let outcome = Outcome::Panicked(panic_text(&panic));
+                return ActorResponse::reply(self.conclude(model, outcome, ctx));
             }
         };
-        Box::pin(fut.into_actor(self).map(move |outcome, act, ctx| match outcome {
+        if let Some(result) = (&mut fut).now_or_never() {
+            let outcome = Outcome::from(result);
+            return ActorResponse::reply(self.conclude(model, outcome, ctx));
+        }
+        let fut = async move {
+            match timeout {
+                Some(limit) => match actix::clock::timeout(limit, fut).await {
+                    Ok(result) => Outcome::from(result),
+                    Err(_) => Outcome::TimedOut(limit),
+                },
+                None => Outcome::from(fut.await),
+            }
+        };
+        ActorResponse::r#async(
+            fut.into_actor(self)
+                .map(move |outcome, act, ctx| act.conclude(model, outcome, ctx)),
+        )
+    }
+
+    /// The answer to a backend call that ended with `outcome`.
+    fn conclude<T>(
+        &mut self,
+        model: String,
+        outcome: Outcome<T>,
+        ctx: &mut Context<Self>,
+    ) -> Result<T, VramError> {
+        match outcome {
             Outcome::Done(value) => {
-                act.consecutive = 0;
+                self.consecutive = 0;
                 Ok(value)
             }
             Outcome::Failed(e) => {
-                act.consecutive = 0;
+                self.consecutive = 0;
                 Err(match e.timed_out_after {
                     Some(after) => VramError::Timeout {
                         model,
@@ -180,7 +197,7 @@ impl BackendActor {
                 })
             }
             Outcome::TimedOut(limit) => {
-                act.consecutive = 0;
+                self.consecutive = 0;
                 Err(VramError::Timeout {
                     model,
                     after_ms: limit.as_millis() as u64,
@@ -188,14 +205,14 @@ impl BackendActor {
                 })
             }
             Outcome::Panicked(text) => {
-                tracing::warn!(kind = %act.kind, model = %model, panic = %text, "backend panicked; restarting it");
+                tracing::warn!(kind = %self.kind, model = %model, panic = %text, "backend panicked; restarting it");
                 ctx.stop();
                 Err(VramError::BackendFailed {
                     model,
                     reason: format!("backend panicked: {text}"),
                 })
             }
-        }))
+        }
     }
 }
 
@@ -204,6 +221,16 @@ enum Outcome<T> {
     Failed(BackendError),
     TimedOut(Duration),
     Panicked(String),
+}
+
+impl<T> From<Result<Result<T, BackendError>, Box<dyn std::any::Any + Send>>> for Outcome<T> {
+    fn from(result: Result<Result<T, BackendError>, Box<dyn std::any::Any + Send>>) -> Self {
+        match result {
+            Ok(Ok(value)) => Outcome::Done(value),
+            Ok(Err(e)) => Outcome::Failed(e),
+            Err(panic) => Outcome::Panicked(panic_text(&panic)),
+        }
+    }
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -254,29 +281,32 @@ impl Supervised for BackendActor {
 }
 
 impl Handler<LoadModel> for BackendActor {
-    type Result = ResponseActFuture<Self, Result<(), VramError>>;
+    type Result = ActorResponse<Self, Result<(), VramError>>;
 
-    fn handle(&mut self, msg: LoadModel, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: LoadModel, ctx: &mut Context<Self>) -> Self::Result {
         let spec = msg.0;
-        self.guarded(spec.id.clone(), Some(self.load_timeout), |b| b.load(&spec))
+        let timeout = Some(self.load_timeout);
+        self.guarded(spec.id.clone(), timeout, ctx, |b| b.load(&spec))
     }
 }
 
 impl Handler<UnloadModel> for BackendActor {
-    type Result = ResponseActFuture<Self, Result<(), VramError>>;
+    type Result = ActorResponse<Self, Result<(), VramError>>;
 
-    fn handle(&mut self, msg: UnloadModel, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: UnloadModel, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
-        self.guarded(id.clone(), Some(self.unload_timeout), |b| b.unload(&id))
+        let timeout = Some(self.unload_timeout);
+        self.guarded(id.clone(), timeout, ctx, |b| b.unload(&id))
     }
 }
 
 impl Handler<ListLoaded> for BackendActor {
-    type Result = ResponseActFuture<Self, Result<Vec<String>, VramError>>;
+    type Result = ActorResponse<Self, Result<Vec<String>, VramError>>;
 
-    fn handle(&mut self, _msg: ListLoaded, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _msg: ListLoaded, ctx: &mut Context<Self>) -> Self::Result {
         let label = format!("<{} backend>", self.kind);
-        self.guarded(label, Some(self.unload_timeout), |b| b.loaded())
+        let timeout = Some(self.unload_timeout);
+        self.guarded(label, timeout, ctx, |b| b.loaded())
     }
 }
 

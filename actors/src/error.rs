@@ -108,7 +108,7 @@ impl VramError {
         }
     }
 
-    /// Every code the manager can answer, in the order DESIGN.md lists them.
+    /// Every code the manager can answer, in the order the README lists them.
     pub const CODES: [&'static str; 8] = [
         "unknown_model",
         "exceeds_capacity",

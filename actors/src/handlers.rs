@@ -17,7 +17,8 @@ use crate::messages::{
     Subscribe, Unload,
 };
 use crate::policy::servable;
-use crate::vram_actor::{LoadWaiter, Queued, VramActor, now, shutting_down};
+use crate::queue::{LoadWaiter, Queued, shutting_down};
+use crate::vram_actor::{VramActor, now};
 
 /// Answers a waiter's receiver, mapping a dropped sender (the manager
 /// stopped before the job answered) to `unavailable`.

@@ -10,11 +10,12 @@
 //!
 //! Modules import one way: `kind`, `model`, `error`, `events`, `probe` ->
 //! `ledger` -> `policy` -> `job` -> `backend`, `backend_actor`, `config`
-//! -> `messages` -> `vram_actor` -> `handlers`.
+//! -> `messages` -> `queue` -> `vram_actor` -> `commands`, `handlers`.
 #![warn(missing_docs)]
 
 mod backend;
 mod backend_actor;
+mod commands;
 mod config;
 mod error;
 mod events;
@@ -26,6 +27,7 @@ mod messages;
 mod model;
 mod policy;
 mod probe;
+mod queue;
 mod vram_actor;
 
 pub use backend::{Backend, BackendError, BackendFuture, ExitNotifier, ModelExit};

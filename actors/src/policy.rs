@@ -292,7 +292,7 @@ mod tests {
         }
     }
 
-    // ---- The rows of the seed table (shared/seed/README.md) ----
+    // ---- The rows of the seed table (the original Python class this project started from) ----
 
     fn seed_day() -> Card {
         let mut card = Card::new(&[

@@ -29,19 +29,18 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures::FutureExt;
-use tokio::sync::oneshot;
 
 use crate::backend::Backend;
-use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModel};
+use crate::backend_actor::{BackendActor, UnloadModel};
 use crate::config::ManagerConfig;
 use crate::error::VramError;
-use crate::events::{Loaded, Unloaded, VramEvent};
+use crate::events::VramEvent;
 use crate::job::{Books, Command, Event, Job as _, LoadJob, ReleaseWait, RestartJob, UnloadJob};
 use crate::ledger::Ledger;
 use crate::messages::{Lease, Release};
 use crate::policy::expired;
-use crate::probe::{GpuMemory, GpuProbe, ProbeError};
+use crate::probe::GpuProbe;
+use crate::queue::{LoadWaiter, Queued, refuse_load, shutting_down};
 
 /// Called with the ledger after every job; see [`VramActor::observe_jobs`].
 pub type JobObserver = Box<dyn FnMut(&Ledger)>;
@@ -50,97 +49,6 @@ pub type JobObserver = Box<dyn FnMut(&Ledger)>;
 /// tests).
 pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
-}
-
-/// Someone waiting for a load: a `Load` or an `Acquire` that needs one.
-pub(crate) enum LoadWaiter {
-    Load(oneshot::Sender<Result<Loaded, VramError>>),
-    Acquire(oneshot::Sender<Result<Lease, VramError>>),
-}
-
-/// A queued or running job with everyone waiting for it, typed by kind.
-pub(crate) enum Queued {
-    Load(LoadJob, Vec<LoadWaiter>),
-    Unload(UnloadJob, Vec<oneshot::Sender<Result<Unloaded, VramError>>>),
-    Restart(RestartJob, Vec<oneshot::Sender<Result<(), VramError>>>),
-}
-
-impl Queued {
-    /// The model this job is about, if any.
-    pub(crate) fn model(&self) -> Option<&str> {
-        match self {
-            Queued::Load(job, _) => Some(job.model()),
-            Queued::Unload(job, _) => Some(job.model()),
-            Queued::Restart(..) => None,
-        }
-    }
-
-    /// Whether this job could change whether `model` (of `kind`) is
-    /// resident: a load or unload of it, or a restart of its backend.
-    fn touches(&self, model: &str, kind: Option<&str>) -> bool {
-        match self {
-            Queued::Load(job, _) => job.model() == model,
-            Queued::Unload(job, _) => !job.is_expiry() && job.model() == model,
-            Queued::Restart(job, _) => Some(job.kind()) == kind,
-        }
-    }
-
-    fn handle(&mut self, event: Event, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
-        match self {
-            Queued::Load(job, _) => job.handle(event, books, now, out),
-            Queued::Unload(job, _) => job.handle(event, books, now, out),
-            Queued::Restart(job, _) => job.handle(event, books, now, out),
-        }
-    }
-
-    fn is_done(&self) -> bool {
-        match self {
-            Queued::Load(job, _) => job.is_done(),
-            Queued::Unload(job, _) => job.is_done(),
-            Queued::Restart(job, _) => job.is_done(),
-        }
-    }
-
-    /// Answers everyone waiting `error`.
-    pub(crate) fn refuse(self, error: VramError) {
-        match self {
-            Queued::Load(_, waiters) => {
-                for waiter in waiters {
-                    match waiter {
-                        LoadWaiter::Load(tx) => drop(tx.send(Err(error.clone()))),
-                        LoadWaiter::Acquire(tx) => drop(tx.send(Err(error.clone()))),
-                    }
-                }
-            }
-            Queued::Unload(_, waiters) => waiters
-                .into_iter()
-                .for_each(|tx| drop(tx.send(Err(error.clone())))),
-            Queued::Restart(_, waiters) => waiters
-                .into_iter()
-                .for_each(|tx| drop(tx.send(Err(error.clone())))),
-        }
-    }
-
-    fn span(&self) -> tracing::Span {
-        match self {
-            Queued::Load(job, _) => tracing::info_span!("load", model = %job.model()),
-            Queued::Unload(job, _) if job.is_expiry() => {
-                tracing::info_span!("expire", model = %job.model())
-            }
-            Queued::Unload(job, _) => tracing::info_span!("unload", model = %job.model()),
-            Queued::Restart(job, _) if job.crashes() => {
-                tracing::info_span!("crash", kind = %job.kind())
-            }
-            Queued::Restart(job, _) => tracing::info_span!("reconcile", kind = %job.kind()),
-        }
-    }
-}
-
-/// What a manager that is shutting down answers.
-pub(crate) fn shutting_down() -> VramError {
-    VramError::Unavailable {
-        reason: "the manager is shutting down".to_string(),
-    }
 }
 
 /// The running job and the bookkeeping of its commands.
@@ -162,9 +70,9 @@ pub struct VramActor {
     /// Numbers the jobs.
     runs: u64,
     /// Numbers the waits: a timer of an older wait is dropped.
-    wait_token: u64,
+    pub(crate) wait_token: u64,
     /// Whether the running job waits for a lease release.
-    waits_release: bool,
+    pub(crate) waits_release: bool,
     pub(crate) next_lease: u64,
     pub(crate) subscribers: Vec<Recipient<VramEvent>>,
     /// Where leases send their release.
@@ -175,6 +83,8 @@ pub struct VramActor {
     pub(crate) probe: Option<Rc<dyn GpuProbe>>,
     /// Set by `Shutdown`: no more work is taken or started.
     pub(crate) shutting_down: bool,
+    /// The commands of one event, kept to spare an allocation per event.
+    scratch: Vec<Command>,
 }
 
 impl VramActor {
@@ -212,6 +122,7 @@ impl VramActor {
             observer: None,
             probe: None,
             shutting_down: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -328,198 +239,33 @@ impl VramActor {
     /// Feeds `event` to job number `id` if it is still the running one,
     /// carries out what it answers, and finishes it when it is done.
     pub(crate) fn feed(&mut self, id: u64, event: Event, ctx: &mut Context<Self>) {
-        let mut next = VecDeque::from([event]);
-        let mut out = Vec::new();
-        while let Some(event) = next.pop_front() {
+        let (mut next, mut later) = (Some(event), VecDeque::new());
+        let mut out = std::mem::take(&mut self.scratch);
+        let now = now();
+        while let Some(event) = next.take().or_else(|| later.pop_front()) {
             let Some(running) = self.running.as_mut().filter(|r| r.id == id) else {
-                return;
+                break;
             };
-            let span = running.span.clone();
-            let _entered = span.enter();
-            running.job.handle(event, &mut self.books, now(), &mut out);
+            let _entered = running.span.clone().entered();
+            running.job.handle(event, &mut self.books, now, &mut out);
             let done = running.job.is_done();
             for command in out.drain(..) {
                 // A command answered at once (a ready card read) feeds
                 // its answer next, without a trip through the context.
                 if let Some(answer) = self.execute(id, command, ctx) {
-                    next.push_back(answer);
+                    match next {
+                        None => next = Some(answer),
+                        Some(_) => later.push_back(answer),
+                    }
                 }
             }
             if done {
+                self.scratch = out;
                 self.finish(ctx);
                 return;
             }
         }
-    }
-
-    /// Carries out one command of job `id`; answers its event when it is
-    /// known at once.
-    fn execute(&mut self, id: u64, command: Command, ctx: &mut Context<Self>) -> Option<Event> {
-        match command {
-            Command::Publish(event) => {
-                self.publish(event);
-                None
-            }
-            Command::ReadCard => {
-                let Some(probe) = self.probe.clone() else {
-                    return Some(Event::Card(None));
-                };
-                let mut read = probe.memory();
-                // A simulated card answers at once: no trip through the
-                // actor's context.
-                if let Some(result) = (&mut read).now_or_never() {
-                    return Some(Event::Card(card(result)));
-                }
-                ctx.spawn(
-                    read.into_actor(self)
-                        .map(move |result, act, ctx| act.feed(id, Event::Card(card(result)), ctx)),
-                );
-                None
-            }
-            Command::Unload { model, kind } => {
-                let label = model.clone();
-                self.call(
-                    id,
-                    &kind,
-                    UnloadModel(model.clone()),
-                    label,
-                    ctx,
-                    move |result| Event::Unloaded { model, result },
-                )
-            }
-            Command::Load(spec) => {
-                let (kind, label) = (spec.kind.clone(), spec.id.clone());
-                self.call(id, &kind, LoadModel(spec), label, ctx, Event::Loaded)
-            }
-            Command::Crash { kind } => {
-                let label = format!("<{kind} backend>");
-                let Some(backend) = self.actors.get(&kind).cloned() else {
-                    return Some(Event::Crashed(Err(no_backend(&kind, &label))));
-                };
-                ctx.spawn(backend.send(Crash::default()).into_actor(self).map(
-                    move |answer, act, ctx| {
-                        let result = answer.map_err(|e| VramError::BackendFailed {
-                            model: label,
-                            reason: format!("backend actor unavailable: {e}"),
-                        });
-                        act.feed(id, Event::Crashed(result), ctx)
-                    },
-                ));
-                None
-            }
-            Command::List { kind } => {
-                let label = format!("<{kind} backend>");
-                self.call(id, &kind.clone(), ListLoaded, label, ctx, Event::Listed)
-            }
-            Command::WaitRelease { until } => {
-                self.waits_release = true;
-                self.wait(id, until, ctx);
-                None
-            }
-            Command::Wait { until } => {
-                self.wait(id, until, ctx);
-                None
-            }
-            Command::Reconcile { kind } => {
-                self.queue
-                    .push_front(Queued::Restart(RestartJob::reconcile(kind), vec![]));
-                None
-            }
-        }
-    }
-
-    /// Sends `msg` to the backend actor of `kind` and feeds the answer
-    /// back to job `id` (a dead actor is replaced; the call fails).
-    fn call<M, T>(
-        &mut self,
-        id: u64,
-        kind: &str,
-        msg: M,
-        label: String,
-        ctx: &mut Context<Self>,
-        event: impl FnOnce(Result<T, VramError>) -> Event + 'static,
-    ) -> Option<Event>
-    where
-        M: Message<Result = Result<T, VramError>> + Send + 'static,
-        T: Send + 'static,
-        BackendActor: Handler<M>,
-    {
-        let Some(backend) = self.actors.get(kind).cloned() else {
-            return Some(event(Err(no_backend(kind, &label))));
-        };
-        let kind = kind.to_string();
-        ctx.spawn(
-            backend
-                .send(msg)
-                .into_actor(self)
-                .map(move |answer, act, ctx| {
-                    let result = match answer {
-                        Ok(result) => result,
-                        Err(e) => Err(act.backend_lost(&kind, &backend, &label, e, ctx)),
-                    };
-                    act.feed(id, event(result), ctx)
-                }),
-        );
-        None
-    }
-
-    /// A call found its backend actor gone: if it is dead (a panic escaped
-    /// its guards, so its supervisor could not restart it), start a fresh
-    /// one and reconcile with it first thing.
-    fn backend_lost(
-        &mut self,
-        kind: &str,
-        backend: &Addr<BackendActor>,
-        label: &str,
-        error: MailboxError,
-        ctx: &mut Context<Self>,
-    ) -> VramError {
-        if backend.connected() {
-            // The supervisor restarted the actor while it handled this
-            // call; the call's future went with the old instance.
-            return VramError::BackendFailed {
-                model: label.to_string(),
-                reason: "the backend restarted during the call".to_string(),
-            };
-        }
-        self.replace_backend(kind, backend, ctx);
-        VramError::BackendFailed {
-            model: label.to_string(),
-            reason: format!("backend actor unavailable: {error}"),
-        }
-    }
-
-    /// Replaces the backend actor of `kind` if it is still the dead one,
-    /// and queues a reconcile with the fresh one ahead of everything.
-    pub(crate) fn replace_backend(
-        &mut self,
-        kind: &str,
-        dead: &Addr<BackendActor>,
-        ctx: &mut Context<Self>,
-    ) {
-        if self.actors.get(kind) != Some(dead) {
-            return; // already replaced
-        }
-        tracing::error!(kind = %kind, "backend actor died without a restart; starting a fresh one");
-        if let Some(backend) = self.backends.get(kind) {
-            backend.reset();
-        }
-        self.start_backend(kind, ctx);
-        self.reconcile_first(kind.to_string(), ctx);
-    }
-
-    /// Feeds [`Event::Deadline`] to job `id` at `until` unless another
-    /// wait or a release comes first.
-    fn wait(&mut self, id: u64, until: Instant, ctx: &mut Context<Self>) {
-        self.wait_token += 1;
-        let token = self.wait_token;
-        let delay = until.saturating_duration_since(now());
-        ctx.run_later(delay, move |act, ctx| {
-            if act.wait_token == token {
-                act.waits_release = false;
-                act.feed(id, Event::Deadline, ctx);
-            }
-        });
+        self.scratch = out;
     }
 
     /// A lease was released: wakes the running job if it waits for one.
@@ -601,7 +347,7 @@ impl VramActor {
         waiters: Vec<LoadWaiter>,
         ctx: &mut Context<Self>,
     ) {
-        let refuse = move || Queued::Load(LoadJob::new(""), waiters).refuse(shutting_down());
+        let refuse = move || refuse_load(waiters, shutting_down());
         // The ledger was emptied by the shutdown: the kind comes from the
         // catalog.
         self.books.forget(model);
@@ -644,22 +390,6 @@ impl VramActor {
             owner: self.me.clone(),
             valid,
         })
-    }
-}
-
-/// The card's memory, or `None` (warned) when it could not be read.
-fn card(result: Result<GpuMemory, ProbeError>) -> Option<GpuMemory> {
-    result
-        .inspect_err(
-            |e| tracing::warn!(error = %e, "could not read the card; planning on the ledger alone"),
-        )
-        .ok()
-}
-
-fn no_backend(kind: &str, label: &str) -> VramError {
-    VramError::BackendFailed {
-        model: label.to_string(),
-        reason: format!("no backend for kind {kind:?}"),
     }
 }
 

@@ -1,0 +1,211 @@
+//! How the `VramActor` carries out its running job's commands: a backend
+//! call is a message to that kind's `BackendActor` whose answer comes back
+//! to the actor directly and is fed to the job (no trip through the
+//! actor's own mailbox); a card read that is ready at once is answered at
+//! once; a wait is a timer. A backend actor found dead is replaced.
+
+use std::time::Instant;
+
+use actix::prelude::*;
+use futures::FutureExt;
+
+use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModel};
+use crate::error::VramError;
+use crate::job::RestartJob;
+use crate::job::{Command, Event};
+use crate::probe::{GpuMemory, ProbeError};
+use crate::queue::Queued;
+use crate::vram_actor::{VramActor, now};
+
+impl VramActor {
+    /// Carries out one command of job `id`; answers its event when it is
+    /// known at once.
+    pub(crate) fn execute(
+        &mut self,
+        id: u64,
+        command: Command,
+        ctx: &mut Context<Self>,
+    ) -> Option<Event> {
+        match command {
+            Command::Publish(event) => {
+                self.publish(event);
+                None
+            }
+            Command::ReadCard => {
+                let Some(probe) = self.probe.clone() else {
+                    return Some(Event::Card(None));
+                };
+                let mut read = probe.memory();
+                // A simulated card answers at once: no trip through the
+                // actor's context.
+                if let Some(result) = (&mut read).now_or_never() {
+                    return Some(Event::Card(card(result)));
+                }
+                ctx.spawn(
+                    read.into_actor(self)
+                        .map(move |result, act, ctx| act.feed(id, Event::Card(card(result)), ctx)),
+                );
+                None
+            }
+            Command::Unload { model, kind } => {
+                let label = model.clone();
+                self.call(
+                    id,
+                    &kind,
+                    UnloadModel(model.clone()),
+                    label,
+                    ctx,
+                    move |result| Event::Unloaded { model, result },
+                )
+            }
+            Command::Load(spec) => {
+                let (kind, label) = (spec.kind.clone(), spec.id.clone());
+                self.call(id, &kind, LoadModel(spec), label, ctx, Event::Loaded)
+            }
+            Command::Crash { kind } => {
+                let label = format!("<{kind} backend>");
+                let Some(backend) = self.actors.get(&kind).cloned() else {
+                    return Some(Event::Crashed(Err(no_backend(&kind, &label))));
+                };
+                ctx.spawn(backend.send(Crash::default()).into_actor(self).map(
+                    move |answer, act, ctx| {
+                        let result = answer.map_err(|e| VramError::BackendFailed {
+                            model: label,
+                            reason: format!("backend actor unavailable: {e}"),
+                        });
+                        act.feed(id, Event::Crashed(result), ctx)
+                    },
+                ));
+                None
+            }
+            Command::List { kind } => {
+                let label = format!("<{kind} backend>");
+                self.call(id, &kind.clone(), ListLoaded, label, ctx, Event::Listed)
+            }
+            Command::WaitRelease { until } => {
+                self.waits_release = true;
+                self.wait(id, until, ctx);
+                None
+            }
+            Command::Wait { until } => {
+                self.wait(id, until, ctx);
+                None
+            }
+            Command::Reconcile { kind } => {
+                self.queue
+                    .push_front(Queued::Restart(RestartJob::reconcile(kind), vec![]));
+                None
+            }
+        }
+    }
+
+    /// Sends `msg` to the backend actor of `kind` and feeds the answer
+    /// back to job `id` (a dead actor is replaced; the call fails).
+    fn call<M, T>(
+        &mut self,
+        id: u64,
+        kind: &str,
+        msg: M,
+        label: String,
+        ctx: &mut Context<Self>,
+        event: impl FnOnce(Result<T, VramError>) -> Event + 'static,
+    ) -> Option<Event>
+    where
+        M: Message<Result = Result<T, VramError>> + Send + 'static,
+        T: Send + 'static,
+        BackendActor: Handler<M>,
+    {
+        let Some(backend) = self.actors.get(kind).cloned() else {
+            return Some(event(Err(no_backend(kind, &label))));
+        };
+        let kind = kind.to_string();
+        ctx.spawn(
+            backend
+                .send(msg)
+                .into_actor(self)
+                .map(move |answer, act, ctx| {
+                    let result = match answer {
+                        Ok(result) => result,
+                        Err(e) => Err(act.backend_lost(&kind, &backend, &label, e, ctx)),
+                    };
+                    act.feed(id, event(result), ctx)
+                }),
+        );
+        None
+    }
+
+    /// A call found its backend actor gone: if it is dead (a panic escaped
+    /// its guards, so its supervisor could not restart it), start a fresh
+    /// one and reconcile with it first thing.
+    fn backend_lost(
+        &mut self,
+        kind: &str,
+        backend: &Addr<BackendActor>,
+        label: &str,
+        error: MailboxError,
+        ctx: &mut Context<Self>,
+    ) -> VramError {
+        if backend.connected() {
+            // The supervisor restarted the actor while it handled this
+            // call; the call's future went with the old instance.
+            return VramError::BackendFailed {
+                model: label.to_string(),
+                reason: "the backend restarted during the call".to_string(),
+            };
+        }
+        self.replace_backend(kind, backend, ctx);
+        VramError::BackendFailed {
+            model: label.to_string(),
+            reason: format!("backend actor unavailable: {error}"),
+        }
+    }
+
+    /// Replaces the backend actor of `kind` if it is still the dead one,
+    /// and queues a reconcile with the fresh one ahead of everything.
+    pub(crate) fn replace_backend(
+        &mut self,
+        kind: &str,
+        dead: &Addr<BackendActor>,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.actors.get(kind) != Some(dead) {
+            return; // already replaced
+        }
+        tracing::error!(kind = %kind, "backend actor died without a restart; starting a fresh one");
+        if let Some(backend) = self.backends.get(kind) {
+            backend.reset();
+        }
+        self.start_backend(kind, ctx);
+        self.reconcile_first(kind.to_string(), ctx);
+    }
+
+    /// Feeds [`Event::Deadline`] to job `id` at `until` unless another
+    /// wait or a release comes first.
+    fn wait(&mut self, id: u64, until: Instant, ctx: &mut Context<Self>) {
+        self.wait_token += 1;
+        let token = self.wait_token;
+        let delay = until.saturating_duration_since(now());
+        ctx.run_later(delay, move |act, ctx| {
+            if act.wait_token == token {
+                act.waits_release = false;
+                act.feed(id, Event::Deadline, ctx);
+            }
+        });
+    }
+}
+
+/// The card's memory, or `None` (warned) when it could not be read.
+fn card(result: Result<GpuMemory, ProbeError>) -> Option<GpuMemory> {
+    result
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "could not read the card; planning on the ledger alone"),
+        )
+        .ok()
+}
+
+fn no_backend(kind: &str, label: &str) -> VramError {
+    VramError::BackendFailed {
+        model: label.to_string(),
+        reason: format!("no backend for kind {kind:?}"),
+    }
+}

@@ -1,0 +1,113 @@
+//! The jobs of the `VramActor`'s queue, each with everyone waiting for it,
+//! typed by kind: a load answers its `Load` and `Acquire` waiters, an
+//! unload its `Unload` waiters, a restart its `CrashBackend` waiter — so a
+//! job's outcome can only reach a waiter of the same type.
+
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::error::VramError;
+use crate::events::{Loaded, Unloaded};
+use crate::job::{Books, Command, Event, Job as _, LoadJob, RestartJob, UnloadJob};
+use crate::messages::Lease;
+
+/// Someone waiting for a load: a `Load` or an `Acquire` that needs one.
+pub(crate) enum LoadWaiter {
+    Load(oneshot::Sender<Result<Loaded, VramError>>),
+    Acquire(oneshot::Sender<Result<Lease, VramError>>),
+}
+
+/// A queued or running job with everyone waiting for it, typed by kind.
+pub(crate) enum Queued {
+    Load(LoadJob, Vec<LoadWaiter>),
+    Unload(UnloadJob, Vec<oneshot::Sender<Result<Unloaded, VramError>>>),
+    Restart(RestartJob, Vec<oneshot::Sender<Result<(), VramError>>>),
+}
+
+impl Queued {
+    /// The model this job is about, if any.
+    pub(crate) fn model(&self) -> Option<&str> {
+        match self {
+            Queued::Load(job, _) => Some(job.model()),
+            Queued::Unload(job, _) => Some(job.model()),
+            Queued::Restart(..) => None,
+        }
+    }
+
+    /// Whether this job could change whether `model` (of `kind`) is
+    /// resident: a load or unload of it, or a restart of its backend.
+    pub(crate) fn touches(&self, model: &str, kind: Option<&str>) -> bool {
+        match self {
+            Queued::Load(job, _) => job.model() == model,
+            Queued::Unload(job, _) => !job.is_expiry() && job.model() == model,
+            Queued::Restart(job, _) => Some(job.kind()) == kind,
+        }
+    }
+
+    pub(crate) fn handle(
+        &mut self,
+        event: Event,
+        books: &mut Books,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
+        match self {
+            Queued::Load(job, _) => job.handle(event, books, now, out),
+            Queued::Unload(job, _) => job.handle(event, books, now, out),
+            Queued::Restart(job, _) => job.handle(event, books, now, out),
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        match self {
+            Queued::Load(job, _) => job.is_done(),
+            Queued::Unload(job, _) => job.is_done(),
+            Queued::Restart(job, _) => job.is_done(),
+        }
+    }
+
+    /// Answers everyone waiting `error`.
+    pub(crate) fn refuse(self, error: VramError) {
+        match self {
+            Queued::Load(_, waiters) => refuse_load(waiters, error),
+            Queued::Unload(_, waiters) => waiters
+                .into_iter()
+                .for_each(|tx| drop(tx.send(Err(error.clone())))),
+            Queued::Restart(_, waiters) => waiters
+                .into_iter()
+                .for_each(|tx| drop(tx.send(Err(error.clone())))),
+        }
+    }
+
+    pub(crate) fn span(&self) -> tracing::Span {
+        match self {
+            Queued::Load(job, _) => tracing::info_span!("load", model = %job.model()),
+            Queued::Unload(job, _) if job.is_expiry() => {
+                tracing::info_span!("expire", model = %job.model())
+            }
+            Queued::Unload(job, _) => tracing::info_span!("unload", model = %job.model()),
+            Queued::Restart(job, _) if job.crashes() => {
+                tracing::info_span!("crash", kind = %job.kind())
+            }
+            Queued::Restart(job, _) => tracing::info_span!("reconcile", kind = %job.kind()),
+        }
+    }
+}
+
+/// What a manager that is shutting down answers.
+pub(crate) fn shutting_down() -> VramError {
+    VramError::Unavailable {
+        reason: "the manager is shutting down".to_string(),
+    }
+}
+
+/// Answers everyone waiting for a load `error`.
+pub(crate) fn refuse_load(waiters: Vec<LoadWaiter>, error: VramError) {
+    for waiter in waiters {
+        match waiter {
+            LoadWaiter::Load(tx) => drop(tx.send(Err(error.clone()))),
+            LoadWaiter::Acquire(tx) => drop(tx.send(Err(error.clone()))),
+        }
+    }
+}
