@@ -72,7 +72,6 @@ async fn measure(quick: bool) -> serde_json::Value {
         loads.insert(format!("load_k{k}_us"), us(bench::median(&mut samples)));
     }
 
-    // Planning alone.
     let mut plans = BTreeMap::new();
     for n in [10usize, 100, 1_000, 10_000] {
         let fixture = bench::plan_fixture(n);
@@ -104,8 +103,8 @@ async fn measure(quick: bool) -> serde_json::Value {
         "load_k1_us": loads["load_k1_us"],
         "load_k4_us": loads["load_k4_us"],
         "load_k16_us": loads["load_k16_us"],
-        // A load with k evictions against one bare actix round trip: the
-        // target is at most 1.5 x (k + 2).
+        // A load with k evictions against one bare actix round trip, both
+        // medians of this run: the target is at most 1.5 x (k + 2).
         "load_k1_ratio": ratio(loads["load_k1_us"], us(baseline)),
         "load_k4_ratio": ratio(loads["load_k4_us"], us(baseline)),
         "load_k16_ratio": ratio(loads["load_k16_us"], us(baseline)),

@@ -69,6 +69,17 @@ impl Handler<BareAcquire> for BareActor {
     }
 }
 
+/// Answered once every message sent before it is handled (so releases
+/// still queued do not spill into the next measurement).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct BareSync;
+
+impl Handler<BareSync> for BareActor {
+    type Result = ();
+    fn handle(&mut self, _msg: BareSync, _ctx: &mut Context<Self>) {}
+}
+
 impl Handler<BareRelease> for BareActor {
     type Result = ();
     fn handle(&mut self, _msg: BareRelease, _ctx: &mut Context<Self>) {
@@ -118,7 +129,9 @@ pub async fn bare_round_trips(bare: &Addr<BareActor>, n: u64) -> Duration {
             .await;
         drop(std::hint::black_box(lease));
     }
-    started.elapsed()
+    let took = started.elapsed();
+    let _ = bare.send(BareSync).await;
+    took
 }
 
 /// A manager on a card of `2k` GiB with `2k` small LLMs of 1 GiB and a big
