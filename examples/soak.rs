@@ -33,14 +33,20 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // Injected panics are expected and counted; keep the output readable.
     std::panic::set_hook(Box::new(|_| {}));
-    let report = soak::run(SoakOptions {
+    let report = match soak::run(SoakOptions {
         clients: args.clients,
         operations: args.ops,
         fault_rate: args.fault_rate,
         seed: args.seed,
         timeout: Duration::from_millis(args.timeout_ms),
         ..SoakOptions::default()
-    });
+    }) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     println!("operations     {}", report.operations);
     println!("results        {:?}", report.results);
     println!("backend calls  {}", report.backend_calls);

@@ -246,7 +246,10 @@ pub fn plan_fixture(n: usize) -> (Ledger, Kinds, Catalog) {
         let spec = &specs[(j * 7919) % n];
         ledger.insert_resident(spec);
     }
-    (ledger, Kinds::voice_assistant(), catalog)
+    let kinds = Settings::defaults()
+        .map(|s| s.kinds)
+        .expect("the compiled-in defaults are valid");
+    (ledger, kinds, catalog)
 }
 
 /// Plans "request" against `fixture`, answering the number of victims.

@@ -276,6 +276,12 @@ pub struct ModelSettings {
 }
 
 impl Settings {
+    /// The defaults alone (`config/default.toml`, compiled in): the one
+    /// place default values live.
+    pub fn defaults() -> Result<Self, SettingsError> {
+        Self::parse("")
+    }
+
     /// The defaults, then `text` (TOML) on top. No environment: for tests
     /// and embedded configurations.
     pub fn parse(text: &str) -> Result<Self, SettingsError> {

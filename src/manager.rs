@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use actix::prelude::*;
-use vram_actors::{Backend, GpuProbe, ManagerConfig, Shutdown, VramActor};
+use vram_actors::{
+    Backend, GpuProbe, Lease, Loaded, ManagerConfig, Shutdown, VramActor, VramError, VramHandle,
+};
 
 use crate::backends::{ProcessBackend, Router, SimBackend};
 use crate::config::{BackendSpec, Settings, SettingsError};
@@ -64,6 +66,23 @@ impl Manager {
     /// card. With process-backed models it is the real card through NVML
     /// when `gpu.probe` finds one (see [`crate::gpu::resolve`]), else none.
     pub fn start(settings: &Settings) -> Result<Self, SettingsError> {
+        Self::start_with(settings, BTreeMap::new())
+    }
+
+    /// Starts a manager whose kinds named in `custom` use those backends
+    /// (an application's own `Backend`) instead of the simulated and
+    /// process backends the settings describe; everything else is as
+    /// [`Manager::start`].
+    pub fn start_with(
+        settings: &Settings,
+        mut custom: BTreeMap<String, Rc<dyn Backend>>,
+    ) -> Result<Self, SettingsError> {
+        if let Some(kind) = custom.keys().find(|k| settings.kinds.get(k).is_none()) {
+            return Err(SettingsError::Invalid {
+                key: format!("kinds.{kind}"),
+                message: "a custom backend names a kind the settings do not have".to_string(),
+            });
+        }
         let config = Self::config(settings)?;
         let total = config.capacity + settings.gpu.reserve;
         let card = SimCard::new(total, settings.gpu.external);
@@ -105,7 +124,11 @@ impl Manager {
                 sim: sim.clone(),
                 process: process.clone(),
             };
-            backends.insert(kind.clone(), Rc::new(router));
+            let backend: Rc<dyn Backend> = match custom.remove(&kind) {
+                Some(backend) => backend,
+                None => Rc::new(router),
+            };
+            backends.insert(kind.clone(), backend);
             sims.insert(kind.clone(), sim);
             processes.insert(kind, process);
         }
@@ -119,6 +142,23 @@ impl Manager {
             processes,
             card,
         })
+    }
+
+    /// A cloneable, `Send + Sync` handle with one `Result` per call
+    /// (`handle.load("x").await?`), for actix-web's `web::Data` and the
+    /// like.
+    pub fn handle(&self) -> VramHandle {
+        VramHandle::new(self.addr.clone())
+    }
+
+    /// Loads `model`; see [`VramHandle::load`].
+    pub async fn load(&self, model: impl Into<String>) -> Result<Loaded, VramError> {
+        self.handle().load(model).await
+    }
+
+    /// Acquires `model`; see [`VramHandle::acquire`].
+    pub async fn acquire(&self, model: impl Into<String>) -> Result<Lease, VramError> {
+        self.handle().acquire(model).await
     }
 
     /// Stops taking work and stops every model server; call before the

@@ -24,6 +24,8 @@ use vram_actors::{
 };
 
 use crate::backends::{FaultBackend, FaultRates};
+use crate::config::{Settings, SettingsError};
+use crate::manager::Manager;
 
 const GIB: u64 = 1 << 30;
 
@@ -158,14 +160,17 @@ impl Handler<VramEvent> for EvictionChecker {
 }
 
 /// Runs a soak on a fresh actix system and reports it.
-pub fn run(options: SoakOptions) -> SoakReport {
-    actix::System::new().block_on(soak(options))
+pub fn run(options: SoakOptions) -> Result<SoakReport, SettingsError> {
+    // The default settings (kinds, queue, release wait) on a 16 GiB card.
+    let settings = Settings::parse("[gpu]\ntotal = \"16GiB\"\nprobe = \"none\"")?;
+    let base = Manager::config(&settings)?;
+    Ok(actix::System::new().block_on(soak(options, base)))
 }
 
-async fn soak(options: SoakOptions) -> SoakReport {
+async fn soak(options: SoakOptions, base: ManagerConfig) -> SoakReport {
     let started = Instant::now();
     let catalog: Catalog = models().into_iter().collect();
-    let kinds = Kinds::voice_assistant();
+    let kinds = base.kinds.clone();
     let violations: Violations = Rc::default();
     let held: Held = Rc::default();
     let checks = Rc::new(RefCell::new(0u64));
@@ -205,7 +210,8 @@ async fn soak(options: SoakOptions) -> SoakReport {
         unload_timeout: options.timeout,
         restart_backoff: Duration::from_millis(1),
         restart_backoff_max: Duration::from_millis(10),
-        ..ManagerConfig::new(16 * GIB, catalog.clone())
+        catalog: catalog.clone(),
+        ..base
     };
     let observed = (backends.clone(), violations.clone(), checks.clone());
     let manager = VramActor::new(config, by_kind)

@@ -377,14 +377,14 @@ impl vram_manager::Backend for NeverReady {
 #[actix_rt::test]
 async fn a_backend_timeout_carries_its_reason_to_the_caller_and_the_event() {
     use actix::Actor;
-    use vram_manager::{Catalog, ManagerConfig, ModelSpec, VramActor, VramError};
+    use vram_manager::{Catalog, ModelSpec, VramActor, VramError};
     let catalog: Catalog = [
         ModelSpec::new("never", "llm", GIB),
         ModelSpec::new("hang", "llm", GIB),
     ]
     .into_iter()
     .collect();
-    let mut config = ManagerConfig::new(16 * GIB, catalog);
+    let mut config = common::default_config(catalog);
     config.load_timeout = std::time::Duration::from_millis(50);
     let backend: std::rc::Rc<dyn vram_manager::Backend> = std::rc::Rc::new(NeverReady);
     let addr = VramActor::new(config, [("llm".to_string(), backend)].into()).start();

@@ -351,7 +351,7 @@ async fn a_victim_that_will_not_unload_after_the_load_takes_the_model_off_again(
     use actix::Actor;
     use vram_manager::backends::{Fault, FaultBackend, SimBackend};
     use vram_manager::config::SimOptions;
-    use vram_manager::{Backend, Catalog, Load, ManagerConfig, ModelSpec, Status, VramActor};
+    use vram_manager::{Backend, Catalog, Load, ModelSpec, Status, VramActor};
 
     // "a" (tts) lives on a scripted fault backend; "b" (llm) on a
     // simulated card, where it measures 12 GiB against a declared 8.
@@ -372,7 +372,7 @@ async fn a_victim_that_will_not_unload_after_the_load_takes_the_model_off_again(
         ("tts".to_string(), Rc::new(fault.clone()) as Rc<dyn Backend>),
         ("llm".to_string(), Rc::new(sim.clone()) as Rc<dyn Backend>),
     ]);
-    let addr = VramActor::new(ManagerConfig::new(16 * GIB, catalog), backends)
+    let addr = VramActor::new(common::default_config(catalog), backends)
         .with_probe(Rc::new(card.clone()))
         .start();
     addr.send(Load::new("a")).await.unwrap().unwrap();

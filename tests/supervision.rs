@@ -311,12 +311,11 @@ async fn a_restarted_manager_rebuilds_its_ledger_from_the_backends() {
 #[test]
 fn bounded_soak_holds_every_invariant() {
     // 32 clients, 5% of backend calls faulty (fail, panic, hang, slow).
-    std::panic::set_hook(Box::new(|_| {}));
     let report = soak::run(SoakOptions {
         operations: 20_000,
         ..SoakOptions::default()
-    });
-    let _ = std::panic::take_hook();
+    })
+    .expect("the soak's settings are valid");
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
     assert_eq!(report.operations, 20_000);
     assert!(

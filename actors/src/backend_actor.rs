@@ -347,9 +347,20 @@ mod tests {
     #[test]
     fn restart_backoff_doubles_up_to_its_cap() {
         let config = ManagerConfig {
+            capacity: 1,
+            kinds: Default::default(),
+            catalog: Catalog::new(),
+            lease_wait: Duration::ZERO,
+            load_timeout: Duration::from_secs(1),
+            unload_timeout: Duration::from_secs(1),
+            max_queue: 1,
             restart_backoff: Duration::from_millis(10),
             restart_backoff_max: Duration::from_millis(100),
-            ..ManagerConfig::new(1, Catalog::new())
+            reserve: 0,
+            release_fraction: 0.75,
+            release_poll: Duration::from_millis(10),
+            release_timeout: Duration::from_secs(1),
+            ttl: Default::default(),
         };
         let actor = BackendActor::new("tts", Rc::new(Nothing), &config);
         let delays: Vec<u64> = (1..=6)

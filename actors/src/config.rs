@@ -1,6 +1,7 @@
 //! `ManagerConfig`: what a manager is built from (capacity, kinds,
 //! catalog, timeouts, the release wait, TTLs). The application builds it
-//! from its validated settings.
+//! from its validated settings (whose defaults are the only ones: this
+//! crate has none of its own).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -44,27 +45,4 @@ pub struct ManagerConfig {
     /// Idle time after which a model is unloaded, by model id (models
     /// without an entry never expire).
     pub ttl: HashMap<String, Duration>,
-}
-
-impl ManagerConfig {
-    /// A configuration with the voice-assistant kinds, no lease wait,
-    /// generous timeouts and a queue of 64.
-    pub fn new(capacity: u64, catalog: Catalog) -> Self {
-        Self {
-            capacity,
-            kinds: Kinds::voice_assistant(),
-            catalog,
-            lease_wait: Duration::ZERO,
-            load_timeout: Duration::from_secs(120),
-            unload_timeout: Duration::from_secs(30),
-            max_queue: 64,
-            restart_backoff: Duration::from_millis(10),
-            restart_backoff_max: Duration::from_secs(2),
-            reserve: 0,
-            release_fraction: 0.75,
-            release_poll: Duration::from_millis(250),
-            release_timeout: Duration::from_secs(5),
-            ttl: HashMap::new(),
-        }
-    }
 }

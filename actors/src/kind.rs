@@ -54,16 +54,6 @@ impl Kinds {
         Self::default()
     }
 
-    /// The kinds of a voice assistant: `llm` (0), `tts` (1) and `asr` (2,
-    /// protected), so a language model never pushes out the recogniser.
-    pub fn voice_assistant() -> Self {
-        let mut kinds = Self::new();
-        kinds.insert(Kind::new("llm", 0, false));
-        kinds.insert(Kind::new("tts", 1, false));
-        kinds.insert(Kind::new("asr", 2, true));
-        kinds
-    }
-
     /// Adds a kind, replacing any kind of the same name.
     pub fn insert(&mut self, kind: Kind) {
         self.by_name.insert(kind.name.clone(), kind);
@@ -90,13 +80,34 @@ impl Kinds {
     }
 }
 
+impl FromIterator<Kind> for Kinds {
+    fn from_iter<I: IntoIterator<Item = Kind>>(kinds: I) -> Self {
+        let mut all = Self::new();
+        for kind in kinds {
+            all.insert(kind);
+        }
+        all
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The kinds the tests use: llm 0, tts 1, asr 2 protected.
+    fn voice_assistant() -> Kinds {
+        [
+            Kind::new("llm", 0, false),
+            Kind::new("tts", 1, false),
+            Kind::new("asr", 2, true),
+        ]
+        .into_iter()
+        .collect()
+    }
+
     #[test]
-    fn voice_assistant_kinds_are_ordered_and_asr_is_protected() {
-        let kinds = Kinds::voice_assistant();
+    fn kinds_collect_by_name() {
+        let kinds = voice_assistant();
         let (llm, tts, asr) = (
             kinds.get("llm").unwrap(),
             kinds.get("tts").unwrap(),
@@ -108,7 +119,7 @@ mod tests {
 
     #[test]
     fn protection_holds_only_against_lower_kinds() {
-        let kinds = Kinds::voice_assistant();
+        let kinds = voice_assistant();
         let asr = kinds.get("asr").unwrap();
         assert!(!asr.evictable_by(kinds.get("tts").unwrap()));
         assert!(!asr.evictable_by(kinds.get("llm").unwrap()));

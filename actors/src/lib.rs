@@ -10,7 +10,8 @@
 //!
 //! Modules import one way: `kind`, `model`, `error`, `events`, `probe` ->
 //! `ledger` -> `policy` -> `job` -> `backend`, `backend_actor`, `config`
-//! -> `messages` -> `queue` -> `vram_actor` -> `commands`, `handlers`.
+//! -> `messages` -> `queue` -> `vram_actor` -> `commands`, `handlers`,
+//! `handle`.
 #![warn(missing_docs)]
 
 mod backend;
@@ -19,6 +20,7 @@ mod commands;
 mod config;
 mod error;
 mod events;
+mod handle;
 mod handlers;
 mod job;
 mod kind;
@@ -37,6 +39,7 @@ pub use backend_actor::{
 pub use config::ManagerConfig;
 pub use error::VramError;
 pub use events::{Loaded, Unloaded, VramEvent};
+pub use handle::VramHandle;
 pub use handlers::Restart;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};

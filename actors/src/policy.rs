@@ -53,7 +53,7 @@ impl Plan {
 /// bytes, or less when the card itself has less).
 ///
 /// ```
-/// use vram_actors::{plan, Catalog, Kinds, Ledger, ModelSpec, Plan};
+/// use vram_actors::{plan, Catalog, Kind, Kinds, Ledger, ModelSpec, Plan};
 /// const GIB: u64 = 1 << 30;
 /// let catalog: Catalog = [
 ///     ModelSpec::new("llm-8b", "llm", 8 * GIB),
@@ -63,7 +63,10 @@ impl Plan {
 /// .collect();
 /// let mut ledger = Ledger::new(16 * GIB);
 /// ledger.insert_resident(catalog.get("llm-8b").unwrap());
-/// let plan = plan(&ledger, &Kinds::voice_assistant(), &catalog, "llm-14b", ledger.free())?;
+/// let kinds: Kinds = [Kind::new("llm", 0, false), Kind::new("asr", 2, true)]
+///     .into_iter()
+///     .collect();
+/// let plan = plan(&ledger, &kinds, &catalog, "llm-14b", ledger.free())?;
 /// assert_eq!(plan, Plan::Load { victims: vec!["llm-8b".to_string()] });
 /// # Ok::<(), vram_actors::VramError>(())
 /// ```
@@ -244,7 +247,13 @@ mod tests {
         fn new(models: &[(&str, &str, u64)]) -> Self {
             Self {
                 ledger: Ledger::new(16 * GIB),
-                kinds: Kinds::voice_assistant(),
+                kinds: [
+                    Kind::new("llm", 0, false),
+                    Kind::new("tts", 1, false),
+                    Kind::new("asr", 2, true),
+                ]
+                .into_iter()
+                .collect(),
                 catalog: models
                     .iter()
                     .map(|&(id, kind, gib)| ModelSpec::new(id, kind, gib * GIB))

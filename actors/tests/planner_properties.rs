@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use vram_actors::{Catalog, Kinds, Ledger, ModelSpec, Plan, VramError, plan};
+use vram_actors::{Catalog, Kind, Kinds, Ledger, ModelSpec, Plan, VramError, plan};
 
 const CAPACITY: u64 = 16;
 
@@ -59,7 +59,13 @@ struct World {
 impl World {
     fn new() -> Self {
         Self {
-            kinds: Kinds::voice_assistant(),
+            kinds: [
+                Kind::new("llm", 0, false),
+                Kind::new("tts", 1, false),
+                Kind::new("asr", 2, true),
+            ]
+            .into_iter()
+            .collect(),
             catalog: models()
                 .into_iter()
                 .map(|(id, kind, size, pinned)| ModelSpec::new(id, kind, size).pinned(pinned))

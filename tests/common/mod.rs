@@ -44,6 +44,15 @@ pub fn settings(toml: &str) -> Settings {
     Settings::parse(toml).expect("test settings are valid")
 }
 
+/// The default manager configuration (a 16 GiB card) over `catalog`.
+pub fn default_config(catalog: vram_manager::Catalog) -> vram_manager::ManagerConfig {
+    let defaults = Settings::defaults().expect("the defaults are valid");
+    vram_manager::ManagerConfig {
+        catalog,
+        ..Manager::config(&defaults).expect("the defaults describe a card")
+    }
+}
+
 /// Starts a manager from TOML settings (inside an actix test).
 pub fn start(toml: &str) -> Manager {
     Manager::start(&settings(toml)).expect("manager starts")
