@@ -6,9 +6,9 @@ use std::path::Path;
 
 use bytesize::ByteSize;
 
-use crate::config::{BackendSpec, GpuTotal, ProbeChoice, Settings};
-use crate::gpu;
-use crate::scenario::{self, Scenario, StepReport};
+use vram_manager::config::{BackendSpec, GpuTotal, ProbeChoice, Settings};
+use vram_manager::gpu;
+use vram_manager::scenario::{self, Scenario, StepReport};
 
 /// How a subcommand ended; the binary maps it to an exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vram_manager::cli::{self, Outcome};
+mod cli;
+mod plot;
+
+use cli::Outcome;
 
 /// Shares one GPU between the models of a voice assistant.
 ///

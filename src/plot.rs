@@ -7,8 +7,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::config::Settings;
-use crate::scenario::Report;
+use vram_manager::config::Settings;
+use vram_manager::scenario::Report;
 
 const GIB: f64 = (1u64 << 30) as f64;
 

@@ -26,10 +26,16 @@ async fn the_handle_answers_one_result_per_call() {
     // The TTS is leased: the LLM cannot get its 12 GiB.
     let err = handle.load("llm").await.unwrap_err();
     assert_eq!(err.code(), "insufficient_vram");
-    assert_eq!(handle.load("nope").await.unwrap_err().code(), "unknown_model");
+    assert_eq!(
+        handle.load("nope").await.unwrap_err().code(),
+        "unknown_model"
+    );
     drop(lease);
     assert_eq!(m.load("llm").await.unwrap().evicted, ["tts"]);
-    assert_eq!(handle.status().await.unwrap().resident(), ["llm", "whisper"]);
+    assert_eq!(
+        handle.status().await.unwrap().resident(),
+        ["llm", "whisper"]
+    );
     handle.shutdown().await;
     assert_eq!(handle.load("llm").await.unwrap_err().code(), "unavailable");
     assert!(handle.status().await.unwrap().models.is_empty());
