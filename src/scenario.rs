@@ -13,7 +13,9 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -332,6 +334,26 @@ impl Handler<Drain> for Collector {
 /// early (`Report::interrupted`); either way every model server is stopped
 /// before this returns.
 pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Report, SettingsError> {
+    run_on(scenario, on_step, false)
+}
+
+/// [`run`] on tokio's paused clock: every wait (load times, TTLs, release
+/// waits, timeouts) passes in virtual time, at once and exactly, and each
+/// step's `ms` is virtual time. For simulated models only (a real server
+/// takes real time).
+#[cfg(feature = "testing")]
+pub fn run_paused(
+    scenario: &Scenario,
+    on_step: impl FnMut(&StepReport),
+) -> Result<Report, SettingsError> {
+    run_on(scenario, on_step, true)
+}
+
+fn run_on(
+    scenario: &Scenario,
+    on_step: impl FnMut(&StepReport),
+    paused: bool,
+) -> Result<Report, SettingsError> {
     let manager_config = Manager::config(&scenario.settings)?;
     let capacity = manager_config.capacity;
     let simulated = scenario
@@ -340,6 +362,9 @@ pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Repo
         .iter()
         .all(|m| matches!(m.backend, crate::config::BackendSpec::Sim(_)));
     let (steps, card, interrupted) = actix::System::new().block_on(async {
+        if paused {
+            pause_clock();
+        }
         let manager = Manager::start(&scenario.settings)?;
         let mut steps = Vec::with_capacity(scenario.steps.len());
         let interrupted = tokio::select! {
@@ -367,6 +392,14 @@ pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Repo
         interrupted,
     })
 }
+
+#[cfg(feature = "testing")]
+fn pause_clock() {
+    tokio::time::pause();
+}
+
+#[cfg(not(feature = "testing"))]
+fn pause_clock() {}
 
 /// Resolves with the signal number when SIGINT or SIGTERM arrives.
 async fn shutdown_signal() -> i32 {

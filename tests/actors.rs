@@ -148,6 +148,7 @@ async fn pinned_models_stay_until_explicitly_unloaded() {
 
 #[actix_rt::test]
 async fn backend_timeout_gives_timeout_and_no_reservation() {
+    tokio::time::pause();
     let m = start(&format!(
         "[policy]\nload_timeout = \"50ms\"\n{}",
         model("slow", "llm", 4, "load_ms = 5000")
@@ -230,6 +231,7 @@ async fn dropping_a_lease_releases_the_model() {
 
 #[actix_rt::test]
 async fn a_load_waits_for_a_lease_within_lease_wait() {
+    tokio::time::pause();
     let m = start(&format!(
         "[policy]\nlease_wait = \"10s\"\n{}{}",
         model("a", "llm", 10, ""),
@@ -246,6 +248,7 @@ async fn a_load_waits_for_a_lease_within_lease_wait() {
 
 #[actix_rt::test]
 async fn lease_wait_runs_out_with_insufficient_vram_and_in_use() {
+    tokio::time::pause();
     let m = start(&format!(
         "[policy]\nlease_wait = \"30ms\"\n{}{}",
         model("a", "llm", 10, ""),
@@ -319,6 +322,7 @@ async fn next_expired(events: &mut Events) -> String {
 
 #[actix_rt::test]
 async fn idle_models_expire_through_the_queue_and_use_restarts_the_clock() {
+    tokio::time::pause();
     let m = start(
         &[
             model("short", "llm", 2, "ttl = \"50ms\""),
@@ -376,6 +380,7 @@ impl vram_manager::Backend for NeverReady {
 
 #[actix_rt::test]
 async fn a_backend_timeout_carries_its_reason_to_the_caller_and_the_event() {
+    tokio::time::pause();
     use actix::Actor;
     use vram_manager::{Catalog, ModelSpec, VramActor, VramError};
     let catalog: Catalog = [

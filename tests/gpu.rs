@@ -45,14 +45,14 @@ fn slow_release() -> Scenario {
 
 #[test]
 fn a_slow_release_is_waited_for() {
-    let report = scenario::run(&slow_release(), |_| {}).unwrap();
+    // On the paused clock the step's time is exact: the memory comes back
+    // 400 ms after the unload, and the polls (10, 20, 40, 50, 50, ... ms)
+    // see it within one poll of that.
+    let report = scenario::run_paused(&slow_release(), |_| {}).unwrap();
     assert_eq!(report.failed(), 0, "{:?}", report.steps);
     assert!(!report.overcommitted);
-    assert!(
-        report.steps[1].ms >= 300.0,
-        "the load waited for the memory: {} ms",
-        report.steps[1].ms
-    );
+    let ms = report.steps[1].ms;
+    assert!((400.0..=450.0).contains(&ms), "waited {ms} ms for 400 ms");
 }
 
 #[test]
@@ -61,18 +61,19 @@ fn an_over_declared_victim_does_not_stall_the_swap() {
     let scenario = Scenario::load(&path).unwrap();
     let timeout = scenario.settings.gpu.release_timeout;
     assert_eq!(timeout, Duration::from_secs(20));
-    let report = scenario::run(&scenario, |_| {}).unwrap();
+    let report = scenario::run_paused(&scenario, |_| {}).unwrap();
     assert_eq!(report.failed(), 0, "{:?}", report.steps);
     assert!(!report.overcommitted);
     let swap = &report.steps[1];
     assert_eq!(swap.evicted, ["llama-3.1-8b"]);
-    // The victim really held 2 GiB and gives it back after 100 ms: the
-    // load waits for that, and nowhere near the 20 s release_timeout
-    // (a wait for its declared 8 GiB could never end before it).
-    assert!(swap.ms >= 90.0, "waited for the release: {} ms", swap.ms);
+    // The victim really held 2 GiB and gives it back after 100 ms: on the
+    // paused clock the load waits that plus part of one poll (the pauses
+    // double from 10 ms: the check at 150 ms sees it), not the 20 s
+    // release_timeout (which a wait for its declared 8 GiB could never end
+    // before).
     assert!(
-        swap.ms < timeout.as_millis() as f64 / 2.0,
-        "did not sit out the release timeout: {} ms",
+        (100.0..=160.0).contains(&swap.ms),
+        "waited {} ms for a 100 ms release (timeout {timeout:?})",
         swap.ms
     );
 }
@@ -251,6 +252,7 @@ async fn a_model_measured_larger_than_planned_evicts_for_its_real_size() {
 #[test]
 fn sim_card_returns_memory_late_and_notes_overcommit() {
     actix::System::new().block_on(async {
+        tokio::time::pause();
         let card = SimCard::new(10 * GIB, GIB);
         card.allocate("a", 6 * GIB).unwrap();
         assert_eq!(card.memory_now().free, 3 * GIB);

@@ -147,6 +147,7 @@ async fn a_panic_mid_load_fails_that_load_and_is_reconciled() {
 
 #[actix_rt::test]
 async fn hangs_time_out_and_failed_unloads_keep_the_model() {
+    tokio::time::pause();
     let (mut config, backends) = faulty(&models());
     config.load_timeout = Duration::from_millis(20);
     config.unload_timeout = Duration::from_millis(20);
