@@ -10,7 +10,7 @@ use common::{Events, GIB, faulty, model, start, start_faulty};
 use vram_manager::backends::Fault;
 use vram_manager::soak::{self, SoakOptions};
 use vram_manager::{
-    Acquire, BackendActor, BackendOf, Crash, CrashBackend, Load, ModelState, Restart, Status,
+    Acquire, BackendActor, BackendOf, Crash, CrashBackend, Load, ModelState, Status, StopManager,
     Unload, VramActor, VramError, VramEvent,
 };
 
@@ -292,7 +292,7 @@ async fn a_restarted_manager_rebuilds_its_ledger_from_the_backends() {
     addr.send(Load::new("asr")).await.unwrap().unwrap();
     addr.send(Load::new("llm")).await.unwrap().unwrap();
     let lease = addr.send(Acquire::new("asr")).await.unwrap().unwrap();
-    addr.send(Restart).await.unwrap();
+    addr.send(StopManager).await.unwrap();
     // The first job after the restart sees the rebuilt ledger.
     let loaded = addr.send(Load::new("tts")).await.unwrap().unwrap();
     assert!(loaded.evicted.is_empty());

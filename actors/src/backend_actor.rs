@@ -147,21 +147,21 @@ impl BackendActor {
         let mut fut = match started {
             Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
             Err(panic) => {
-                let outcome = Outcome::Panicked(panic_text(&panic));
+                let outcome = CallEnd::Panicked(panic_text(&panic));
                 return ActorResponse::reply(self.conclude(model, outcome, ctx));
             }
         };
         if let Some(result) = (&mut fut).now_or_never() {
-            let outcome = Outcome::from(result);
+            let outcome = CallEnd::from(result);
             return ActorResponse::reply(self.conclude(model, outcome, ctx));
         }
         let fut = async move {
             match timeout {
                 Some(limit) => match actix::clock::timeout(limit, fut).await {
-                    Ok(result) => Outcome::from(result),
-                    Err(_) => Outcome::TimedOut(limit),
+                    Ok(result) => CallEnd::from(result),
+                    Err(_) => CallEnd::TimedOut(limit),
                 },
-                None => Outcome::from(fut.await),
+                None => CallEnd::from(fut.await),
             }
         };
         ActorResponse::r#async(
@@ -174,15 +174,15 @@ impl BackendActor {
     fn conclude<T>(
         &mut self,
         model: String,
-        outcome: Outcome<T>,
+        outcome: CallEnd<T>,
         ctx: &mut Context<Self>,
     ) -> Result<T, VramError> {
         match outcome {
-            Outcome::Done(value) => {
+            CallEnd::Done(value) => {
                 self.consecutive = 0;
                 Ok(value)
             }
-            Outcome::Failed(e) => {
+            CallEnd::Failed(e) => {
                 self.consecutive = 0;
                 Err(match e.timed_out_after {
                     Some(after) => VramError::Timeout {
@@ -196,7 +196,7 @@ impl BackendActor {
                     },
                 })
             }
-            Outcome::TimedOut(limit) => {
+            CallEnd::TimedOut(limit) => {
                 self.consecutive = 0;
                 Err(VramError::Timeout {
                     model,
@@ -204,7 +204,7 @@ impl BackendActor {
                     reason: String::new(),
                 })
             }
-            Outcome::Panicked(text) => {
+            CallEnd::Panicked(text) => {
                 tracing::warn!(kind = %self.kind, model = %model, panic = %text, "backend panicked; restarting it");
                 ctx.stop();
                 Err(VramError::BackendFailed {
@@ -216,19 +216,20 @@ impl BackendActor {
     }
 }
 
-enum Outcome<T> {
+/// How one backend call ended.
+enum CallEnd<T> {
     Done(T),
     Failed(BackendError),
     TimedOut(Duration),
     Panicked(String),
 }
 
-impl<T> From<Result<Result<T, BackendError>, Box<dyn std::any::Any + Send>>> for Outcome<T> {
+impl<T> From<Result<Result<T, BackendError>, Box<dyn std::any::Any + Send>>> for CallEnd<T> {
     fn from(result: Result<Result<T, BackendError>, Box<dyn std::any::Any + Send>>) -> Self {
         match result {
-            Ok(Ok(value)) => Outcome::Done(value),
-            Ok(Err(e)) => Outcome::Failed(e),
-            Err(panic) => Outcome::Panicked(panic_text(&panic)),
+            Ok(Ok(value)) => CallEnd::Done(value),
+            Ok(Err(e)) => CallEnd::Failed(e),
+            Err(panic) => CallEnd::Panicked(panic_text(&panic)),
         }
     }
 }

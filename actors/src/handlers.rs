@@ -76,7 +76,7 @@ impl Handler<Acquire> for VramActor {
         if self.shutting_down {
             return Response::reply(Err(shutting_down()));
         }
-        if self.books.ledger.is_resident(&msg.model) && !self.touches(&msg.model) {
+        if self.books.ledger.is_resident(&msg.model) && !self.job_pending_for(&msg.model) {
             return Response::reply(self.lease(&msg.model, Vec::new()));
         }
         if let Err(e) = self.servable(&msg.model) {
@@ -114,7 +114,7 @@ impl Handler<Unload> for VramActor {
         if self.books.declared.get(&msg.model).is_none() {
             return Response::reply(Err(VramError::UnknownModel { model: msg.model }));
         }
-        if self.books.ledger.get(&msg.model).is_none() && !self.touches(&msg.model) {
+        if self.books.ledger.get(&msg.model).is_none() && !self.job_pending_for(&msg.model) {
             return Response::reply(Ok(Unloaded {
                 model: msg.model,
                 was_resident: false,
@@ -177,17 +177,18 @@ impl Handler<ModelExited> for VramActor {
     }
 }
 
-/// Stop the manager. Under a `Supervisor` it restarts and rebuilds its
-/// ledger from the backends before taking the next job; otherwise it stays
-/// stopped.
+/// Stop the manager actor (fault testing). Under a `Supervisor` it is
+/// started again and rebuilds its ledger from the backends before taking
+/// the next job; otherwise it stays stopped. Unlike [`Shutdown`], model
+/// servers are left running.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
-pub struct Restart;
+pub struct StopManager;
 
-impl Handler<Restart> for VramActor {
+impl Handler<StopManager> for VramActor {
     type Result = ();
 
-    fn handle(&mut self, _msg: Restart, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _msg: StopManager, ctx: &mut Context<Self>) {
         ctx.stop();
     }
 }

@@ -40,7 +40,7 @@ pub use config::ManagerConfig;
 pub use error::VramError;
 pub use events::{Loaded, Unloaded, VramEvent};
 pub use handle::VramHandle;
-pub use handlers::Restart;
+pub use handlers::StopManager;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};
 pub use messages::{

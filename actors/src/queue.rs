@@ -37,7 +37,7 @@ impl Queued {
 
     /// Whether this job could change whether `model` (of `kind`) is
     /// resident: a load or unload of it, or a restart of its backend.
-    pub(crate) fn touches(&self, model: &str, kind: Option<&str>) -> bool {
+    pub(crate) fn may_change(&self, model: &str, kind: Option<&str>) -> bool {
         match self {
             Queued::Load(job, _) => job.model() == model,
             Queued::Unload(job, _) => !job.is_expiry() && job.model() == model,

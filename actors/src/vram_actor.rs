@@ -135,14 +135,15 @@ impl VramActor {
     }
 
     /// Whether the running job or a queued one could change whether
-    /// `model` is resident.
-    pub(crate) fn touches(&self, model: &str) -> bool {
+    /// `model` is resident (so an answer from the ledger now could be
+    /// overtaken by it).
+    pub(crate) fn job_pending_for(&self, model: &str) -> bool {
         let kind = self.books.ledger.get(model).map(|e| e.kind.as_str());
         self.running
             .iter()
             .map(|r| &r.job)
             .chain(&self.queue)
-            .any(|j| j.touches(model, kind))
+            .any(|j| j.may_change(model, kind))
     }
 
     /// Whether any job runs or waits.
