@@ -1,0 +1,60 @@
+//! Every example runs (in a short mode where it has one) and succeeds:
+//! examples are part of the product. `cargo test` builds them beside the
+//! test binaries.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The built example `name` (target/<profile>/examples/<name>).
+fn example(name: &str) -> PathBuf {
+    let me = std::env::current_exe().expect("the test binary has a path");
+    let profile = me
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests live in target/<profile>/deps");
+    profile.join("examples").join(name)
+}
+
+/// Runs an example; answers its standard output, failing on a non-zero
+/// exit.
+fn run(name: &str, args: &[&str]) -> String {
+    let output = Command::new(example(name))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("example {name} runs: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "example {name} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_voice_assistant_completes_every_turn() {
+    let out = run("voice_assistant", &[]);
+    assert!(out.contains("5 of 5 turns completed"), "{out}");
+}
+
+#[test]
+fn the_supervised_restart_tour_succeeds() {
+    run("supervised_restart", &[]);
+}
+
+#[test]
+fn a_short_soak_finds_no_violation() {
+    let out = run("soak", &["--ops", "3000"]);
+    assert!(out.contains("violations     0"), "{out}");
+}
+
+#[test]
+fn the_quick_bench_prints_its_figures() {
+    let out = run("bench", &["--quick", "--json"]);
+    let figures: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    for key in ["acquire_ratio", "load_k1_ratio", "load_k4_ratio", "load_k16_ratio"] {
+        assert!(figures[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {out}");
+    }
+}
