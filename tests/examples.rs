@@ -54,7 +54,15 @@ fn a_short_soak_finds_no_violation() {
 fn the_quick_bench_prints_its_figures() {
     let out = run("bench", &["--quick", "--json"]);
     let figures: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    for key in ["acquire_ratio", "load_k1_ratio", "load_k4_ratio", "load_k16_ratio"] {
-        assert!(figures[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {out}");
+    for key in [
+        "acquire_ratio",
+        "load_k1_ratio",
+        "load_k4_ratio",
+        "load_k16_ratio",
+    ] {
+        assert!(
+            figures[key].as_f64().is_some_and(|r| r > 0.0),
+            "{key}: {out}"
+        );
     }
 }

@@ -400,3 +400,30 @@ fn a_ready_timeout_reaches_the_cli_with_its_reason() {
         "{err}"
     );
 }
+
+#[test]
+fn a_server_ignoring_sigterm_is_logged_as_such() {
+    let port = free_port();
+    let text = format!(
+        "[gpu]\nprobe = \"none\"\n{}[[steps]]\nop = \"load\"\nmodel = \"llm\"\n[[steps]]\nop = \"unload\"\nmodel = \"llm\"\nresident = []\n",
+        process_model(
+            "llm",
+            port,
+            &format!("tcp://127.0.0.1:{port}"),
+            ", \"--ignore-sigterm\"",
+            "stop_timeout = \"200ms\""
+        )
+    );
+    let path = temp_file("ignores-sigterm.toml", &text);
+    let (code, out, err) = outcome(&run_cli(
+        &["scenario", path.to_str().unwrap()],
+        &[("RUST_LOG", "warn")],
+    ));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains(
+            "did not exit within stop_timeout after SIGTERM (a request may still be running)"
+        ),
+        "{err}"
+    );
+}
