@@ -51,7 +51,7 @@ impl VramActor {
                 let label = model.clone();
                 self.call(
                     id,
-                    &kind,
+                    kind,
                     UnloadModel(model.clone()),
                     label,
                     ctx,
@@ -60,7 +60,7 @@ impl VramActor {
             }
             Command::Load(spec) => {
                 let (kind, label) = (spec.kind.clone(), spec.id.clone());
-                self.call(id, &kind, LoadModel(spec), label, ctx, Event::Loaded)
+                self.call(id, kind, LoadModel(spec), label, ctx, Event::Loaded)
             }
             Command::Crash { kind } => {
                 let label = format!("<{kind} backend>");
@@ -80,7 +80,7 @@ impl VramActor {
             }
             Command::List { kind } => {
                 let label = format!("<{kind} backend>");
-                self.call(id, &kind.clone(), ListLoaded, label, ctx, Event::Listed)
+                self.call(id, kind, ListLoaded, label, ctx, Event::Listed)
             }
             Command::WaitRelease { until } => {
                 self.waits_release = true;
@@ -104,7 +104,7 @@ impl VramActor {
     fn call<M, T>(
         &mut self,
         id: u64,
-        kind: &str,
+        kind: String,
         msg: M,
         label: String,
         ctx: &mut Context<Self>,
@@ -115,10 +115,9 @@ impl VramActor {
         T: Send + 'static,
         BackendActor: Handler<M>,
     {
-        let Some(backend) = self.actors.get(kind).cloned() else {
-            return Some(event(Err(no_backend(kind, &label))));
+        let Some(backend) = self.actors.get(&kind).cloned() else {
+            return Some(event(Err(no_backend(&kind, &label))));
         };
-        let kind = kind.to_string();
         ctx.spawn(
             backend
                 .send(msg)

@@ -210,7 +210,8 @@ impl LoadJob {
         else {
             return;
         };
-        if let Some((model, kind)) = victims.front().cloned() {
+        // The victim leaves the queue as its unload is asked for.
+        if let Some((model, kind)) = victims.pop_front() {
             out.push(Command::Unload { model, kind });
             return;
         }
@@ -426,10 +427,7 @@ impl Job for LoadJob {
                 self.phase = Phase::Planning;
                 out.push(Command::ReadCard);
             }
-            (mut phase @ Phase::Evicting { .. }, Event::Unloaded { model, result }) => {
-                if let Phase::Evicting { victims, .. } = &mut phase {
-                    victims.pop_front();
-                }
+            (phase @ Phase::Evicting { .. }, Event::Unloaded { model, result }) => {
                 self.phase = phase;
                 match result {
                     Ok(()) => {
