@@ -94,11 +94,7 @@ impl Handler<Release> for VramActor {
     type Result = ();
 
     fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
-        if let Some((model, _)) = self.books.leases.remove(&msg.lease) {
-            self.books.ledger.release(&model);
-            if self.books.ledger.get(&model).is_some() {
-                self.books.used_now(&model, now());
-            }
+        if self.books.release(msg.lease, now()) {
             self.released(ctx);
         }
     }
@@ -163,11 +159,9 @@ impl Handler<ModelExited> for VramActor {
     /// leaves the ledger now and its leases become void. A model that a
     /// running job is loading or unloading is left to that job.
     fn handle(&mut self, msg: ModelExited, _ctx: &mut Context<Self>) {
-        if !self.books.ledger.is_resident(&msg.model) {
+        if !self.books.server_exited(&msg.model) {
             return;
         }
-        self.books.forget(&msg.model);
-        self.books.void_leases(&msg.model);
         tracing::warn!(model = %msg.model, kind = %msg.kind, reason = %msg.reason, "model server exited");
         self.publish(VramEvent::ModelExited {
             model: msg.model,

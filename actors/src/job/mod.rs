@@ -187,6 +187,32 @@ impl Books {
         }
     }
 
+    /// Gives lease `id` back: its model is used now. Answers whether the
+    /// lease was held (an unknown or voided lease changes nothing).
+    pub(crate) fn release(&mut self, id: u64, now: Instant) -> bool {
+        let Some((model, _)) = self.leases.remove(&id) else {
+            return false;
+        };
+        self.ledger.release(&model);
+        if self.ledger.get(&model).is_some() {
+            self.used_now(&model, now);
+        }
+        true
+    }
+
+    /// A model's server exited by itself: if it was resident it is gone
+    /// from the card, so it leaves the ledger and its leases become void;
+    /// answers whether it was. A model a job is loading or unloading is
+    /// left to that job.
+    pub(crate) fn server_exited(&mut self, model: &str) -> bool {
+        if !self.ledger.is_resident(model) {
+            return false;
+        }
+        self.forget(model);
+        self.void_leases(model);
+        true
+    }
+
     /// Removes `model` from the ledger and its idle clock.
     pub(crate) fn forget(&mut self, model: &str) -> Option<Entry> {
         self.last_used.remove(model);

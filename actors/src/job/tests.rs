@@ -470,3 +470,54 @@ fn a_model_measured_past_the_capacity_is_unloaded_and_refused() {
     // Later plans use the measured size.
     assert_eq!(world.books.planned.get("big").unwrap().bytes, 13 * GIB);
 }
+
+#[test]
+fn a_server_exit_forgets_a_resident_model_and_voids_its_leases() {
+    let mut world = World {
+        books: books(),
+        now: Instant::now(),
+        loaded: BTreeSet::new(),
+        next_lease: 0,
+        dice: vec![1],
+        roll: 0,
+    };
+    world
+        .run(LoadJob::new("tts-a"), Some("tts-a"))
+        .unwrap()
+        .unwrap();
+    world.lease("tts-a");
+    let valid = world.books.leases.values().next().unwrap().1.clone();
+    assert!(world.books.server_exited("tts-a"));
+    assert!(world.books.ledger.get("tts-a").is_none());
+    assert!(world.books.last_used.get("tts-a").is_none());
+    assert!(
+        !valid.load(std::sync::atomic::Ordering::Relaxed),
+        "the lease is void"
+    );
+    // Its release then changes nothing; an exit of a model not resident
+    // is left alone.
+    assert!(!world.books.release(1, world.now));
+    assert!(!world.books.server_exited("tts-a"));
+}
+
+#[test]
+fn a_release_restarts_the_idle_clock_once() {
+    let mut world = World {
+        books: books(),
+        now: Instant::now(),
+        loaded: BTreeSet::new(),
+        next_lease: 0,
+        dice: vec![1],
+        roll: 0,
+    };
+    world
+        .run(LoadJob::new("tts-a"), Some("tts-a"))
+        .unwrap()
+        .unwrap();
+    world.lease("tts-a");
+    let later = world.now + Duration::from_secs(3);
+    assert!(world.books.release(1, later));
+    assert_eq!(world.books.last_used["tts-a"], later);
+    assert_eq!(world.books.ledger.get("tts-a").unwrap().leases, 0);
+    assert!(!world.books.release(1, later), "released once");
+}
