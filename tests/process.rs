@@ -7,19 +7,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Events, outcome, run_cli, settings, temp_file};
+use common::{Events, free_port, outcome, run_cli, settings, temp_file};
 use vram_manager::{Acquire, Load, Manager, Status, Unload, VramEvent};
 
 const STAND_IN: &str = env!("CARGO_BIN_EXE_vram-stand-in");
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Whether a process is running (a zombie is not).
 fn alive(pid: i32) -> bool {

@@ -13,22 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Events, temp_file};
+use common::{Events, free_port, temp_file};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use vram_manager::{Load, Manager, Status, Unload, VramEvent};
 
 const STAND_IN: &str = env!("CARGO_BIN_EXE_vram-stand-in");
 const MANAGER: &str = env!("CARGO_BIN_EXE_vram-manager");
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A mark unique to one test, put in the environment of what it starts.
 fn mark(test: &str) -> String {

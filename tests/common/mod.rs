@@ -27,6 +27,15 @@ pub fn outcome(output: &Output) -> (i32, String, String) {
     )
 }
 
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Writes `text` to a fresh file under the target directory and answers
 /// its path. Each name must be unique within the test binary.
 pub fn temp_file(name: &str, text: &str) -> PathBuf {

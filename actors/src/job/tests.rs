@@ -108,6 +108,17 @@ struct World {
 }
 
 impl World {
+    fn new(dice: Vec<u8>) -> Self {
+        Self {
+            books: books(),
+            now: Instant::now(),
+            loaded: BTreeSet::new(),
+            next_lease: 0,
+            dice,
+            roll: 0,
+        }
+    }
+
     fn die(&mut self) -> u8 {
         let d = self.dice[self.roll % self.dice.len()];
         self.roll += 1;
@@ -324,14 +335,7 @@ proptest! {
         reqs in proptest::collection::vec(req(), 1..40),
         dice in proptest::collection::vec(any::<u8>(), 1..64),
     ) {
-        let mut world = World {
-            books: books(),
-            now: Instant::now(),
-            loaded: BTreeSet::new(),
-            next_lease: 0,
-            dice,
-            roll: 0,
-        };
+        let mut world = World::new(dice);
         for req in reqs {
             world.now += Duration::from_secs(1);
             match req {
@@ -391,14 +395,7 @@ proptest! {
 #[test]
 fn an_over_declared_victim_does_not_stall_the_release_wait() {
     // llm-b is declared 10 GiB and really holds 2 GiB (measured on load).
-    let mut world = World {
-        books: books(),
-        now: Instant::now(),
-        loaded: BTreeSet::new(),
-        next_lease: 0,
-        dice: vec![1],
-        roll: 0,
-    };
+    let mut world = World::new(vec![1]);
     world
         .run(LoadJob::new("llm-b"), Some("llm-b"))
         .unwrap()
@@ -442,14 +439,7 @@ fn an_over_declared_victim_does_not_stall_the_release_wait() {
 
 #[test]
 fn a_model_measured_past_the_capacity_is_unloaded_and_refused() {
-    let mut world = World {
-        books: books(),
-        now: Instant::now(),
-        loaded: BTreeSet::new(),
-        next_lease: 0,
-        dice: vec![1],
-        roll: 0,
-    };
+    let mut world = World::new(vec![1]);
     for model in ["asr-a", "tts-b"] {
         world
             .run(LoadJob::new(model), Some(model))
@@ -473,14 +463,7 @@ fn a_model_measured_past_the_capacity_is_unloaded_and_refused() {
 
 #[test]
 fn a_server_exit_forgets_a_resident_model_and_voids_its_leases() {
-    let mut world = World {
-        books: books(),
-        now: Instant::now(),
-        loaded: BTreeSet::new(),
-        next_lease: 0,
-        dice: vec![1],
-        roll: 0,
-    };
+    let mut world = World::new(vec![1]);
     world
         .run(LoadJob::new("tts-a"), Some("tts-a"))
         .unwrap()
@@ -502,14 +485,7 @@ fn a_server_exit_forgets_a_resident_model_and_voids_its_leases() {
 
 #[test]
 fn a_release_restarts_the_idle_clock_once() {
-    let mut world = World {
-        books: books(),
-        now: Instant::now(),
-        loaded: BTreeSet::new(),
-        next_lease: 0,
-        dice: vec![1],
-        roll: 0,
-    };
+    let mut world = World::new(vec![1]);
     world
         .run(LoadJob::new("tts-a"), Some("tts-a"))
         .unwrap()
