@@ -21,7 +21,8 @@ use crate::queue::{LoadWaiter, Queued, shutting_down};
 use crate::vram_actor::{VramActor, now};
 
 /// Answers a waiter's receiver, mapping a dropped sender (the manager
-/// stopped before the job answered) to `unavailable`.
+/// stopped before the job answered) to `unavailable`. Polled inside the
+/// actor's context (`ActorResponse`), not as a task of its own.
 async fn answer<T>(
     rx: oneshot::Receiver<Result<T, VramError>>,
     model: String,
@@ -41,21 +42,21 @@ impl VramActor {
 }
 
 impl Handler<Load> for VramActor {
-    type Result = Response<Result<Loaded, VramError>>;
+    type Result = ActorResponse<Self, Result<Loaded, VramError>>;
 
     fn handle(&mut self, msg: Load, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return Response::reply(Err(shutting_down()));
+            return ActorResponse::reply(Err(shutting_down()));
         }
         if let Err(e) = self.servable(&msg.model) {
-            return Response::reply(Err(e));
+            return ActorResponse::reply(Err(e));
         }
         // Already resident and nothing queued or running that could change
         // that first: policy step 2 (touch, nothing else) needs no trip
         // through the queue.
         if self.books.ledger.is_resident(&msg.model) && !self.is_busy() {
             self.books.touch(&msg.model, now());
-            return Response::reply(Ok(Loaded {
+            return ActorResponse::reply(Ok(Loaded {
                 model: msg.model,
                 evicted: vec![],
                 already_resident: true,
@@ -63,29 +64,29 @@ impl Handler<Load> for VramActor {
         }
         let (tx, rx) = oneshot::channel();
         match self.submit_load(&msg.model, LoadWaiter::Load(tx), ctx) {
-            Ok(()) => Response::fut(answer(rx, msg.model)),
-            Err(e) => Response::reply(Err(e)),
+            Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model))),
+            Err(e) => ActorResponse::reply(Err(e)),
         }
     }
 }
 
 impl Handler<Acquire> for VramActor {
-    type Result = Response<Result<Lease, VramError>>;
+    type Result = ActorResponse<Self, Result<Lease, VramError>>;
 
     fn handle(&mut self, msg: Acquire, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return Response::reply(Err(shutting_down()));
+            return ActorResponse::reply(Err(shutting_down()));
         }
         if self.books.ledger.is_resident(&msg.model) && !self.job_pending_for(&msg.model) {
-            return Response::reply(self.lease(&msg.model, Vec::new()));
+            return ActorResponse::reply(self.lease(&msg.model, Vec::new()));
         }
         if let Err(e) = self.servable(&msg.model) {
-            return Response::reply(Err(e));
+            return ActorResponse::reply(Err(e));
         }
         let (tx, rx) = oneshot::channel();
         match self.submit_load(&msg.model, LoadWaiter::Acquire(tx), ctx) {
-            Ok(()) => Response::fut(answer(rx, msg.model)),
-            Err(e) => Response::reply(Err(e)),
+            Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model))),
+            Err(e) => ActorResponse::reply(Err(e)),
         }
     }
 }
@@ -101,17 +102,17 @@ impl Handler<Release> for VramActor {
 }
 
 impl Handler<Unload> for VramActor {
-    type Result = Response<Result<Unloaded, VramError>>;
+    type Result = ActorResponse<Self, Result<Unloaded, VramError>>;
 
     fn handle(&mut self, msg: Unload, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return Response::reply(Err(shutting_down()));
+            return ActorResponse::reply(Err(shutting_down()));
         }
         if self.books.declared.get(&msg.model).is_none() {
-            return Response::reply(Err(VramError::UnknownModel { model: msg.model }));
+            return ActorResponse::reply(Err(VramError::UnknownModel { model: msg.model }));
         }
         if self.books.ledger.get(&msg.model).is_none() && !self.job_pending_for(&msg.model) {
-            return Response::reply(Ok(Unloaded {
+            return ActorResponse::reply(Ok(Unloaded {
                 model: msg.model,
                 was_resident: false,
             }));
@@ -119,24 +120,24 @@ impl Handler<Unload> for VramActor {
         let (tx, rx) = oneshot::channel();
         let job = Queued::Unload(UnloadJob::new(msg.model.clone()), vec![tx]);
         match self.submit(job, ctx) {
-            Ok(()) => Response::fut(answer(rx, msg.model)),
-            Err(e) => Response::reply(Err(e)),
+            Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model))),
+            Err(e) => ActorResponse::reply(Err(e)),
         }
     }
 }
 
 impl Handler<CrashBackend> for VramActor {
-    type Result = Response<Result<(), VramError>>;
+    type Result = ActorResponse<Self, Result<(), VramError>>;
 
     fn handle(&mut self, msg: CrashBackend, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return Response::reply(Err(shutting_down()));
+            return ActorResponse::reply(Err(shutting_down()));
         }
         let (tx, rx) = oneshot::channel();
         let label = format!("<{} backend>", msg.kind);
         match self.submit(Queued::Restart(RestartJob::crash(msg.kind), vec![tx]), ctx) {
-            Ok(()) => Response::fut(answer(rx, label)),
-            Err(e) => Response::reply(Err(e)),
+            Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, label))),
+            Err(e) => ActorResponse::reply(Err(e)),
         }
     }
 }

@@ -241,20 +241,24 @@ impl Books {
 
     /// Later plans for `model` use at least `measured` bytes.
     pub(crate) fn plan_with(&mut self, model: &str, measured: u64) {
-        let Some(mut spec) = self.declared.get(model).cloned() else {
+        let Some(declared) = self.declared.get(model) else {
             return;
         };
-        if measured.abs_diff(spec.bytes) > spec.bytes / 10 {
+        if measured.abs_diff(declared.bytes) > declared.bytes / 10 {
             tracing::warn!(
                 model,
-                declared = spec.bytes,
+                declared = declared.bytes,
                 measured,
                 "measured footprint differs from the declared size by more than 10%"
             );
         }
         let planned = self.planned.get(model).map_or(0, |s| s.bytes);
-        spec.bytes = spec.bytes.max(measured).max(planned);
-        self.planned.insert(spec);
+        let bytes = declared.bytes.max(measured).max(planned);
+        if bytes != planned {
+            let mut spec = declared.clone();
+            spec.bytes = bytes;
+            self.planned.insert(spec);
+        }
     }
 }
 
