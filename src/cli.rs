@@ -19,7 +19,7 @@ pub enum Outcome {
     Failed(String),
     /// The input was invalid; nothing ran (exit 2).
     BadInput(String),
-    /// A signal (SIGINT 2, SIGTERM 15) stopped the run after every model
+    /// A signal (SIGINT 2, SIGTERM 15, SIGHUP 1) stopped the run after every model
     /// server was stopped (exit 128 + the signal: 130, 143).
     Interrupted(i32),
 }

@@ -69,6 +69,7 @@ impl SettingsError {
 struct RawSettings {
     gpu: RawGpu,
     policy: RawPolicy,
+    process: RawProcess,
     kinds: BTreeMap<String, RawKind>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -103,6 +104,16 @@ struct RawPolicy {
     restart_backoff: Duration,
     #[serde(with = "humantime_serde")]
     restart_backoff_max: Duration,
+}
+
+/// Defaults of the process-backed models (each may set its own).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProcess {
+    #[serde(with = "humantime_serde")]
+    ready_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    stop_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -482,6 +493,40 @@ impl RawSettings {
                             "a process-backed model needs `ready`: \"http://127.0.0.1:PORT/PATH\" or \"tcp://HOST:PORT\"",
                         )
                     })?;
+                    let ready_timeout = raw.ready_timeout.unwrap_or(self.process.ready_timeout);
+                    let stop_timeout = raw.stop_timeout.unwrap_or(self.process.stop_timeout);
+                    if ready_timeout >= self.policy.load_timeout {
+                        return Err(SettingsError::invalid(
+                            key("ready_timeout"),
+                            format!(
+                                "{} must be shorter than policy.load_timeout ({}): the load would time out first and lose the server's last answer and stderr",
+                                humantime::format_duration(ready_timeout),
+                                humantime::format_duration(self.policy.load_timeout)
+                            ),
+                        ));
+                    }
+                    // An unload runs `stop`, waits stop_timeout after
+                    // SIGTERM, then kills: all of it within unload_timeout,
+                    // or the manager would give up on a server it then kills.
+                    let stopping = stop_timeout * if raw.stop.is_some() { 2 } else { 1 }
+                        + crate::backends::KEEPER_MARGIN;
+                    if self.policy.unload_timeout <= stopping {
+                        return Err(SettingsError::invalid(
+                            "policy.unload_timeout",
+                            format!(
+                                "{} must be longer than {} for model {:?} ({}its stop_timeout {} and 5s to kill)",
+                                humantime::format_duration(self.policy.unload_timeout),
+                                humantime::format_duration(stopping),
+                                raw.id,
+                                if raw.stop.is_some() {
+                                    "its stop command, "
+                                } else {
+                                    ""
+                                },
+                                humantime::format_duration(stop_timeout)
+                            ),
+                        ));
+                    }
                     let stop = raw.stop.clone().unwrap_or_default();
                     if raw.stop.is_some() && stop.first().is_none_or(String::is_empty) {
                         return Err(SettingsError::invalid(
@@ -496,8 +541,8 @@ impl RawSettings {
                         cwd: raw.cwd.clone().map(Into::into),
                         ready: ReadyCheck::parse(ready)
                             .map_err(|m| SettingsError::invalid(key("ready"), m))?,
-                        ready_timeout: raw.ready_timeout.unwrap_or(Duration::from_secs(120)),
-                        stop_timeout: raw.stop_timeout.unwrap_or(Duration::from_secs(10)),
+                        ready_timeout,
+                        stop_timeout,
                     })
                 }
                 other => {

@@ -73,6 +73,12 @@ pub fn run_if_keeper() {
 pub fn program() -> Result<std::path::PathBuf, String> {
     let current = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"));
     if HOSTS_KEEPER.load(Ordering::Relaxed) {
+        // /proc/self/exe still starts this program after its file was
+        // replaced on disk (an upgrade, a rebuild), where current_exe()
+        // names a "(deleted)" path.
+        #[cfg(target_os = "linux")]
+        return Ok(std::path::PathBuf::from("/proc/self/exe"));
+        #[cfg(not(target_os = "linux"))]
         return current;
     }
     if let Some(path) = std::env::var_os("VRAM_MANAGER_KEEPER") {
@@ -108,6 +114,9 @@ pub enum Report {
     /// This many processes outlived SIGTERM by the stop timeout and were
     /// killed.
     Escalated(usize),
+    /// This many processes were killed at once (no SIGTERM first: a load
+    /// abandoned, a backend reset).
+    Killed(usize),
 }
 
 impl Report {
@@ -119,6 +128,7 @@ impl Report {
             "error" => Some(Self::Error(rest.to_string())),
             "exit" => Some(Self::Exit(rest.to_string())),
             "escalated" => rest.parse().ok().map(Self::Escalated),
+            "killed" => rest.parse().ok().map(Self::Killed),
             _ => None,
         }
     }
@@ -129,6 +139,7 @@ impl Report {
             Self::Error(message) => format!("error {}\n", message.replace('\n', " ")),
             Self::Exit(status) => format!("exit {status}\n"),
             Self::Escalated(n) => format!("escalated {n}\n"),
+            Self::Killed(n) => format!("killed {n}\n"),
         }
     }
 }
@@ -185,12 +196,17 @@ pub fn run(args: Vec<OsString>) -> i32 {
     #[cfg(not(target_os = "linux"))]
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     // SAFETY: between fork and exec only async-signal-safe calls are
-    // allowed; sigprocmask is one system call. The server must not inherit
-    // the keeper's blocked signals (it would ignore SIGTERM).
+    // allowed; sigprocmask and prctl are one system call each. The server
+    // must not inherit the keeper's blocked signals (it would ignore
+    // SIGTERM), and dies with the keeper should the keeper itself be
+    // killed (the keeper is single-threaded: its one thread is the parent).
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut command, || {
             sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-                .map_err(io::Error::from)
+                .map_err(io::Error::from)?;
+            #[cfg(target_os = "linux")]
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            Ok(())
         });
     }
     let leader = match command.spawn() {
@@ -307,7 +323,7 @@ impl Tree {
     /// SIGTERM to the whole tree, up to `limit` for it to exit, then
     /// SIGKILL until nothing remains.
     fn stop(&mut self, limit: Duration) {
-        let alive = descendants(self.leader);
+        let alive = self.alive();
         if !alive.is_empty() && !limit.is_zero() {
             for pid in &alive {
                 let _ = kill(*pid, Signal::SIGTERM);
@@ -315,7 +331,7 @@ impl Tree {
             let deadline = Instant::now() + limit;
             loop {
                 self.reap();
-                if descendants(self.leader).is_empty() {
+                if self.alive().is_empty() {
                     // Zombies are not alive but still to be reaped.
                     self.reap();
                     return;
@@ -336,7 +352,7 @@ impl Tree {
         let mut escalated = 0;
         loop {
             self.reap();
-            let alive = descendants(self.leader);
+            let alive = self.alive();
             if alive.is_empty() {
                 break;
             }
@@ -346,10 +362,23 @@ impl Tree {
             }
             self.wait_signal(Some(Duration::from_millis(10)));
         }
-        if escalated > 0 {
+        if escalated > 0 && limit.is_zero() {
+            report(&Report::Killed(escalated));
+        } else if escalated > 0 {
             report(&Report::Escalated(escalated));
         }
         self.reap();
+    }
+
+    /// The live processes of the tree: the descendants, and the leader
+    /// itself while it is not reaped (even if `/proc` cannot be read).
+    fn alive(&self) -> Vec<Pid> {
+        let mut alive = descendants(self.leader);
+        if self.leader_status.is_none() && !alive.contains(&self.leader) && is_running(self.leader)
+        {
+            alive.push(self.leader);
+        }
+        alive
     }
 }
 
@@ -446,6 +475,7 @@ mod tests {
             Report::Error("cannot start \"x\": not found".into()),
             Report::Exit("signal: 15 (SIGTERM)".into()),
             Report::Escalated(3),
+            Report::Killed(2),
         ] {
             let line = r.line();
             assert_eq!(Report::parse(line.trim_end()), Some(r));

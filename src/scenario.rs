@@ -291,7 +291,7 @@ pub struct Report {
     pub peak: u64,
     /// Whether a load ever asked the simulated card for more than it had.
     pub overcommitted: bool,
-    /// The signal (SIGINT 2, SIGTERM 15) that ended the run early, if one
+    /// The signal (SIGINT 2, SIGTERM 15, SIGHUP 1) that ended the run early, if one
     /// did; `steps` then holds the steps done before it.
     pub interrupted: Option<i32>,
 }
@@ -401,16 +401,20 @@ fn pause_clock() {
 #[cfg(not(feature = "testing"))]
 fn pause_clock() {}
 
-/// Resolves with the signal number when SIGINT or SIGTERM arrives.
+/// Resolves with the signal number when SIGINT, SIGTERM or SIGHUP
+/// arrives.
 async fn shutdown_signal() -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(mut int), Ok(mut term)) => tokio::select! {
+        (Ok(mut int), Ok(mut term), Ok(mut hup)) => tokio::select! {
             _ = int.recv() => nix::sys::signal::Signal::SIGINT as i32,
             _ = term.recv() => nix::sys::signal::Signal::SIGTERM as i32,
+            // The terminal closed: stop as for SIGTERM (stop commands run).
+            _ = hup.recv() => nix::sys::signal::Signal::SIGHUP as i32,
         },
         // Without handlers the default action (exit) stands.
         _ => std::future::pending().await,

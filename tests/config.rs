@@ -215,3 +215,28 @@ fn a_missing_file_exits_2_naming_it() {
     assert_eq!(code, 2);
     assert!(err.contains("no/such/file.toml"), "{err}");
 }
+
+#[test]
+fn a_ready_timeout_must_be_shorter_than_the_load_timeout() {
+    let process = "[[models]]\nid = \"s\"\nkind = \"llm\"\nvram = \"1GiB\"\nbackend = \"process\"\ncommand = [\"srv\"]\nready = \"tcp://127.0.0.1:9\"\n";
+    let e = error_of(&format!("{process}ready_timeout = \"120s\"\n"));
+    assert!(
+        e.contains("models[0].ready_timeout") && e.contains("policy.load_timeout (2m)"),
+        "{e}"
+    );
+    // The default (process.ready_timeout) fits the default load_timeout.
+    assert!(Settings::parse(process).is_ok());
+}
+
+#[test]
+fn the_unload_timeout_must_cover_a_stop() {
+    let process = "[[models]]\nid = \"s\"\nkind = \"llm\"\nvram = \"1GiB\"\nbackend = \"process\"\ncommand = [\"srv\"]\nready = \"tcp://127.0.0.1:9\"\n";
+    let e = error_of(&format!(
+        "{process}stop_timeout = \"15s\"\nstop = [\"docker\", \"stop\", \"s\"]\n"
+    ));
+    assert!(
+        e.contains("policy.unload_timeout") && e.contains("35s") && e.contains("\"s\""),
+        "{e}"
+    );
+    assert!(Settings::parse(&format!("{process}stop_timeout = \"15s\"\n")).is_ok());
+}

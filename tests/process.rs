@@ -66,7 +66,7 @@ async fn an_http_ready_server_is_started_and_sigterm_stops_it() {
         port,
         &format!("http://127.0.0.1:{port}/health"),
         ", \"--ready-after-ms\", \"200\"",
-        "stop_timeout = \"30s\"",
+        "stop_timeout = \"20s\"",
     ));
     m.addr.send(Load::new("llm")).await.unwrap().unwrap();
     let pid = m.processes["llm"].pids()["llm"];

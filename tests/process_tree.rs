@@ -407,3 +407,80 @@ fn sigterm_of_the_manager_stops_every_server_and_exits_143() {
 fn sigkill_of_the_manager_leaves_no_server_behind() {
     signal_the_manager(Signal::SIGKILL, None);
 }
+
+/// The parent of process `pid`.
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(") ")
+        .unwrap()
+        .1
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[actix_rt::test]
+async fn a_killed_keeper_takes_its_server_with_it() {
+    let (mark, dir, port) = (mark("keeper-killed"), scratch("keeper-killed"), free_port());
+    let worker = dir.join("worker.pid");
+    let script = format!(
+        "sh -c 'echo $$ > {w}; exec sleep 300' & exec {STAND_IN} --port {port}",
+        w = worker.display()
+    );
+    let m = manager(&sh_model("llm", port, &mark, &script, ""));
+    let mut events = Events::subscribe(&m.addr).await;
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+    let server = m.processes["llm"].pids()["llm"];
+    pid_in(&worker);
+    // As the OOM killer would: the keeper dies without a word.
+    kill(Pid::from_raw(parent_of(server)), Signal::SIGKILL).unwrap();
+    let reason = events
+        .next(|e| match e {
+            VramEvent::ModelExited { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .await;
+    assert!(reason.contains("its keeper was killed"), "{reason}");
+    assert_eq!(left_after(&mark, Duration::from_secs(5)), Vec::<i32>::new());
+    assert!(m.addr.send(Status).await.unwrap().models.is_empty());
+}
+
+#[actix_rt::test]
+async fn a_server_writing_invalid_utf8_to_stderr_keeps_its_reader() {
+    let (mark, dir, port) = (mark("utf8"), scratch("utf8"), free_port());
+    let ticker = dir.join("ticker.pid");
+    // A stray byte, then a log line every 20 ms: without a reader the
+    // next write would die of SIGPIPE.
+    let script = format!(
+        "printf 'caf\\351 au lait\\n' >&2; (while :; do echo tick >&2; sleep 0.02; done) & echo $! > {t}; exec {STAND_IN} --port {port}",
+        t = ticker.display()
+    );
+    let m = manager(&sh_model("llm", port, &mark, &script, ""));
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+    let ticker = pid_in(&ticker);
+    actix::clock::sleep(Duration::from_millis(300)).await;
+    assert!(running(ticker), "the logging process died of SIGPIPE");
+    m.addr.send(Unload::new("llm")).await.unwrap().unwrap();
+    assert_eq!(marked(&mark), Vec::<i32>::new());
+}
+
+#[actix_rt::test]
+async fn a_failed_load_still_runs_the_stop_command() {
+    let (mark, dir, port) = (mark("stop-on-fail"), scratch("stop-on-fail"), free_port());
+    let stopped = dir.join("stopped");
+    let extra = format!(
+        "stop = [\"touch\", \"{}\"]\nready_timeout = \"300ms\"",
+        stopped.display()
+    );
+    // Never listens: the ready check runs out.
+    let m = manager(&sh_model("llm", port, &mark, "exec sleep 300", &extra));
+    let err = m.addr.send(Load::new("llm")).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "timeout", "{err}");
+    assert!(
+        stopped.exists(),
+        "the stop command ran (a container would be up)"
+    );
+    assert_eq!(marked(&mark), Vec::<i32>::new());
+}

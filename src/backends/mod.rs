@@ -7,9 +7,11 @@
 pub mod fault;
 pub mod process;
 pub mod router;
+mod server;
 pub mod sim;
 
 pub use fault::{Fault, FaultBackend, FaultCounts, FaultRates};
 pub use process::{ProcessBackend, ProcessSpec, ReadyCheck};
 pub use router::Router;
+pub(crate) use server::KEEPER_MARGIN;
 pub use sim::SimBackend;
