@@ -14,7 +14,7 @@ use crate::error::VramError;
 use crate::job::RestartJob;
 use crate::job::{Command, Event};
 use crate::probe::{GpuMemory, ProbeError};
-use crate::queue::Queued;
+use crate::queue::{Queued, shutting_down};
 use crate::vram_actor::{VramActor, now};
 
 impl VramActor {
@@ -57,6 +57,11 @@ impl VramActor {
                     ctx,
                     move |result| Event::Unloaded { model, result },
                 )
+            }
+            // After `Shutdown` no model server starts: the job aborts.
+            Command::Load(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
+            Command::WaitRelease { .. } | Command::Wait { .. } if self.shutting_down => {
+                Some(Event::Deadline)
             }
             Command::Load(spec) => {
                 let (kind, label) = (spec.kind.clone(), spec.id.clone());

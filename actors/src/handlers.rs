@@ -159,10 +159,17 @@ impl Handler<ModelExited> for VramActor {
     /// A resident model's server exited: it is gone from the card, so it
     /// leaves the ledger now and its leases become void. A model that a
     /// running job is loading or unloading is left to that job.
-    fn handle(&mut self, msg: ModelExited, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: ModelExited, ctx: &mut Context<Self>) {
         if !self.books.server_exited(&msg.model) {
+            // Not resident: if a job is loading it, that job cannot see the
+            // exit; make the ledger agree with the backend right after it.
+            if self.books.ledger.get(&msg.model).is_some() {
+                self.reconcile_first(msg.kind, ctx);
+            }
             return;
         }
+        // Its leases are void: a job waiting for a release may go on.
+        self.released(ctx);
         tracing::warn!(model = %msg.model, kind = %msg.kind, reason = %msg.reason, "model server exited");
         self.publish(VramEvent::ModelExited {
             model: msg.model,

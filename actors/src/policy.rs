@@ -88,8 +88,12 @@ pub fn plan(
     if ledger.is_resident(model) {
         return Ok(Plan::Resident);
     }
-    // Step 3: fits as things are.
-    if free >= needed {
+    // Step 3: fits as things are. A ledger over its capacity (a reconcile
+    // found a model its backend would not unload) must first come back
+    // under it: that excess is owed too.
+    let over = ledger.used().saturating_sub(ledger.capacity());
+    let shortfall = needed.saturating_sub(free) + over;
+    if shortfall == 0 {
         return Ok(Plan::Load { victims: vec![] });
     }
     // Step 4: who may go, lowest tier and least recently used first. Leased
@@ -98,7 +102,6 @@ pub fn plan(
     let (candidates, leased) = candidates(ledger, kinds, requester, model);
 
     // Step 5: the shortest sufficient prefix, or refuse with nothing evicted.
-    let shortfall = needed - free;
     let mut freed = 0u64;
     let mut chosen = 0;
     while freed < shortfall && chosen < candidates.len() {

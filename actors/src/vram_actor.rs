@@ -232,8 +232,13 @@ impl VramActor {
 
     /// Empties the queue, answering everyone waiting `unavailable`.
     pub(crate) fn refuse_queued(&mut self) {
+        self.refuse_queued_with(shutting_down);
+    }
+
+    /// Empties the queue, answering everyone waiting `error()`.
+    fn refuse_queued_with(&mut self, error: impl Fn() -> VramError) {
         for job in std::mem::take(&mut self.queue) {
-            job.refuse(shutting_down());
+            job.refuse(error());
         }
     }
 
@@ -416,13 +421,16 @@ impl Actor for VramActor {
             let period = (*shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
             ctx.run_interval(period, |act, ctx| act.expire_idle(ctx));
         }
+        // After a restart, the reconcile jobs queued by `restarting` run
+        // now.
+        self.start_next(ctx);
     }
 }
 
 /// A restart of the manager itself (when run under a `Supervisor`): the
-/// running job is dropped, so its waiters are answered `unavailable`; the
-/// ledger is rebuilt from every backend's `loaded()` by reconcile jobs
-/// placed ahead of everything queued.
+/// running and queued jobs are dropped (their callers' answers went with
+/// the old context: they see `unavailable`); the ledger is rebuilt from
+/// every backend's `loaded()` by reconcile jobs, started with the actor.
 impl Supervised for VramActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         tracing::warn!(
@@ -433,6 +441,9 @@ impl Supervised for VramActor {
         self.waits_release = false;
         self.wait_token += 1;
         self.books.ledger = Ledger::new(self.config.capacity);
+        self.refuse_queued_with(|| VramError::Unavailable {
+            reason: "the manager restarted".to_string(),
+        });
         for kind in self.backends.keys().rev() {
             self.queue
                 .push_front(Queued::Restart(RestartJob::reconcile(kind.clone()), vec![]));

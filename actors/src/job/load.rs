@@ -434,7 +434,14 @@ impl Job for LoadJob {
                         self.evicted(&model, books, out);
                         self.next_victim(books, now, out);
                     }
-                    Err(e) => self.abort(e, books, out),
+                    Err(e) => {
+                        // A failed unload may have half happened: the
+                        // victim's backend says what it still holds.
+                        if let Some(kind) = books.ledger.get(&model).map(|e| e.kind.clone()) {
+                            out.push(Command::Reconcile { kind });
+                        }
+                        self.abort(e, books, out)
+                    }
                 }
             }
             (
@@ -505,7 +512,12 @@ impl Job for LoadJob {
                             None => self.resident(Some(measured), books, now, out),
                         }
                     }
-                    Err(e) => self.refuse(e, books, out),
+                    Err(e) => {
+                        if let Some(kind) = books.ledger.get(&model).map(|e| e.kind.clone()) {
+                            out.push(Command::Reconcile { kind });
+                        }
+                        self.refuse(e, books, out)
+                    }
                 }
             }
             (Phase::Refusing { error }, Event::Unloaded { result, .. }) => {

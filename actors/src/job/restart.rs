@@ -135,6 +135,11 @@ pub(crate) fn reconcile(
             && books.ledger.get(id).is_none()
         {
             books.ledger.insert_resident(&spec);
+            // Charged as measured before, not as declared.
+            if let Some(planned) = books.planned.get(id).filter(|p| p.bytes > spec.bytes) {
+                let bytes = planned.bytes;
+                books.ledger.calibrate(id, bytes);
+            }
             books.used_now(id, now);
             let held = books.leases.values().filter(|(m, _)| m == id).count();
             for _ in 0..held {

@@ -1,0 +1,134 @@
+//! The manager's own restart and its shutdown against a running job: queued
+//! work is answered and never runs later as a ghost; no model server starts
+//! after `Shutdown`.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use vram_manager::{
+    Acquire, Backend, BackendFuture, Kind, Load, ManagerConfig, ModelSpec, Shutdown, Status,
+    StopManager, VramActor,
+};
+
+const GIB: u64 = 1 << 30;
+
+/// Loads take 200 ms; every call is logged.
+#[derive(Default)]
+struct Slow {
+    held: RefCell<Vec<String>>,
+    log: Rc<RefCell<Vec<String>>>,
+}
+
+impl Backend for Slow {
+    fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
+        self.log.borrow_mut().push(format!("load {}", model.id));
+        self.held.borrow_mut().push(model.id.clone());
+        Box::pin(async {
+            actix::clock::sleep(Duration::from_millis(200)).await;
+            Ok(())
+        })
+    }
+    fn unload(&self, id: &str) -> BackendFuture<()> {
+        self.log.borrow_mut().push(format!("unload {id}"));
+        self.held.borrow_mut().retain(|m| m != id);
+        Box::pin(async { Ok(()) })
+    }
+    fn loaded(&self) -> BackendFuture<Vec<String>> {
+        let held = self.held.borrow().clone();
+        Box::pin(async move { Ok(held) })
+    }
+    fn shutdown(self: Rc<Self>) -> BackendFuture<()> {
+        self.log.borrow_mut().push("shutdown".into());
+        self.held.borrow_mut().clear();
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn config(lease_wait: Duration) -> ManagerConfig {
+    let defaults = vram_manager::config::Settings::defaults().unwrap();
+    ManagerConfig {
+        kinds: [Kind::new("llm", 0, false)].into_iter().collect(),
+        catalog: [
+            ModelSpec::new("a", "llm", 8 * GIB),
+            ModelSpec::new("b", "llm", 12 * GIB),
+            ModelSpec::new("c", "llm", GIB),
+        ]
+        .into_iter()
+        .collect(),
+        lease_wait,
+        ..vram_manager::Manager::config(&defaults).unwrap()
+    }
+}
+
+fn backends(log: &Rc<RefCell<Vec<String>>>) -> BTreeMap<String, Rc<dyn Backend>> {
+    let slow: Rc<dyn Backend> = Rc::new(Slow {
+        log: log.clone(),
+        ..Default::default()
+    });
+    [("llm".to_string(), slow)].into_iter().collect()
+}
+
+#[actix_rt::test]
+async fn after_a_restart_of_the_manager_nothing_queued_runs_as_a_ghost() {
+    tokio::time::pause();
+    let log = Rc::new(RefCell::new(vec![]));
+    let (cfg, be) = (config(Duration::ZERO), backends(&log));
+    let addr = Supervisor::start(move |_| VramActor::new(cfg, be));
+    let first = addr.send(Load::new("a"));
+    let queued = addr.send(Load::new("c"));
+    // Let "a" start loading, then stop the manager under its supervisor.
+    assert!(addr.send(Status).await.unwrap().running);
+    addr.send(StopManager).await.unwrap();
+    // A restart drops the answer futures with the old context: the
+    // callers see the mailbox close or `unavailable`.
+    let first = first.await;
+    assert!(
+        first.as_ref().map_or(true, |r| r
+            .as_ref()
+            .is_err_and(|e| e.code() == "unavailable")),
+        "{first:?}"
+    );
+    let queued = queued.await;
+    assert!(
+        queued.as_ref().map_or(true, |r| r
+            .as_ref()
+            .is_err_and(|e| e.code() == "unavailable")),
+        "{queued:?}"
+    );
+    actix::clock::sleep(Duration::from_secs(1)).await;
+    let status = addr.send(Status).await.unwrap();
+    assert_eq!(status.queued, 0);
+    assert!(!status.running);
+    // The ledger was rebuilt from the backend, and "c" was never loaded.
+    assert_eq!(status.resident(), ["a"]);
+    assert!(
+        !log.borrow().contains(&"load c".to_string()),
+        "{:?}",
+        log.borrow()
+    );
+}
+
+#[actix_rt::test]
+async fn no_model_server_starts_after_shutdown() {
+    tokio::time::pause();
+    let log = Rc::new(RefCell::new(vec![]));
+    let addr = VramActor::new(config(Duration::from_millis(300)), backends(&log)).start();
+    addr.send(Load::new("a")).await.unwrap().unwrap();
+    let lease = addr.send(Acquire::new("a")).await.unwrap().unwrap();
+    // "a" is leased: the load of "b" waits for a release.
+    let pending = addr.send(Load::new("b"));
+    assert!(addr.send(Status).await.unwrap().running);
+    addr.send(Shutdown).await.unwrap();
+    let answer = pending.await.unwrap().unwrap_err();
+    assert_eq!(answer.code(), "unavailable", "{answer}");
+    drop(lease);
+    let log = log.borrow();
+    let shutdown = log.iter().position(|l| l == "shutdown").unwrap();
+    assert!(
+        !log[shutdown..].iter().any(|l| l == "load b"),
+        "a model server was started after Shutdown: {log:?}"
+    );
+}
