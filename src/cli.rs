@@ -120,6 +120,22 @@ pub fn gpu_report(json: bool) -> Outcome {
     Outcome::Ok
 }
 
+/// `serve [FILE] [--listen ADDR]`: validates the settings, serves until a
+/// signal, stops every model server.
+pub fn serve(file: Option<&Path>, listen: Option<std::net::SocketAddr>) -> Outcome {
+    let settings = match Settings::load(file) {
+        Ok(settings) => settings,
+        Err(e) => return Outcome::BadInput(e.to_string()),
+    };
+    match vram_manager::serve::run(&settings, listen) {
+        Ok(signal) => Outcome::Interrupted(signal),
+        Err(vram_manager::serve::ServeError::Invalid { key, message }) => {
+            Outcome::BadInput(format!("{key}: {message}"))
+        }
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
 /// A human summary of effective settings: capacity, kinds, models.
 pub fn describe_settings(settings: &Settings) -> String {
     let mut out = String::new();

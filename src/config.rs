@@ -70,6 +70,7 @@ struct RawSettings {
     gpu: RawGpu,
     policy: RawPolicy,
     process: RawProcess,
+    server: RawServer,
     kinds: BTreeMap<String, RawKind>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -104,6 +105,19 @@ struct RawPolicy {
     restart_backoff: Duration,
     #[serde(with = "humantime_serde")]
     restart_backoff_max: Duration,
+}
+
+/// The HTTP server of `vram-manager serve`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    token: String,
+    max_body: String,
+    #[serde(with = "humantime_serde")]
+    shutdown_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    upstream_timeout: Duration,
 }
 
 /// Defaults of the process-backed models (each may set its own).
@@ -157,6 +171,7 @@ struct RawModel {
     #[serde(default, with = "humantime_serde")]
     stop_timeout: Option<Duration>,
     stop: Option<Vec<String>>,
+    proxy: Option<String>,
 }
 
 fn default_backend() -> String {
@@ -170,6 +185,8 @@ fn default_backend() -> String {
 pub struct Settings {
     /// The card and how to ask it.
     pub gpu: GpuSettings,
+    /// The HTTP server of `vram-manager serve`.
+    pub server: ServerSettings,
     /// Waiting, timeouts and backpressure.
     pub policy: PolicySettings,
     /// Eviction tiers.
@@ -284,6 +301,26 @@ pub struct ModelSettings {
     /// Idle time after which it is unloaded: its own `ttl`, else its
     /// kind's; `None` never expires.
     pub ttl: Option<Duration>,
+    /// The base URL `serve` forwards this model's requests to: its own
+    /// `proxy`, else (a process model ready on `http://HOST:PORT/...`)
+    /// `http://HOST:PORT`; `None`: not served over HTTP.
+    pub proxy: Option<String>,
+}
+
+/// The HTTP server of `vram-manager serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Where it listens.
+    pub listen: std::net::SocketAddr,
+    /// The bearer token every endpoint but `/health` requires (empty: none;
+    /// required off loopback).
+    pub token: String,
+    /// The largest request body accepted, bytes.
+    pub max_body: u64,
+    /// How long in-flight requests may finish after SIGINT/SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// The longest a request to a model server may take, all of it.
+    pub upstream_timeout: Duration,
 }
 
 impl Settings {
@@ -364,6 +401,23 @@ pub fn check_toml(origin: &str, text: &str) -> Result<toml::Table, SettingsError
         origin: origin.to_string(),
         message: e.to_string().trim_end().to_string(),
     })
+}
+
+/// Checks a model's `proxy` base URL (`http://HOST:PORT`, no path).
+fn parse_proxy(key: &str, text: &str) -> Result<String, SettingsError> {
+    let uri: awc::http::Uri = text
+        .parse()
+        .map_err(|e| SettingsError::invalid(key, format!("{text:?} is not a URL: {e}")))?;
+    let ok = uri.scheme_str() == Some("http")
+        && uri.host().is_some_and(|h| !h.is_empty())
+        && uri.path().trim_matches('/').is_empty();
+    if !ok {
+        return Err(SettingsError::invalid(
+            key,
+            format!("{text:?} is not a base URL such as \"http://127.0.0.1:8081\""),
+        ));
+    }
+    Ok(text.trim_end_matches('/').to_string())
 }
 
 /// Parses a human size ("3GiB", "512 MiB"); a bare number is refused
@@ -556,13 +610,40 @@ impl RawSettings {
             if ttl.is_some_and(|t| t.is_zero()) {
                 return Err(SettingsError::invalid(key("ttl"), "must be longer than 0s"));
             }
+            let proxy = match (&raw.proxy, &backend) {
+                (Some(url), _) => Some(parse_proxy(&key("proxy"), url)?),
+                (None, BackendSpec::Process(spec)) => match &spec.ready {
+                    crate::backends::ReadyCheck::Http(_) => {
+                        Some(format!("http://{}", spec.ready.address()))
+                    }
+                    crate::backends::ReadyCheck::Tcp(_) => None,
+                },
+                (None, BackendSpec::Sim(_)) => None,
+            };
             models.push(ModelSettings {
                 spec: ModelSpec::new(raw.id, raw.kind, bytes).pinned(raw.pinned),
                 backend,
                 ttl,
+                proxy,
             });
         }
+        let server = ServerSettings {
+            listen: self.server.listen.trim().parse().map_err(|e| {
+                SettingsError::invalid(
+                    "server.listen",
+                    format!(
+                        "{:?} is not HOST:PORT with an IP address ({e})",
+                        self.server.listen
+                    ),
+                )
+            })?,
+            token: self.server.token,
+            max_body: parse_size("server.max_body", &self.server.max_body)?,
+            shutdown_timeout: self.server.shutdown_timeout,
+            upstream_timeout: self.server.upstream_timeout,
+        };
         Ok(Settings {
+            server,
             gpu: GpuSettings {
                 probe,
                 device: self.gpu.device,

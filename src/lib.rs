@@ -17,6 +17,7 @@ pub mod gpu;
 pub mod keeper;
 pub mod manager;
 pub mod scenario;
+pub mod serve;
 
 #[cfg(feature = "testing")]
 pub mod bench;

@@ -36,6 +36,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the models over HTTP: OpenAI-compatible routes proxied to
+    /// each model's server under a lease, and a control API. Runs until
+    /// SIGINT, SIGTERM or SIGHUP, then stops every model server.
+    Serve {
+        /// A settings file layered over the defaults.
+        file: Option<PathBuf>,
+        /// Listen here instead of `server.listen` (e.g. 127.0.0.1:8686).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Run a scenario file and check its expectations: exit 0 when all
     /// hold, 1 when one does not (naming the step), 2 when the file is
     /// invalid.
@@ -70,6 +80,7 @@ fn main() -> ExitCode {
     let outcome = match args.command {
         Some(Command::CheckConfig { file }) => cli::check_config(file.as_deref()),
         Some(Command::Gpu { json }) => cli::gpu_report(json),
+        Some(Command::Serve { file, listen }) => cli::serve(file.as_deref(), listen),
         Some(Command::Scenario { file, json, plot }) => {
             cli::scenario(file.as_deref(), json, plot.as_deref())
         }

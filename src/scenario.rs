@@ -403,7 +403,7 @@ fn pause_clock() {}
 
 /// Resolves with the signal number when SIGINT, SIGTERM or SIGHUP
 /// arrives.
-async fn shutdown_signal() -> i32 {
+pub(crate) async fn shutdown_signal() -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::interrupt()),

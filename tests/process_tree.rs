@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Events, free_port, temp_file};
+use common::{Events, free_port, marked, temp_file};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use vram_manager::{Load, Manager, Status, Unload, VramEvent};
@@ -24,26 +24,6 @@ const MANAGER: &str = env!("CARGO_BIN_EXE_vram-manager");
 /// A mark unique to one test, put in the environment of what it starts.
 fn mark(test: &str) -> String {
     format!("{test}-{}", std::process::id())
-}
-
-/// The running (not zombie) processes whose environment holds `mark`.
-fn marked(mark: &str) -> Vec<i32> {
-    let needle = format!("VRAM_TEST_MARK={mark}");
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
-        })
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-            })
-        })
-        .collect()
 }
 
 /// Waits (on the process table, up to `limit`) until no process holds

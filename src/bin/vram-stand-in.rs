@@ -1,7 +1,10 @@
 //! `vram-stand-in`: a stand-in model server for trying and testing the
-//! process backend without a GPU. It listens on a port, answers
-//! `GET /health` with 503 until it is "loaded" and 200 after, exits on
-//! `GET /exit` (or after a delay), and can ignore SIGTERM or fail at start.
+//! process backend and `serve` without a GPU. It listens on a port,
+//! answers `GET /health` with 503 until it is "loaded" and 200 after,
+//! answers `POST /v1/chat/completions` with its own name (streamed as
+//! server-sent events when the request says `"stream": true`, a chunk every
+//! `--chunk-ms`), exits on `GET /exit` (or after a delay), and can ignore
+//! SIGTERM or fail at start.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -38,6 +41,81 @@ struct Args {
     /// Write the process id to this file.
     #[arg(long)]
     pid_file: Option<std::path::PathBuf>,
+    /// The name it answers chat completions with.
+    #[arg(long, default_value = "stand-in")]
+    name: String,
+    /// Chunks of a streamed answer.
+    #[arg(long, default_value_t = 3)]
+    chunks: u32,
+    /// Pause before each chunk of a streamed answer, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    chunk_ms: u64,
+}
+
+/// One HTTP request: method, path and body.
+fn read_request(stream: &std::net::TcpStream) -> Option<(String, String, String)> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut words = line.split_whitespace();
+    let (method, path) = (words.next()?.to_string(), words.next()?.to_string());
+    let mut length = 0usize;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).ok()?;
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    std::io::Read::read_exact(&mut reader, &mut body).ok()?;
+    Some((method, path, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Answers a chat completion with `name`, streamed when asked.
+fn chat(stream: &mut std::net::TcpStream, body: &str, args: &Args) {
+    let streamed = body.replace(' ', "").contains("\"stream\":true");
+    if !streamed {
+        let answer = format!(
+            "{{\"object\":\"chat.completion\",\"model\":\"{0}\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"hello from {0}\"}}}}]}}",
+            args.name
+        );
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        );
+        return;
+    }
+    // Chunked, as llama-server streams: each event is one chunk.
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    let mut send = |data: &str| {
+        let chunk = format!("{:x}\r\n{data}\r\n", data.len());
+        stream
+            .write_all(chunk.as_bytes())
+            .and_then(|()| stream.flush())
+    };
+    for i in 0..args.chunks {
+        std::thread::sleep(Duration::from_millis(args.chunk_ms));
+        let chunk = format!(
+            "data: {{\"object\":\"chat.completion.chunk\",\"model\":\"{}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{i} \"}}}}]}}\n\n",
+            args.name
+        );
+        if send(&chunk).is_err() {
+            return;
+        }
+    }
+    let _ = send("data: [DONE]\n\n");
+    let _ = send("");
 }
 
 fn main() -> ExitCode {
@@ -80,32 +158,36 @@ fn main() -> ExitCode {
     eprintln!("listening on 127.0.0.1:{}, loading model", args.port);
     let started = Instant::now();
     let ready_after = Duration::from_millis(args.ready_after_ms);
+    let args = std::sync::Arc::new(args);
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
-        let mut request_line = String::new();
-        if BufReader::new(&stream)
-            .read_line(&mut request_line)
-            .is_err()
-        {
-            continue;
-        }
-        let path = request_line.split_whitespace().nth(1).unwrap_or("/");
-        let ready = !args.never_ready && started.elapsed() >= ready_after;
-        let (status, body) = match path {
-            "/health" if ready => ("200 OK", "{\"status\":\"ok\"}"),
-            "/health" => ("503 Service Unavailable", "{\"status\":\"loading model\"}"),
-            "/exit" => ("200 OK", "{\"status\":\"exiting\"}"),
-            _ => ("404 Not Found", "{}"),
-        };
-        let _ = write!(
-            stream,
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        if path == "/exit" {
-            let _ = stream.flush();
-            return ExitCode::from(args.exit_code);
-        }
+        let args = args.clone();
+        // One thread per connection: a slow streamed answer does not hold
+        // the health check back.
+        std::thread::spawn(move || {
+            let Some((method, path, body)) = read_request(&stream) else {
+                return;
+            };
+            if method == "POST" && path == "/v1/chat/completions" {
+                return chat(&mut stream, &body, &args);
+            }
+            let ready = !args.never_ready && started.elapsed() >= ready_after;
+            let (status, body) = match path.as_str() {
+                "/health" if ready => ("200 OK", "{\"status\":\"ok\"}"),
+                "/health" => ("503 Service Unavailable", "{\"status\":\"loading model\"}"),
+                "/exit" => ("200 OK", "{\"status\":\"exiting\"}"),
+                _ => ("404 Not Found", "{}"),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if path == "/exit" {
+                let _ = stream.flush();
+                std::process::exit(args.exit_code.into());
+            }
+        });
     }
     ExitCode::SUCCESS
 }

@@ -36,6 +36,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The running (not zombie) processes whose environment holds `mark`.
+pub fn marked(mark: &str) -> Vec<i32> {
+    let needle = format!("VRAM_TEST_MARK={mark}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+        })
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+            })
+        })
+        .collect()
+}
+
 /// Writes `text` to a fresh file under the target directory and answers
 /// its path. Each name must be unique within the test binary.
 pub fn temp_file(name: &str, text: &str) -> PathBuf {

@@ -1,0 +1,407 @@
+//! `vram-manager serve`: one HTTP endpoint for the whole voice stack.
+//!
+//! - OpenAI-compatible routes (`/v1/chat/completions`, `/v1/completions`,
+//!   `/v1/embeddings`, `/v1/audio/speech`: the JSON field `model`) and
+//!   `ANY /upstream/{model}/{path...}` are forwarded to the model's `proxy`
+//!   URL under a lease: the model is acquired first (loaded, evicting by
+//!   the policy, if needed), the answer is streamed back as it arrives, and
+//!   the lease is released when the answer's body ends — normally, on an
+//!   upstream error, or when the client goes away. So a model is never
+//!   evicted in the middle of an answer.
+//! - The control API: `GET /health`, `GET /v1/models`, `GET /api/status`,
+//!   `POST /api/models/{id}/load`, `POST /api/models/{id}/unload`.
+//! - Errors are `{"error":{"code","message"}}` with the status of their
+//!   code (unknown_model 404, exceeds_capacity 422, insufficient_vram and
+//!   in_use 409, busy 503 with `Retry-After`, timeout 504, backend_failed
+//!   502, unavailable 503; a bad request 400 naming the field).
+//! - With `server.token` set, every route but `/health` needs
+//!   `Authorization: Bearer TOKEN` (compared in constant time); off
+//!   loopback a token is required to start at all.
+//! - SIGINT, SIGTERM or SIGHUP: stop accepting, let requests in flight
+//!   finish for `server.shutdown_timeout`, stop every model server, exit
+//!   128 + the signal.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderName};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use futures::Stream;
+use serde_json::{Value, json};
+use vram_actors::{Lease, ModelState, VramError, VramHandle};
+
+use crate::config::Settings;
+use crate::manager::Manager;
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A setting forbids it (the message names the key).
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The setting.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The manager or the listener could not start.
+    #[error("{0}")]
+    Start(String),
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+struct Shared {
+    vram: VramHandle,
+    /// Model id -> (kind, proxy base URL).
+    models: Arc<BTreeMap<String, (String, Option<String>)>>,
+    token: Option<Arc<str>>,
+    max_body: usize,
+    upstream_timeout: std::time::Duration,
+}
+
+/// Runs the server until SIGINT, SIGTERM or SIGHUP; answers the signal's
+/// number after every model server was stopped.
+pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, ServeError> {
+    let listen = listen.unwrap_or(settings.server.listen);
+    let token = Some(settings.server.token.clone()).filter(|t| !t.is_empty());
+    if !listen.ip().is_loopback() && token.is_none() {
+        return Err(ServeError::Invalid {
+            key: "server.token".to_string(),
+            message: format!(
+                "{listen} is not a loopback address: set a token so only your clients can load and unload models"
+            ),
+        });
+    }
+    let models = settings
+        .models
+        .iter()
+        .map(|m| (m.spec.id.clone(), (m.spec.kind.clone(), m.proxy.clone())))
+        .collect();
+    let settings = settings.clone();
+    actix_web::rt::System::new().block_on(async move {
+        let manager = Manager::start(&settings).map_err(|e| ServeError::Start(e.to_string()))?;
+        let shared = Shared {
+            vram: manager.handle(),
+            models: Arc::new(models),
+            token: token.map(Arc::from),
+            max_body: usize::try_from(settings.server.max_body).unwrap_or(usize::MAX),
+            upstream_timeout: settings.server.upstream_timeout,
+        };
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(shared.clone()))
+                .app_data(web::PayloadConfig::new(shared.max_body))
+                .app_data(web::Data::new(
+                    awc::Client::builder()
+                        .timeout(shared.upstream_timeout)
+                        .finish(),
+                ))
+                .route("/health", web::get().to(health))
+                .route("/v1/models", web::get().to(list_models))
+                .route("/api/status", web::get().to(status))
+                .route("/api/models/{id}/load", web::post().to(load))
+                .route("/api/models/{id}/unload", web::post().to(unload))
+                .route("/v1/chat/completions", web::post().to(forward_json))
+                .route("/v1/completions", web::post().to(forward_json))
+                .route("/v1/embeddings", web::post().to(forward_json))
+                .route("/v1/audio/speech", web::post().to(forward_json))
+                .route("/upstream/{model}/{tail:.*}", web::route().to(forward_any))
+        })
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
+        .bind(listen)
+        .map_err(|e| ServeError::Start(format!("cannot listen on {listen}: {e}")))?
+        .run();
+        let handle = server.handle();
+        let running = actix_web::rt::spawn(server);
+        eprintln!("vram-manager serving on http://{listen}");
+        let signal = crate::scenario::shutdown_signal().await;
+        handle.stop(true).await;
+        let _ = running.await;
+        manager.shutdown().await;
+        Ok(signal)
+    })
+}
+
+/// The HTTP status of an error code.
+fn status_of(error: &VramError) -> StatusCode {
+    match error {
+        VramError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+        VramError::ExceedsCapacity { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        VramError::InsufficientVram { .. } | VramError::InUse { .. } => StatusCode::CONFLICT,
+        VramError::Busy { .. } | VramError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        VramError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        VramError::BackendFailed { .. } => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// `{"error":{"code","message"}}` with `status`.
+fn error_body(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    let mut response = HttpResponse::build(status);
+    if code == "busy" {
+        response.insert_header((header::RETRY_AFTER, "1"));
+    }
+    response.json(json!({"error": {"code": code, "message": message}}))
+}
+
+fn vram_error(error: &VramError) -> HttpResponse {
+    error_body(status_of(error), error.code(), &error.to_string())
+}
+
+fn bad_request(message: &str) -> HttpResponse {
+    error_body(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+/// Refuses a request without the bearer token (when one is set); the
+/// comparison takes the same time wherever the tokens differ.
+fn authorize(request: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
+    let Some(token) = &shared.token else {
+        return Ok(());
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    let mut differ = a.len() ^ b.len();
+    for (i, expected) in b.iter().enumerate() {
+        differ |= usize::from(a.get(i).copied().unwrap_or(0) ^ expected);
+    }
+    if differ == 0 {
+        Ok(())
+    } else {
+        Err(error_body(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this server needs Authorization: Bearer TOKEN (server.token)",
+        ))
+    }
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn list_models(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let status = match shared.vram.status().await {
+        Ok(status) => status,
+        Err(e) => return vram_error(&e),
+    };
+    let data: Vec<Value> = shared
+        .models
+        .iter()
+        .map(|(id, (kind, _))| {
+            let state = status
+                .models
+                .iter()
+                .find(|m| &m.id == id)
+                .map_or("unloaded", |m| match m.state {
+                    ModelState::Loading => "loading",
+                    ModelState::Resident => "resident",
+                    ModelState::Unloading => "unloading",
+                });
+            json!({"id": id, "object": "model", "owned_by": "vram-manager", "kind": kind, "state": state})
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+async fn status(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    match shared.vram.status().await {
+        Ok(status) => HttpResponse::Ok().json(status),
+        Err(e) => vram_error(&e),
+    }
+}
+
+async fn load(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    match shared.vram.load(id.into_inner()).await {
+        Ok(loaded) => HttpResponse::Ok().json(json!({
+            "model": loaded.model,
+            "evicted": loaded.evicted,
+            "already_resident": loaded.already_resident,
+        })),
+        Err(e) => vram_error(&e),
+    }
+}
+
+async fn unload(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    match shared.vram.unload(id.into_inner()).await {
+        Ok(unloaded) => HttpResponse::Ok().json(json!({
+            "model": unloaded.model,
+            "was_resident": unloaded.was_resident,
+        })),
+        Err(e) => vram_error(&e),
+    }
+}
+
+/// An OpenAI-style request: its JSON body names the model.
+async fn forward_json(
+    request: HttpRequest,
+    body: web::Bytes,
+    shared: web::Data<Shared>,
+    client: web::Data<awc::Client>,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let model = match serde_json::from_slice::<Value>(&body) {
+        Ok(value) => match value.get("model").and_then(Value::as_str) {
+            Some(model) => model.to_string(),
+            None => return bad_request("the JSON body needs a string field \"model\""),
+        },
+        Err(e) => return bad_request(&format!("the body is not JSON: {e}")),
+    };
+    let path = request.uri().path().to_string();
+    forward(&request, body, &shared, &client, &model, &path).await
+}
+
+/// `ANY /upstream/{model}/{path...}`: any request to that model's server.
+async fn forward_any(
+    request: HttpRequest,
+    body: web::Bytes,
+    shared: web::Data<Shared>,
+    client: web::Data<awc::Client>,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let (model, tail) = path.into_inner();
+    forward(
+        &request,
+        body,
+        &shared,
+        &client,
+        &model,
+        &format!("/{tail}"),
+    )
+    .await
+}
+
+/// Headers that belong to one connection, not to the request.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "authorization"
+    )
+}
+
+/// Acquires `model`, sends the request to its server, and streams the
+/// answer back holding the lease until the answer's body ends.
+async fn forward(
+    request: &HttpRequest,
+    body: web::Bytes,
+    shared: &Shared,
+    client: &awc::Client,
+    model: &str,
+    path: &str,
+) -> HttpResponse {
+    let Some((_, proxy)) = shared.models.get(model) else {
+        let e = VramError::UnknownModel {
+            model: model.to_string(),
+        };
+        return vram_error(&e);
+    };
+    let Some(proxy) = proxy else {
+        return error_body(
+            StatusCode::NOT_FOUND,
+            "no_upstream",
+            &format!("model {model:?} has no `proxy` URL to forward to"),
+        );
+    };
+    let lease = match shared.vram.acquire(model).await {
+        Ok(lease) => lease,
+        Err(e) => return vram_error(&e),
+    };
+    let query = request
+        .uri()
+        .query()
+        .map_or(String::new(), |q| format!("?{q}"));
+    let mut upstream = client.request(request.method().clone(), format!("{proxy}{path}{query}"));
+    for (name, value) in request.headers() {
+        if !hop_by_hop(name) {
+            upstream = upstream.insert_header((name.clone(), value.clone()));
+        }
+    }
+    let answer = match upstream.send_body(body).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            // The lease goes with this scope.
+            return error_body(
+                StatusCode::BAD_GATEWAY,
+                "backend_failed",
+                &format!("{model}: its server did not answer: {e}"),
+            );
+        }
+    };
+    let mut response = HttpResponse::build(answer.status());
+    for (name, value) in answer.headers() {
+        if !hop_by_hop(name) {
+            response.insert_header((name.clone(), value.clone()));
+        }
+    }
+    response.streaming(Leased {
+        inner: answer,
+        lease: Some(lease),
+    })
+}
+
+/// An answer's body that holds the model's lease until it ends (or is
+/// dropped, when the client goes away).
+struct Leased<S> {
+    inner: S,
+    lease: Option<Lease>,
+}
+
+impl<S, E> Stream for Leased<S>
+where
+    S: Stream<Item = Result<web::Bytes, E>> + Unpin,
+{
+    type Item = Result<web::Bytes, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(None | Some(Err(_))) = &next {
+            self.lease = None;
+        }
+        next
+    }
+}

@@ -1,0 +1,343 @@
+//! `vram-manager serve` over real HTTP: the control API, errors as JSON
+//! with their statuses, requests proxied to stand-in model servers under a
+//! lease (a streamed answer is never cut by an eviction), the token, the
+//! loopback rule, and SIGTERM stopping every model server.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, temp_file};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+const MANAGER: &str = env!("CARGO_BIN_EXE_vram-manager");
+const STAND_IN: &str = env!("CARGO_BIN_EXE_vram-stand-in");
+
+/// A running `serve`, killed when dropped (a failing test leaves nothing).
+struct Serve {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// Settings: a simulated ASR and two stand-in LLM servers that do not fit
+/// together on the 16 GiB card.
+fn settings(mark: &str, extra: &str) -> String {
+    let (a, b) = (free_port(), free_port());
+    let llm = |id: &str, port: u16, gib: u64, args: &str| {
+        format!(
+            "[[models]]\nid = \"{id}\"\nkind = \"llm\"\nvram = \"{gib}GiB\"\nbackend = \"process\"\n\
+             command = [\"{STAND_IN}\", \"--port\", \"{port}\", \"--name\", \"{id}\"{args}]\n\
+             ready = \"http://127.0.0.1:{port}/health\"\nenv = {{ VRAM_TEST_MARK = \"{mark}\" }}\n"
+        )
+    };
+    format!(
+        "[gpu]\nprobe = \"none\"\ntotal = \"16GiB\"\n{extra}\n\
+         [[models]]\nid = \"whisper\"\nkind = \"asr\"\nvram = \"3GiB\"\n{}{}",
+        llm(
+            "llm-a",
+            a,
+            8,
+            ", \"--chunks\", \"5\", \"--chunk-ms\", \"100\""
+        ),
+        llm("llm-b", b, 10, "")
+    )
+}
+
+/// Starts `serve` on `path` and waits (up to 10 s) for `/health`.
+fn serve(path: &Path) -> Serve {
+    let port = free_port();
+    let child = Command::new(MANAGER)
+        .args(["serve", path.to_str().unwrap(), "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "serve never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Serve {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// The status and JSON body of a request.
+async fn call(method: &str, url: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value) {
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .finish();
+    let mut request = client.request(method.parse().unwrap(), url);
+    if let Some(token) = token {
+        request = request.insert_header(("Authorization", format!("Bearer {token}")));
+    }
+    let mut response = match body {
+        Some(body) => request.send_json(&body).await.unwrap(),
+        None => request.send().await.unwrap(),
+    };
+    let bytes = response.body().limit(1 << 20).await.unwrap();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (response.status().as_u16(), value)
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[actix_rt::test]
+async fn the_control_api_and_the_proxy_answer_as_documented() {
+    let mark = format!("serve-api-{}", std::process::id());
+    let path = temp_file("serve-api.toml", &settings(&mark, ""));
+    let s = serve(&path);
+    let base = &s.base;
+
+    assert_eq!(
+        call("GET", &format!("{base}/health"), None, None).await,
+        (200, json!({"status": "ok"}))
+    );
+    let (status, models) = call("GET", &format!("{base}/v1/models"), None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["llm-a", "llm-b", "whisper"]);
+    assert_eq!(models["data"][2]["state"], "unloaded");
+
+    let (status, error) = call("POST", &format!("{base}/api/models/nope/load"), None, None).await;
+    assert_eq!(status, 404);
+    assert_eq!(error["error"]["code"], "unknown_model");
+    let (status, loaded) = call(
+        "POST",
+        &format!("{base}/api/models/whisper/load"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        loaded,
+        json!({"model": "whisper", "evicted": [], "already_resident": false})
+    );
+
+    // A chat completion loads its model and is answered by its server.
+    let (status, answer) = call(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        Some(chat("llm-b")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "hello from llm-b"
+    );
+    // Its lease ended with the answer.
+    let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
+    let llm_b = report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "llm-b")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (llm_b["state"].as_str(), llm_b["leases"].as_u64()),
+        (Some("resident"), Some(0))
+    );
+
+    // Bad requests name what is wrong.
+    let (status, error) = call(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        Some(json!({"messages": []})),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"model\""),
+        "{error}"
+    );
+    let (status, error) = call(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        Some(chat("whisper")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("no_upstream"))
+    );
+
+    let (status, unloaded) = call(
+        "POST",
+        &format!("{base}/api/models/llm-b/unload"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(unloaded, json!({"model": "llm-b", "was_resident": true}));
+}
+
+#[actix_rt::test]
+async fn a_streamed_answer_is_never_cut_by_an_eviction() {
+    let mark = format!("serve-stream-{}", std::process::id());
+    let path = temp_file("serve-stream.toml", &settings(&mark, ""));
+    let s = serve(&path);
+    let base = s.base.clone();
+    // llm-a streams 5 chunks, 100 ms apart.
+    let streamed = actix_rt::spawn({
+        let base = base.clone();
+        async move {
+            let client = awc::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .finish();
+            let mut body = json!({"model": "llm-a", "stream": true});
+            body["messages"] = json!([]);
+            let mut response = client
+                .post(format!("{base}/v1/chat/completions"))
+                .send_json(&body)
+                .await
+                .unwrap();
+            let text = response.body().limit(1 << 20).await.unwrap();
+            (
+                response.status().as_u16(),
+                String::from_utf8_lossy(&text).into_owned(),
+            )
+        }
+    });
+    // Wait until llm-a is leased by that request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
+        let leased = report["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "llm-a" && m["leases"].as_u64() == Some(1));
+        if leased {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the streamed request never got its lease"
+        );
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    // llm-b needs llm-a's room: refused while the answer streams.
+    let (status, error) = call(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        Some(chat("llm-b")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (409, Some("insufficient_vram"))
+    );
+    let (status, text) = streamed.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(text.matches("data: {").count(), 5, "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    // Once the answer has ended, llm-b evicts llm-a.
+    let (status, answer) = call(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        Some(chat("llm-b")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, models) = call("GET", &format!("{base}/v1/models"), None, None).await;
+    assert_eq!(models["data"][0]["state"], "unloaded", "{models}");
+}
+
+#[actix_rt::test]
+async fn a_token_guards_everything_but_health() {
+    let mark = format!("serve-token-{}", std::process::id());
+    let path = temp_file(
+        "serve-token.toml",
+        &settings(&mark, "[server]\ntoken = \"sekrit\""),
+    );
+    let s = serve(&path);
+    let base = &s.base;
+    assert_eq!(
+        call("GET", &format!("{base}/health"), None, None).await.0,
+        200
+    );
+    let (status, error) = call("GET", &format!("{base}/api/status"), None, None).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(
+        call("GET", &format!("{base}/api/status"), None, Some("wrong"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        call("GET", &format!("{base}/api/status"), None, Some("sekrit"))
+            .await
+            .0,
+        200
+    );
+}
+
+#[test]
+fn off_loopback_without_a_token_is_refused() {
+    let path = temp_file("serve-open.toml", "");
+    let output = Command::new(MANAGER)
+        .args(["serve", path.to_str().unwrap(), "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("server.token"), "{err}");
+}
+
+#[actix_rt::test]
+async fn sigterm_stops_every_model_server() {
+    let mark = format!("serve-sigterm-{}", std::process::id());
+    let path = temp_file("serve-sigterm.toml", &settings(&mark, ""));
+    let mut s = serve(&path);
+    let (status, _) = call(
+        "POST",
+        &format!("{}/api/models/llm-b/load", s.base),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    kill(Pid::from_raw(s.child.id() as i32), Signal::SIGTERM).unwrap();
+    let code = s.child.wait().unwrap().code();
+    assert_eq!(code, Some(143));
+    assert!(
+        common::marked(&mark).is_empty(),
+        "a model server outlived serve"
+    );
+}
