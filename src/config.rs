@@ -118,6 +118,8 @@ struct RawServer {
     shutdown_timeout: Duration,
     #[serde(with = "humantime_serde")]
     upstream_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    max_lease_ttl: Duration,
 }
 
 /// Defaults of the process-backed models (each may set its own).
@@ -321,6 +323,8 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
     /// The longest a request to a model server may take, all of it.
     pub upstream_timeout: Duration,
+    /// The longest `ttl` a lease of the HTTP API may have.
+    pub max_lease_ttl: Duration,
 }
 
 impl Settings {
@@ -641,6 +645,7 @@ impl RawSettings {
             max_body: parse_size("server.max_body", &self.server.max_body)?,
             shutdown_timeout: self.server.shutdown_timeout,
             upstream_timeout: self.server.upstream_timeout,
+            max_lease_ttl: self.server.max_lease_ttl,
         };
         Ok(Settings {
             server,

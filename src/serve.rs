@@ -9,7 +9,13 @@
 //!   upstream error, or when the client goes away. So a model is never
 //!   evicted in the middle of an answer.
 //! - The control API: `GET /health`, `GET /v1/models`, `GET /api/status`,
-//!   `POST /api/models/{id}/load`, `POST /api/models/{id}/unload`.
+//!   `POST /api/models/{id}/load`, `POST /api/models/{id}/unload`;
+//!   `GET /api/events` (server-sent events, the JSON of `VramEvent`);
+//!   leases for clients that hold a model across requests:
+//!   `POST /api/leases {"model","ttl"}`, `POST /api/leases/{id}/renew`,
+//!   `DELETE /api/leases/{id}` — a lease not renewed within its `ttl` is
+//!   released by the server. `/v1/audio/transcriptions` takes the model
+//!   from its multipart field `model`.
 //! - Errors are `{"error":{"code","message"}}` with the status of their
 //!   code (unknown_model 404, exceeds_capacity 422, insufficient_vram and
 //!   in_use 409, busy 503 with `Retry-After`, timeout 504, backend_failed
@@ -21,18 +27,19 @@
 //!   finish for `server.shutdown_timeout`, stop every model server, exit
 //!   128 + the signal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderName};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use futures::Stream;
 use serde_json::{Value, json};
-use vram_actors::{Lease, ModelState, VramError, VramHandle};
+use vram_actors::{Lease, ModelState, VramError, VramEvent, VramHandle};
 
 use crate::config::Settings;
 use crate::manager::Manager;
@@ -53,6 +60,9 @@ pub enum ServeError {
     Start(String),
 }
 
+/// Leases held for HTTP clients: id -> (lease, ttl, expiry).
+type HeldLeases = HashMap<String, (Lease, Duration, Instant)>;
+
 /// What every worker shares.
 #[derive(Clone)]
 struct Shared {
@@ -61,7 +71,13 @@ struct Shared {
     models: Arc<BTreeMap<String, (String, Option<String>)>>,
     token: Option<Arc<str>>,
     max_body: usize,
-    upstream_timeout: std::time::Duration,
+    upstream_timeout: Duration,
+    max_lease_ttl: Duration,
+    /// Leases held for HTTP clients.
+    leases: Arc<Mutex<HeldLeases>>,
+    /// Turns true when the server stops: event streams end then, so they
+    /// do not hold the graceful shutdown for its whole timeout.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Runs the server until SIGINT, SIGTERM or SIGHUP; answers the signal's
@@ -85,13 +101,28 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
     let settings = settings.clone();
     actix_web::rt::System::new().block_on(async move {
         let manager = Manager::start(&settings).map_err(|e| ServeError::Start(e.to_string()))?;
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let shared = Shared {
+            closing,
             vram: manager.handle(),
             models: Arc::new(models),
             token: token.map(Arc::from),
             max_body: usize::try_from(settings.server.max_body).unwrap_or(usize::MAX),
             upstream_timeout: settings.server.upstream_timeout,
+            max_lease_ttl: settings.server.max_lease_ttl,
+            leases: Arc::default(),
         };
+        // Leases not renewed in time are released (dropped).
+        let leases = shared.leases.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                actix_web::rt::time::sleep(Duration::from_millis(250)).await;
+                let now = Instant::now();
+                if let Ok(mut leases) = leases.lock() {
+                    leases.retain(|_, (_, _, expiry)| *expiry > now);
+                }
+            }
+        });
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(shared.clone()))
@@ -106,6 +137,14 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                 .route("/api/status", web::get().to(status))
                 .route("/api/models/{id}/load", web::post().to(load))
                 .route("/api/models/{id}/unload", web::post().to(unload))
+                .route("/api/events", web::get().to(events))
+                .route("/api/leases", web::post().to(take_lease))
+                .route("/api/leases/{id}/renew", web::post().to(renew_lease))
+                .route("/api/leases/{id}", web::delete().to(drop_lease))
+                .route(
+                    "/v1/audio/transcriptions",
+                    web::post().to(forward_multipart),
+                )
                 .route("/v1/chat/completions", web::post().to(forward_json))
                 .route("/v1/completions", web::post().to(forward_json))
                 .route("/v1/embeddings", web::post().to(forward_json))
@@ -122,6 +161,7 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
         let running = actix_web::rt::spawn(server);
         eprintln!("vram-manager serving on http://{listen}");
         let signal = crate::scenario::shutdown_signal().await;
+        let _ = closing_tx.send(true);
         handle.stop(true).await;
         let _ = running.await;
         manager.shutdown().await;
@@ -260,6 +300,201 @@ async fn unload(
         })),
         Err(e) => vram_error(&e),
     }
+}
+
+/// Forwards every [`VramEvent`] into a channel; stops when the channel's
+/// reader (the HTTP client) is gone.
+struct EventForward(tokio::sync::mpsc::UnboundedSender<VramEvent>);
+
+impl actix::Actor for EventForward {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<VramEvent> for EventForward {
+    type Result = ();
+
+    fn handle(&mut self, event: VramEvent, ctx: &mut actix::Context<Self>) {
+        if self.0.send(event).is_err() {
+            actix::ActorContext::stop(ctx);
+        }
+    }
+}
+
+/// `GET /api/events`: server-sent events, `event: <name>` and the event's
+/// JSON, from now on.
+async fn events(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let forward = actix::Actor::start(EventForward(tx));
+    if let Err(e) = shared.vram.subscribe(forward.recipient()).await {
+        return vram_error(&e);
+    }
+    let body = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|event| {
+            event.map(|event| {
+                let json = serde_json::to_value(&event).unwrap_or(Value::Null);
+                let name = json["event"].as_str().unwrap_or("event").to_string();
+                Ok::<_, std::convert::Infallible>(web::Bytes::from(format!(
+                    "event: {name}\ndata: {json}\n\n"
+                )))
+            })
+        })
+    });
+    let mut closing = shared.closing.clone();
+    let closed = async move {
+        let _ = closing.wait_for(|c| *c).await;
+    };
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .streaming(futures::StreamExt::take_until(body, Box::pin(closed)))
+}
+
+/// A lease request of the HTTP API.
+#[derive(serde::Deserialize)]
+struct LeaseRequest {
+    model: String,
+    ttl: String,
+}
+
+/// `POST /api/leases {"model","ttl"}`: loads the model if needed and holds
+/// it until the lease is deleted or not renewed within `ttl`.
+async fn take_lease(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    body: web::Bytes,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let asked: LeaseRequest = match serde_json::from_slice(&body) {
+        Ok(asked) => asked,
+        Err(e) => {
+            return bad_request(&format!(
+                "expected {{\"model\": ID, \"ttl\": \"30s\"}}: {e}"
+            ));
+        }
+    };
+    let ttl = match humantime::parse_duration(&asked.ttl) {
+        Ok(ttl) if !ttl.is_zero() && ttl <= shared.max_lease_ttl => ttl,
+        Ok(_) => {
+            return bad_request(&format!(
+                "\"ttl\" must be more than 0s and at most server.max_lease_ttl ({})",
+                humantime::format_duration(shared.max_lease_ttl)
+            ));
+        }
+        Err(e) => return bad_request(&format!("\"ttl\" is not a duration such as \"30s\": {e}")),
+    };
+    let lease = match shared.vram.acquire(asked.model.clone()).await {
+        Ok(lease) => lease,
+        Err(e) => return vram_error(&e),
+    };
+    let id = format!("{:016x}", fastrand::u64(..));
+    if let Ok(mut leases) = shared.leases.lock() {
+        leases.insert(id.clone(), (lease, ttl, Instant::now() + ttl));
+    }
+    HttpResponse::Created().json(json!({
+        "lease": id,
+        "model": asked.model,
+        "expires_in_s": ttl.as_secs_f64(),
+    }))
+}
+
+/// `POST /api/leases/{id}/renew`: another `ttl` from now.
+async fn renew_lease(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let renewed = shared.leases.lock().ok().and_then(|mut leases| {
+        let (lease, ttl, expiry) = leases.get_mut(id.as_str())?;
+        *expiry = Instant::now() + *ttl;
+        Some((lease.model().to_string(), *ttl))
+    });
+    match renewed {
+        Some((model, ttl)) => HttpResponse::Ok().json(json!({
+            "lease": id.into_inner(),
+            "model": model,
+            "expires_in_s": ttl.as_secs_f64(),
+        })),
+        None => unknown_lease(&id),
+    }
+}
+
+/// `DELETE /api/leases/{id}`: releases the model now.
+async fn drop_lease(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let removed = shared
+        .leases
+        .lock()
+        .ok()
+        .and_then(|mut leases| leases.remove(id.as_str()));
+    match removed {
+        Some(_) => HttpResponse::NoContent().finish(),
+        None => unknown_lease(&id),
+    }
+}
+
+fn unknown_lease(id: &str) -> HttpResponse {
+    error_body(
+        StatusCode::NOT_FOUND,
+        "unknown_lease",
+        &format!("no lease {id:?} (released, expired or never given)"),
+    )
+}
+
+/// `POST /v1/audio/transcriptions`: the model is the multipart field
+/// `model`.
+async fn forward_multipart(
+    request: HttpRequest,
+    body: web::Bytes,
+    shared: web::Data<Shared>,
+    client: web::Data<awc::Client>,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some(model) = multipart_field(content_type, &body, "model") else {
+        return bad_request("the multipart body needs a field \"model\"");
+    };
+    let path = request.uri().path().to_string();
+    forward(&request, body, &shared, &client, &model, &path).await
+}
+
+/// The text of field `name` of a `multipart/form-data` body.
+fn multipart_field(content_type: &str, body: &[u8], name: &str) -> Option<String> {
+    let boundary = content_type
+        .split(';')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("boundary="))?
+        .trim_matches('"');
+    let delimiter = format!("--{boundary}");
+    let text = String::from_utf8_lossy(body);
+    text.split(delimiter.as_str()).find_map(|part| {
+        let (head, value) = part.split_once("\r\n\r\n")?;
+        let wanted = format!("name=\"{name}\"");
+        head.lines()
+            .any(|l| {
+                l.to_ascii_lowercase().starts_with("content-disposition") && l.contains(&wanted)
+            })
+            .then(|| value.trim_end_matches("\r\n").trim().to_string())
+    })
 }
 
 /// An OpenAI-style request: its JSON body names the model.

@@ -341,3 +341,136 @@ async fn sigterm_stops_every_model_server() {
         "a model server outlived serve"
     );
 }
+
+#[actix_rt::test]
+async fn events_stream_in_order_and_leases_live_by_their_ttl() {
+    use futures::StreamExt;
+    let mark = format!("serve-events-{}", std::process::id());
+    let path = temp_file("serve-events.toml", &settings(&mark, ""));
+    let s = serve(&path);
+    let base = s.base.clone();
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .finish();
+    let mut events = client
+        .get(format!("{base}/api/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status().as_u16(), 200);
+
+    // A lease of the HTTP API loads the model and holds it.
+    let (status, lease) = call(
+        "POST",
+        &format!("{base}/api/leases"),
+        Some(json!({"model": "whisper", "ttl": "30s"})),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{lease}");
+    assert_eq!(
+        (lease["model"].as_str(), lease["expires_in_s"].as_f64()),
+        (Some("whisper"), Some(30.0))
+    );
+    let id = lease["lease"].as_str().unwrap().to_string();
+    let leases = |report: &Value| {
+        report["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "whisper")
+            .map(|m| m["leases"].as_u64())
+    };
+    let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
+    assert_eq!(leases(&report), Some(Some(1)));
+    assert_eq!(
+        call("POST", &format!("{base}/api/leases/{id}/renew"), None, None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call("DELETE", &format!("{base}/api/leases/{id}"), None, None)
+            .await
+            .0,
+        204
+    );
+    let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
+    assert_eq!(leases(&report), Some(Some(0)));
+    let (status, error) = call("DELETE", &format!("{base}/api/leases/{id}"), None, None).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("unknown_lease"))
+    );
+    // ttl is required and bounded.
+    for body in [
+        json!({"model": "whisper"}),
+        json!({"model": "whisper", "ttl": "2h"}),
+    ] {
+        assert_eq!(
+            call("POST", &format!("{base}/api/leases"), Some(body), None)
+                .await
+                .0,
+            400
+        );
+    }
+    // A lease not renewed is released by the server.
+    let (status, _) = call(
+        "POST",
+        &format!("{base}/api/leases"),
+        Some(json!({"model": "whisper", "ttl": "300ms"})),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
+        if leases(&report) == Some(Some(0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease never expired");
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The events of all that, in order.
+    let mut text = String::new();
+    while !text.contains("event: loaded") {
+        let chunk = events
+            .next()
+            .await
+            .expect("the event stream stays open")
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let loading = text.find("event: loading").expect("loading came first");
+    let loaded = text.find("event: loaded").unwrap();
+    assert!(loading < loaded, "{text}");
+    assert!(text.contains("\"model\":\"whisper\""), "{text}");
+}
+
+#[actix_rt::test]
+async fn a_transcription_names_its_model_in_a_multipart_field() {
+    let mark = format!("serve-multipart-{}", std::process::id());
+    let path = temp_file("serve-multipart.toml", &settings(&mark, ""));
+    let s = serve(&path);
+    let client = awc::Client::default();
+    let multipart = |fields: &str| {
+        client
+            .post(format!("{}/v1/audio/transcriptions", s.base))
+            .insert_header(("Content-Type", "multipart/form-data; boundary=XyZ"))
+            .send_body(fields.to_string())
+    };
+    let with_model = "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
+                      --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--XyZ--\r\n";
+    let mut answer = multipart(with_model).await.unwrap();
+    // The field was read: whisper is known, but has no server to forward to.
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(
+        (answer.status().as_u16(), body["error"]["code"].as_str()),
+        (404, Some("no_upstream"))
+    );
+    let without =
+        "--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nRIFF\r\n--XyZ--\r\n";
+    assert_eq!(multipart(without).await.unwrap().status().as_u16(), 400);
+}
