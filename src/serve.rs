@@ -16,6 +16,10 @@
 //!   `DELETE /api/leases/{id}` — a lease not renewed within its `ttl` is
 //!   released by the server. `/v1/audio/transcriptions` takes the model
 //!   from its multipart field `model`.
+//! - `GET /metrics`: Prometheus text. The library counts through the
+//!   `metrics` facade (loads, evictions, restarts, load and release-wait
+//!   durations, queue length); this edge installs the exporter and sets the
+//!   ledger's gauges from a status snapshot at each scrape.
 //! - Errors are `{"error":{"code","message"}}` with the status of their
 //!   code (unknown_model 404, exceeds_capacity 422, insufficient_vram and
 //!   in_use 409, busy 503 with `Retry-After`, timeout 504, backend_failed
@@ -78,6 +82,8 @@ struct Shared {
     /// Turns true when the server stops: event streams end then, so they
     /// do not hold the graceful shutdown for its whole timeout.
     closing: tokio::sync::watch::Receiver<bool>,
+    /// Renders what the `metrics` facade recorded.
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// Runs the server until SIGINT, SIGTERM or SIGHUP; answers the signal's
@@ -102,7 +108,16 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
     actix_web::rt::System::new().block_on(async move {
         let manager = Manager::start(&settings).map_err(|e| ServeError::Start(e.to_string()))?;
         let (closing_tx, closing) = tokio::sync::watch::channel(false);
+        let prometheus = install_prometheus()?;
+        let upkeep = prometheus.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                actix_web::rt::time::sleep(Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
+            }
+        });
         let shared = Shared {
+            prometheus,
             closing,
             vram: manager.handle(),
             models: Arc::new(models),
@@ -133,6 +148,7 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                         .finish(),
                 ))
                 .route("/health", web::get().to(health))
+                .route("/metrics", web::get().to(metrics_text))
                 .route("/v1/models", web::get().to(list_models))
                 .route("/api/status", web::get().to(status))
                 .route("/api/models/{id}/load", web::post().to(load))
@@ -167,6 +183,60 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
         manager.shutdown().await;
         Ok(signal)
     })
+}
+
+/// Installs the Prometheus recorder of the `metrics` facade (once per
+/// process: a second `serve` in the same process reuses it).
+fn install_prometheus() -> Result<metrics_exporter_prometheus::PrometheusHandle, ServeError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let buckets = [
+        0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), &buckets)
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| ServeError::Start(format!("cannot start the metrics recorder: {e}")))?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// `GET /metrics`: the ledger's gauges from a snapshot, then everything
+/// the facade recorded, in Prometheus text format.
+async fn metrics_text(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    if let Err(refused) = authorize(&request, &shared) {
+        return refused;
+    }
+    let status = match shared.vram.status().await {
+        Ok(status) => status,
+        Err(e) => return vram_error(&e),
+    };
+    metrics::gauge!("vram_manager_capacity_bytes").set(status.capacity as f64);
+    metrics::gauge!("vram_manager_used_bytes").set(status.used as f64);
+    metrics::gauge!("vram_manager_free_bytes").set(status.free as f64);
+    metrics::gauge!("vram_manager_queue_length").set(status.queued as f64);
+    for (id, (kind, _)) in shared.models.iter() {
+        let entry = status.models.iter().find(|m| &m.id == id);
+        let resident = entry.is_some_and(|m| m.state == ModelState::Resident);
+        metrics::gauge!("vram_manager_model_resident", "model" => id.clone(), "kind" => kind.clone())
+            .set(if resident { 1.0 } else { 0.0 });
+        metrics::gauge!("vram_manager_model_leases", "model" => id.clone())
+            .set(entry.map_or(0.0, |m| f64::from(m.leases)));
+        if let Some(entry) = entry {
+            metrics::gauge!("vram_manager_model_size_bytes", "model" => id.clone(), "source" => "declared")
+                .set(entry.declared as f64);
+            if let Some(measured) = entry.measured {
+                metrics::gauge!("vram_manager_model_size_bytes", "model" => id.clone(), "source" => "measured")
+                    .set(measured as f64);
+            }
+        }
+    }
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/plain; version=0.0.4"))
+        .body(shared.prometheus.render())
 }
 
 /// The HTTP status of an error code.

@@ -474,3 +474,88 @@ async fn a_transcription_names_its_model_in_a_multipart_field() {
         "--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nRIFF\r\n--XyZ--\r\n";
     assert_eq!(multipart(without).await.unwrap().status().as_u16(), 400);
 }
+
+#[actix_rt::test]
+async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    let mark = format!("serve-metrics-{}", std::process::id());
+    let path = temp_file("serve-metrics.toml", &settings(&mark, ""));
+    let s = serve(&path);
+    let base = &s.base;
+    assert_eq!(
+        call(
+            "POST",
+            &format!("{base}/v1/chat/completions"),
+            Some(chat("llm-b")),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        call("POST", &format!("{base}/api/models/nope/load"), None, None)
+            .await
+            .0,
+        404
+    );
+    let mut response = awc::Client::default()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let text = String::from_utf8(response.body().await.unwrap().to_vec()).unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text");
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => v,
+                prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        value("vram_manager_capacity_bytes", &[]),
+        Some((16u64 << 30) as f64),
+        "{text}"
+    );
+    assert_eq!(
+        value("vram_manager_used_bytes", &[]),
+        Some((10u64 << 30) as f64),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "vram_manager_model_resident",
+            &[("model", "llm-b"), ("kind", "llm")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("vram_manager_model_resident", &[("model", "llm-a")]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("vram_manager_model_leases", &[("model", "llm-b")]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "vram_manager_loads_total",
+            &[("model", "llm-b"), ("result", "ok")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("vram_manager_load_duration_seconds_bucket"),
+        "{text}"
+    );
+}

@@ -57,6 +57,8 @@ struct Running {
     /// Its number: answers to an earlier job's commands are dropped.
     id: u64,
     span: tracing::Span,
+    /// When it started (for the load duration metric).
+    started: Instant,
 }
 
 /// The supervising actor that owns the books; see the module docs.
@@ -128,6 +130,17 @@ impl VramActor {
 
     /// Sends `event` to every live subscriber.
     pub(crate) fn publish(&mut self, event: VramEvent) {
+        match &event {
+            VramEvent::Evicted { model, kind, .. } => {
+                metrics::counter!("vram_manager_evictions_total", "model" => model.clone(), "kind" => kind.clone())
+                    .increment(1);
+            }
+            VramEvent::BackendRestarted { kind, .. } => {
+                metrics::counter!("vram_manager_backend_restarts_total", "kind" => kind.clone())
+                    .increment(1);
+            }
+            _ => {}
+        }
         self.subscribers.retain(|s| s.connected());
         for subscriber in &self.subscribers {
             subscriber.do_send(event.clone());
@@ -226,7 +239,13 @@ impl VramActor {
         self.runs += 1;
         let id = self.runs;
         let span = job.span();
-        self.running = Some(Running { job, id, span });
+        self.running = Some(Running {
+            job,
+            id,
+            span,
+            started: now(),
+        });
+        metrics::gauge!("vram_manager_queue_length").set(self.queue.len() as f64);
         self.feed(id, Event::Start, ctx);
     }
 
@@ -304,9 +323,24 @@ impl VramActor {
         }
         match running.job {
             Queued::Load(mut job, waiters) => {
+                let waited = job.release_waited();
                 let Some(result) = job.outcome() else {
                     return self.start_next(ctx);
                 };
+                let model = job.model().to_string();
+                let outcome = match &result {
+                    Ok(_) => "ok",
+                    Err(e) => e.code(),
+                };
+                metrics::counter!("vram_manager_loads_total", "model" => model.clone(), "result" => outcome)
+                    .increment(1);
+                let took = now().saturating_duration_since(running.started);
+                metrics::histogram!("vram_manager_load_duration_seconds", "model" => model)
+                    .record(took.as_secs_f64());
+                if let Some(waited) = waited {
+                    metrics::histogram!("vram_manager_release_wait_seconds")
+                        .record(waited.as_secs_f64());
+                }
                 if self.shutting_down
                     && let Ok(loaded) = &result
                     && !loaded.already_resident

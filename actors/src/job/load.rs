@@ -41,6 +41,7 @@ enum Phase {
     /// Waiting for the card to show the victims' memory back.
     Releasing {
         target: u64,
+        since: Instant,
         until: Instant,
         pause: Duration,
     },
@@ -69,6 +70,8 @@ pub(crate) struct LoadJob {
     lease_deadline: Option<Instant>,
     phase: Phase,
     evicted: Vec<String>,
+    /// How long it waited for evicted memory to come back, if it did.
+    release_waited: Option<Duration>,
     outcome: Option<Result<Loaded, VramError>>,
 }
 
@@ -80,6 +83,7 @@ impl LoadJob {
             lease_deadline: None,
             phase: Phase::Planning,
             evicted: Vec::new(),
+            release_waited: None,
             outcome: None,
         }
     }
@@ -87,6 +91,11 @@ impl LoadJob {
     /// The model this job loads.
     pub(crate) fn model(&self) -> &str {
         &self.model
+    }
+
+    /// How long it waited for evicted memory to come back, if it did.
+    pub(crate) fn release_waited(&self) -> Option<Duration> {
+        self.release_waited
     }
 
     fn finish(&mut self, result: Result<Loaded, VramError>) {
@@ -226,6 +235,7 @@ impl LoadJob {
                 let target = before.free + (gain as f64 * books.release.fraction) as u64;
                 self.phase = Phase::Releasing {
                     target,
+                    since: now,
                     until: now + books.release.timeout,
                     pause: first_pause(books.release.poll),
                 };
@@ -447,6 +457,7 @@ impl Job for LoadJob {
             (
                 Phase::Releasing {
                     target,
+                    since,
                     until,
                     pause,
                 },
@@ -455,6 +466,7 @@ impl Job for LoadJob {
                 Some(card) if card.free < target && now < until => {
                     self.phase = Phase::Releasing {
                         target,
+                        since,
                         until,
                         pause: next_pause(pause, books.release.poll),
                     };
@@ -463,6 +475,7 @@ impl Job for LoadJob {
                     });
                 }
                 Some(card) => {
+                    self.release_waited = Some(now.saturating_duration_since(since));
                     if card.free < target {
                         tracing::warn!(
                             free = card.free,
@@ -472,7 +485,10 @@ impl Job for LoadJob {
                     }
                     self.start_load(Some(card.used), books, out);
                 }
-                None => self.start_load(None, books, out),
+                None => {
+                    self.release_waited = Some(now.saturating_duration_since(since));
+                    self.start_load(None, books, out)
+                }
             },
             (phase @ Phase::Releasing { .. }, Event::Deadline) => {
                 self.phase = phase;
