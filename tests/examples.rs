@@ -66,3 +66,27 @@ fn the_quick_bench_prints_its_figures() {
         );
     }
 }
+
+#[test]
+fn the_proxy_bench_measures_both_ways() {
+    let out = run(
+        "proxy_bench",
+        &[
+            "--clients",
+            "4",
+            "--requests",
+            "40",
+            "--rounds",
+            "1",
+            "--json",
+        ],
+    );
+    let figures: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(figures["requests"], 40, "{out}");
+    for key in ["direct_rps", "proxied_rps", "proxied_p99_ms"] {
+        assert!(
+            figures[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key}: {out}"
+        );
+    }
+}

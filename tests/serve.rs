@@ -559,3 +559,84 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
         "{text}"
     );
 }
+
+#[actix_rt::test]
+async fn a_client_that_goes_away_releases_its_lease() {
+    use std::io::{Read, Write};
+    let mark = format!("serve-gone-{}", std::process::id());
+    let path = temp_file("serve-gone.toml", &settings(&mark, ""));
+    let s = serve(&path);
+    let base = s.base.clone();
+    let address = base.trim_start_matches("http://").to_string();
+    // A streamed answer (5 chunks, 100 ms apart), left after its first bytes.
+    let body = r#"{"model":"llm-a","stream":true,"messages":[]}"#;
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        socket,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    let n = socket.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    drop(socket);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
+        let leases = report["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "llm-a")
+            .and_then(|m| m["leases"].as_u64());
+        if leases == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lease outlived its client: {report}"
+        );
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn errors_map_to_their_http_statuses() {
+    let mark = format!("serve-errors-{}", std::process::id());
+    let extra = "[server]\nmax_body = \"1KiB\"\n[[models]]\nid = \"huge\"\nkind = \"llm\"\nvram = \"20GiB\"\n\
+                 [[models]]\nid = \"dead-end\"\nkind = \"tts\"\nvram = \"1GiB\"\nproxy = \"http://127.0.0.1:1\"\n";
+    let path = temp_file("serve-errors.toml", &settings(&mark, extra));
+    let s = serve(&path);
+    let base = &s.base;
+    let (status, error) = call("POST", &format!("{base}/api/models/huge/load"), None, None).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (422, Some("exceeds_capacity"))
+    );
+    // The model loads, its server does not answer.
+    let (status, error) = call(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        Some(chat("dead-end")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (502, Some("backend_failed"))
+    );
+    let mut big = chat("llm-b");
+    big["padding"] = json!("x".repeat(2048));
+    assert_eq!(
+        call(
+            "POST",
+            &format!("{base}/v1/chat/completions"),
+            Some(big),
+            None
+        )
+        .await
+        .0,
+        413
+    );
+}
