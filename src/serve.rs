@@ -218,6 +218,9 @@ async fn metrics_text(request: HttpRequest, shared: web::Data<Shared>) -> HttpRe
     metrics::gauge!("vram_manager_used_bytes").set(status.used as f64);
     metrics::gauge!("vram_manager_free_bytes").set(status.free as f64);
     metrics::gauge!("vram_manager_queue_length").set(status.queued as f64);
+    if let Some(card) = status.card {
+        metrics::gauge!("vram_manager_card_free_bytes").set(card.free as f64);
+    }
     for (id, (kind, _)) in shared.models.iter() {
         let entry = status.models.iter().find(|m| &m.id == id);
         let resident = entry.is_some_and(|m| m.state == ModelState::Resident);

@@ -162,6 +162,8 @@ async fn the_control_api_and_the_proxy_answer_as_documented() {
         (llm_b["state"].as_str(), llm_b["leases"].as_u64()),
         (Some("resident"), Some(0))
     );
+    assert!(report["idle_ms"]["llm-b"].as_u64().is_some(), "{report}");
+    assert!(report["card"].is_null(), "no probe, no card view: {report}");
 
     // Bad requests name what is wrong.
     let (status, error) = call(

@@ -39,12 +39,14 @@ impl VramActor {
                 // A simulated card answers at once: no trip through the
                 // actor's context.
                 if let Some(result) = (&mut read).now_or_never() {
-                    return Some(Event::Card(card(result)));
+                    self.last_card = card(result);
+                    return Some(Event::Card(self.last_card));
                 }
-                ctx.spawn(
-                    read.into_actor(self)
-                        .map(move |result, act, ctx| act.feed(id, Event::Card(card(result)), ctx)),
-                );
+                ctx.spawn(read.into_actor(self).map(move |result, act, ctx| {
+                    act.last_card = card(result);
+                    let memory = act.last_card;
+                    act.feed(id, Event::Card(memory), ctx)
+                }));
                 None
             }
             Command::Unload { model, kind } => {

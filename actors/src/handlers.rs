@@ -246,6 +246,18 @@ impl Handler<Status> for VramActor {
             queued: self.queue.len(),
             running: self.is_running(),
             models: self.books.ledger.entries().cloned().collect(),
+            idle_ms: {
+                let now = now();
+                self.books
+                    .last_used
+                    .iter()
+                    .map(|(id, at)| {
+                        let idle = now.saturating_duration_since(*at).as_millis();
+                        (id.clone(), u64::try_from(idle).unwrap_or(u64::MAX))
+                    })
+                    .collect()
+            },
+            card: self.last_card,
         })
     }
 }

@@ -143,6 +143,11 @@ pub struct StatusReport {
     pub running: bool,
     /// Every model that holds VRAM, by id: its ledger entry.
     pub models: Vec<Entry>,
+    /// Milliseconds since each resident model was last used (load,
+    /// acquire, release or touch), by id.
+    pub idle_ms: std::collections::BTreeMap<String, u64>,
+    /// The card as last read (by a load), when a probe is present.
+    pub card: Option<crate::probe::GpuMemory>,
 }
 
 impl StatusReport {

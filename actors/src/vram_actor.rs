@@ -87,6 +87,8 @@ pub struct VramActor {
     pub(crate) shutting_down: bool,
     /// The commands of one event, kept to spare an allocation per event.
     scratch: Vec<Command>,
+    /// The card as last read, for `Status`.
+    pub(crate) last_card: Option<crate::probe::GpuMemory>,
 }
 
 impl VramActor {
@@ -125,6 +127,7 @@ impl VramActor {
             probe: None,
             shutting_down: false,
             scratch: Vec::new(),
+            last_card: None,
         }
     }
 
