@@ -140,6 +140,7 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
         });
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(actix_web::middleware::from_fn(require_token))
                 .app_data(web::Data::new(shared.clone()))
                 .app_data(web::PayloadConfig::new(shared.max_body))
                 .app_data(web::Data::new(
@@ -206,10 +207,7 @@ fn install_prometheus() -> Result<metrics_exporter_prometheus::PrometheusHandle,
 
 /// `GET /metrics`: the ledger's gauges from a snapshot, then everything
 /// the facade recorded, in Prometheus text format.
-async fn metrics_text(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn metrics_text(shared: web::Data<Shared>) -> HttpResponse {
     let status = match shared.vram.status().await {
         Ok(status) => status,
         Err(e) => return vram_error(&e),
@@ -299,14 +297,29 @@ fn authorize(request: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse>
     }
 }
 
+/// Refuses every request but `/health` without the bearer token (when one
+/// is set).
+async fn require_token(
+    request: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    if request.path() != "/health"
+        && let Some(shared) = request.app_data::<web::Data<Shared>>().cloned()
+        && let Err(refused) = authorize(request.request(), &shared)
+    {
+        return Ok(request.into_response(refused).map_into_right_body());
+    }
+    next.call(request).await.map(|r| r.map_into_left_body())
+}
+
 async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-async fn list_models(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn list_models(shared: web::Data<Shared>) -> HttpResponse {
     let status = match shared.vram.status().await {
         Ok(status) => status,
         Err(e) => return vram_error(&e),
@@ -330,24 +343,14 @@ async fn list_models(request: HttpRequest, shared: web::Data<Shared>) -> HttpRes
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
-async fn status(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn status(shared: web::Data<Shared>) -> HttpResponse {
     match shared.vram.status().await {
         Ok(status) => HttpResponse::Ok().json(status),
         Err(e) => vram_error(&e),
     }
 }
 
-async fn load(
-    request: HttpRequest,
-    shared: web::Data<Shared>,
-    id: web::Path<String>,
-) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn load(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
     match shared.vram.load(id.into_inner()).await {
         Ok(loaded) => HttpResponse::Ok().json(json!({
             "model": loaded.model,
@@ -358,14 +361,7 @@ async fn load(
     }
 }
 
-async fn unload(
-    request: HttpRequest,
-    shared: web::Data<Shared>,
-    id: web::Path<String>,
-) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn unload(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
     match shared.vram.unload(id.into_inner()).await {
         Ok(unloaded) => HttpResponse::Ok().json(json!({
             "model": unloaded.model,
@@ -395,10 +391,7 @@ impl actix::Handler<VramEvent> for EventForward {
 
 /// `GET /api/events`: server-sent events, `event: <name>` and the event's
 /// JSON, from now on.
-async fn events(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn events(shared: web::Data<Shared>) -> HttpResponse {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let forward = actix::Actor::start(EventForward(tx));
     if let Err(e) = shared.vram.subscribe(forward.recipient()).await {
@@ -434,14 +427,7 @@ struct LeaseRequest {
 
 /// `POST /api/leases {"model","ttl"}`: loads the model if needed and holds
 /// it until the lease is deleted or not renewed within `ttl`.
-async fn take_lease(
-    request: HttpRequest,
-    shared: web::Data<Shared>,
-    body: web::Bytes,
-) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn take_lease(shared: web::Data<Shared>, body: web::Bytes) -> HttpResponse {
     let asked: LeaseRequest = match serde_json::from_slice(&body) {
         Ok(asked) => asked,
         Err(e) => {
@@ -476,14 +462,7 @@ async fn take_lease(
 }
 
 /// `POST /api/leases/{id}/renew`: another `ttl` from now.
-async fn renew_lease(
-    request: HttpRequest,
-    shared: web::Data<Shared>,
-    id: web::Path<String>,
-) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn renew_lease(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
     let renewed = shared.leases.lock().ok().and_then(|mut leases| {
         let (lease, ttl, expiry) = leases.get_mut(id.as_str())?;
         *expiry = Instant::now() + *ttl;
@@ -500,14 +479,7 @@ async fn renew_lease(
 }
 
 /// `DELETE /api/leases/{id}`: releases the model now.
-async fn drop_lease(
-    request: HttpRequest,
-    shared: web::Data<Shared>,
-    id: web::Path<String>,
-) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
+async fn drop_lease(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
     let removed = shared
         .leases
         .lock()
@@ -535,9 +507,6 @@ async fn forward_multipart(
     shared: web::Data<Shared>,
     client: web::Data<awc::Client>,
 ) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -577,9 +546,6 @@ async fn forward_json(
     shared: web::Data<Shared>,
     client: web::Data<awc::Client>,
 ) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
     let model = match serde_json::from_slice::<Value>(&body) {
         Ok(value) => match value.get("model").and_then(Value::as_str) {
             Some(model) => model.to_string(),
@@ -599,9 +565,6 @@ async fn forward_any(
     client: web::Data<awc::Client>,
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
-    if let Err(refused) = authorize(&request, &shared) {
-        return refused;
-    }
     let (model, tail) = path.into_inner();
     forward(
         &request,

@@ -93,6 +93,25 @@ async fn call(method: &str, url: &str, body: Option<Value>, token: Option<&str>)
     (response.status().as_u16(), value)
 }
 
+/// The leases held on `model` now (`None`: it holds no VRAM).
+async fn leases_of(base: &str, model: &str) -> Option<u64> {
+    let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
+    report["models"]
+        .as_array()?
+        .iter()
+        .find(|m| m["id"] == model)
+        .and_then(|m| m["leases"].as_u64())
+}
+
+/// Waits (up to 10 s, asking every 20 ms) until `model` holds `leases`.
+async fn until_leases(base: &str, model: &str, leases: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leases_of(base, model).await != Some(leases) {
+        assert!(Instant::now() < deadline, "{what}");
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -232,23 +251,13 @@ async fn a_streamed_answer_is_never_cut_by_an_eviction() {
         }
     });
     // Wait until llm-a is leased by that request.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
-        let leased = report["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["id"] == "llm-a" && m["leases"].as_u64() == Some(1));
-        if leased {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the streamed request never got its lease"
-        );
-        actix::clock::sleep(Duration::from_millis(20)).await;
-    }
+    until_leases(
+        &base,
+        "llm-a",
+        1,
+        "the streamed request never got its lease",
+    )
+    .await;
     // llm-b needs llm-a's room: refused while the answer streams.
     let (status, error) = call(
         "POST",
@@ -375,16 +384,7 @@ async fn events_stream_in_order_and_leases_live_by_their_ttl() {
         (Some("whisper"), Some(30.0))
     );
     let id = lease["lease"].as_str().unwrap().to_string();
-    let leases = |report: &Value| {
-        report["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["id"] == "whisper")
-            .map(|m| m["leases"].as_u64())
-    };
-    let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
-    assert_eq!(leases(&report), Some(Some(1)));
+    assert_eq!(leases_of(&base, "whisper").await, Some(1));
     assert_eq!(
         call("POST", &format!("{base}/api/leases/{id}/renew"), None, None)
             .await
@@ -397,8 +397,7 @@ async fn events_stream_in_order_and_leases_live_by_their_ttl() {
             .0,
         204
     );
-    let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
-    assert_eq!(leases(&report), Some(Some(0)));
+    assert_eq!(leases_of(&base, "whisper").await, Some(0));
     let (status, error) = call("DELETE", &format!("{base}/api/leases/{id}"), None, None).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
@@ -425,15 +424,7 @@ async fn events_stream_in_order_and_leases_live_by_their_ttl() {
     )
     .await;
     assert_eq!(status, 201);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
-        if leases(&report) == Some(Some(0)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the lease never expired");
-        actix::clock::sleep(Duration::from_millis(50)).await;
-    }
+    until_leases(&base, "whisper", 0, "the lease never expired").await;
 
     // The events of all that, in order.
     let mut text = String::new();
@@ -583,24 +574,7 @@ async fn a_client_that_goes_away_releases_its_lease() {
     let n = socket.read(&mut first).unwrap();
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
     drop(socket);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
-        let leases = report["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["id"] == "llm-a")
-            .and_then(|m| m["leases"].as_u64());
-        if leases == Some(0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the lease outlived its client: {report}"
-        );
-        actix::clock::sleep(Duration::from_millis(20)).await;
-    }
+    until_leases(&base, "llm-a", 0, "the lease outlived its client").await;
 }
 
 #[actix_rt::test]
