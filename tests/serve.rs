@@ -21,6 +21,8 @@ const STAND_IN: &str = env!("CARGO_BIN_EXE_vram-stand-in");
 struct Serve {
     child: Child,
     base: String,
+    /// The mark in the environment of its model servers.
+    mark: String,
 }
 
 impl Drop for Serve {
@@ -72,7 +74,18 @@ fn serve(path: &Path) -> Serve {
     Serve {
         child,
         base: format!("http://127.0.0.1:{port}"),
+        mark: String::new(),
     }
+}
+
+/// `serve` on the settings of [`settings`] with `extra`, its model servers
+/// marked for test `name`.
+fn start(name: &str, extra: &str) -> Serve {
+    let mark = format!("serve-{name}-{}", std::process::id());
+    let path = temp_file(&format!("serve-{name}.toml"), &settings(&mark, extra));
+    let mut serving = serve(&path);
+    serving.mark = mark;
+    serving
 }
 
 /// The status and JSON body of a request.
@@ -118,9 +131,7 @@ fn chat(model: &str) -> Value {
 
 #[actix_rt::test]
 async fn the_control_api_and_the_proxy_answer_as_documented() {
-    let mark = format!("serve-api-{}", std::process::id());
-    let path = temp_file("serve-api.toml", &settings(&mark, ""));
-    let s = serve(&path);
+    let s = start("api", "");
     let base = &s.base;
 
     assert_eq!(
@@ -225,9 +236,7 @@ async fn the_control_api_and_the_proxy_answer_as_documented() {
 
 #[actix_rt::test]
 async fn a_streamed_answer_is_never_cut_by_an_eviction() {
-    let mark = format!("serve-stream-{}", std::process::id());
-    let path = temp_file("serve-stream.toml", &settings(&mark, ""));
-    let s = serve(&path);
+    let s = start("stream", "");
     let base = s.base.clone();
     // llm-a streams 5 chunks, 100 ms apart.
     let streamed = actix_rt::spawn({
@@ -289,12 +298,7 @@ async fn a_streamed_answer_is_never_cut_by_an_eviction() {
 
 #[actix_rt::test]
 async fn a_token_guards_everything_but_health() {
-    let mark = format!("serve-token-{}", std::process::id());
-    let path = temp_file(
-        "serve-token.toml",
-        &settings(&mark, "[server]\ntoken = \"sekrit\""),
-    );
-    let s = serve(&path);
+    let s = start("token", "[server]\ntoken = \"sekrit\"");
     let base = &s.base;
     assert_eq!(
         call("GET", &format!("{base}/health"), None, None).await.0,
@@ -333,9 +337,7 @@ fn off_loopback_without_a_token_is_refused() {
 
 #[actix_rt::test]
 async fn sigterm_stops_every_model_server() {
-    let mark = format!("serve-sigterm-{}", std::process::id());
-    let path = temp_file("serve-sigterm.toml", &settings(&mark, ""));
-    let mut s = serve(&path);
+    let mut s = start("sigterm", "");
     let (status, _) = call(
         "POST",
         &format!("{}/api/models/llm-b/load", s.base),
@@ -348,7 +350,7 @@ async fn sigterm_stops_every_model_server() {
     let code = s.child.wait().unwrap().code();
     assert_eq!(code, Some(143));
     assert!(
-        common::marked(&mark).is_empty(),
+        common::marked(&s.mark).is_empty(),
         "a model server outlived serve"
     );
 }
@@ -356,9 +358,7 @@ async fn sigterm_stops_every_model_server() {
 #[actix_rt::test]
 async fn events_stream_in_order_and_leases_live_by_their_ttl() {
     use futures::StreamExt;
-    let mark = format!("serve-events-{}", std::process::id());
-    let path = temp_file("serve-events.toml", &settings(&mark, ""));
-    let s = serve(&path);
+    let s = start("events", "");
     let base = s.base.clone();
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -444,9 +444,7 @@ async fn events_stream_in_order_and_leases_live_by_their_ttl() {
 
 #[actix_rt::test]
 async fn a_transcription_names_its_model_in_a_multipart_field() {
-    let mark = format!("serve-multipart-{}", std::process::id());
-    let path = temp_file("serve-multipart.toml", &settings(&mark, ""));
-    let s = serve(&path);
+    let s = start("multipart", "");
     let client = awc::Client::default();
     let multipart = |fields: &str| {
         client
@@ -470,9 +468,7 @@ async fn a_transcription_names_its_model_in_a_multipart_field() {
 
 #[actix_rt::test]
 async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
-    let mark = format!("serve-metrics-{}", std::process::id());
-    let path = temp_file("serve-metrics.toml", &settings(&mark, ""));
-    let s = serve(&path);
+    let s = start("metrics", "");
     let base = &s.base;
     assert_eq!(
         call(
@@ -556,9 +552,7 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
 #[actix_rt::test]
 async fn a_client_that_goes_away_releases_its_lease() {
     use std::io::{Read, Write};
-    let mark = format!("serve-gone-{}", std::process::id());
-    let path = temp_file("serve-gone.toml", &settings(&mark, ""));
-    let s = serve(&path);
+    let s = start("gone", "");
     let base = s.base.clone();
     let address = base.trim_start_matches("http://").to_string();
     // A streamed answer (5 chunks, 100 ms apart), left after its first bytes.
@@ -579,11 +573,9 @@ async fn a_client_that_goes_away_releases_its_lease() {
 
 #[actix_rt::test]
 async fn errors_map_to_their_http_statuses() {
-    let mark = format!("serve-errors-{}", std::process::id());
     let extra = "[server]\nmax_body = \"1KiB\"\n[[models]]\nid = \"huge\"\nkind = \"llm\"\nvram = \"20GiB\"\n\
                  [[models]]\nid = \"dead-end\"\nkind = \"tts\"\nvram = \"1GiB\"\nproxy = \"http://127.0.0.1:1\"\n";
-    let path = temp_file("serve-errors.toml", &settings(&mark, extra));
-    let s = serve(&path);
+    let s = start("errors", extra);
     let base = &s.base;
     let (status, error) = call("POST", &format!("{base}/api/models/huge/load"), None, None).await;
     assert_eq!(
