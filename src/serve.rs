@@ -140,6 +140,10 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
         });
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(
+                    actix_web::middleware::ErrorHandlers::new()
+                        .handler(StatusCode::PAYLOAD_TOO_LARGE, too_large),
+                )
                 .wrap(actix_web::middleware::from_fn(require_token))
                 .app_data(web::Data::new(shared.clone()))
                 .app_data(web::PayloadConfig::new(shared.max_body))
@@ -313,6 +317,22 @@ async fn require_token(
         return Ok(request.into_response(refused).map_into_right_body());
     }
     next.call(request).await.map(|r| r.map_into_left_body())
+}
+
+/// A body over `server.max_body`, as our JSON error.
+fn too_large<B>(
+    response: actix_web::dev::ServiceResponse<B>,
+) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    let (request, _) = response.into_parts();
+    let answer = error_body(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        "the request body is larger than server.max_body",
+    )
+    .map_into_right_body();
+    Ok(actix_web::middleware::ErrorHandlerResponse::Response(
+        actix_web::dev::ServiceResponse::new(request, answer),
+    ))
 }
 
 async fn health() -> HttpResponse {

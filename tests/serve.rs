@@ -596,15 +596,15 @@ async fn errors_map_to_their_http_statuses() {
     );
     let mut big = chat("llm-b");
     big["padding"] = json!("x".repeat(2048));
+    let (status, error) = call(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        Some(big),
+        None,
+    )
+    .await;
     assert_eq!(
-        call(
-            "POST",
-            &format!("{base}/v1/chat/completions"),
-            Some(big),
-            None
-        )
-        .await
-        .0,
-        413
+        (status, error["error"]["code"].as_str()),
+        (413, Some("too_large"))
     );
 }
