@@ -53,8 +53,9 @@ struct Args {
 }
 
 /// One HTTP request: method, path and body.
-fn read_request(stream: &std::net::TcpStream) -> Option<(String, String, String)> {
-    let mut reader = BufReader::new(stream);
+fn read_request(
+    reader: &mut BufReader<std::net::TcpStream>,
+) -> Option<(String, String, String)> {
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
     let mut words = line.split_whitespace();
@@ -74,7 +75,7 @@ fn read_request(stream: &std::net::TcpStream) -> Option<(String, String, String)
         }
     }
     let mut body = vec![0; length];
-    std::io::Read::read_exact(&mut reader, &mut body).ok()?;
+    std::io::Read::read_exact(reader, &mut body).ok()?;
     Some((method, path, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -88,7 +89,7 @@ fn chat(stream: &mut std::net::TcpStream, body: &str, args: &Args) {
         );
         let _ = write!(
             stream,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
             answer.len()
         );
         return;
@@ -96,7 +97,7 @@ fn chat(stream: &mut std::net::TcpStream, body: &str, args: &Args) {
     // Chunked, as llama-server streams: each event is one chunk.
     let _ = write!(
         stream,
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
     let mut send = |data: &str| {
         let chunk = format!("{:x}\r\n{data}\r\n", data.len());
@@ -165,12 +166,22 @@ fn main() -> ExitCode {
         // One thread per connection: a slow streamed answer does not hold
         // the health check back.
         std::thread::spawn(move || {
-            let Some((method, path, body)) = read_request(&stream) else {
+            let Ok(reading) = stream.try_clone() else {
                 return;
             };
-            if method == "POST" && path == "/v1/chat/completions" {
-                return chat(&mut stream, &body, &args);
-            }
+            let mut reader = BufReader::new(reading);
+            // Chat completions keep the connection alive, as model servers
+            // do; anything else answers and closes.
+            let (path, _) = loop {
+                let Some((method, path, body)) = read_request(&mut reader) else {
+                    return;
+                };
+                if method == "POST" && path == "/v1/chat/completions" {
+                    chat(&mut stream, &body, &args);
+                    continue;
+                }
+                break (path, body);
+            };
             let ready = !args.never_ready && started.elapsed() >= ready_after;
             let (status, body) = match path.as_str() {
                 "/health" if ready => ("200 OK", "{\"status\":\"ok\"}"),
