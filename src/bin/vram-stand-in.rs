@@ -53,9 +53,7 @@ struct Args {
 }
 
 /// One HTTP request: method, path and body.
-fn read_request(
-    reader: &mut BufReader<std::net::TcpStream>,
-) -> Option<(String, String, String)> {
+fn read_request(reader: &mut BufReader<std::net::TcpStream>) -> Option<(String, String, String)> {
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
     let mut words = line.split_whitespace();
