@@ -125,6 +125,17 @@ async fn until_leases(base: &str, model: &str, leases: u64, what: &str) {
     }
 }
 
+/// POSTs `body` to `/v1/chat/completions`.
+async fn post_chat(base: &str, body: Value) -> (u16, Value) {
+    call(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        Some(body),
+        None,
+    )
+    .await
+}
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -167,13 +178,7 @@ async fn the_control_api_and_the_proxy_answer_as_documented() {
     );
 
     // A chat completion loads its model and is answered by its server.
-    let (status, answer) = call(
-        "POST",
-        &format!("{base}/v1/chat/completions"),
-        Some(chat("llm-b")),
-        None,
-    )
-    .await;
+    let (status, answer) = post_chat(base, chat("llm-b")).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
         answer["choices"][0]["message"]["content"],
@@ -196,13 +201,7 @@ async fn the_control_api_and_the_proxy_answer_as_documented() {
     assert!(report["card"].is_null(), "no probe, no card view: {report}");
 
     // Bad requests name what is wrong.
-    let (status, error) = call(
-        "POST",
-        &format!("{base}/v1/chat/completions"),
-        Some(json!({"messages": []})),
-        None,
-    )
-    .await;
+    let (status, error) = post_chat(base, json!({"messages": []})).await;
     assert_eq!(status, 400);
     assert!(
         error["error"]["message"]
@@ -211,13 +210,7 @@ async fn the_control_api_and_the_proxy_answer_as_documented() {
             .contains("\"model\""),
         "{error}"
     );
-    let (status, error) = call(
-        "POST",
-        &format!("{base}/v1/chat/completions"),
-        Some(chat("whisper")),
-        None,
-    )
-    .await;
+    let (status, error) = post_chat(base, chat("whisper")).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
         (404, Some("no_upstream"))
@@ -268,13 +261,7 @@ async fn a_streamed_answer_is_never_cut_by_an_eviction() {
     )
     .await;
     // llm-b needs llm-a's room: refused while the answer streams.
-    let (status, error) = call(
-        "POST",
-        &format!("{base}/v1/chat/completions"),
-        Some(chat("llm-b")),
-        None,
-    )
-    .await;
+    let (status, error) = post_chat(&base, chat("llm-b")).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
         (409, Some("insufficient_vram"))
@@ -284,13 +271,7 @@ async fn a_streamed_answer_is_never_cut_by_an_eviction() {
     assert_eq!(text.matches("data: {").count(), 5, "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     // Once the answer has ended, llm-b evicts llm-a.
-    let (status, answer) = call(
-        "POST",
-        &format!("{base}/v1/chat/completions"),
-        Some(chat("llm-b")),
-        None,
-    )
-    .await;
+    let (status, answer) = post_chat(&base, chat("llm-b")).await;
     assert_eq!(status, 200, "{answer}");
     let (_, models) = call("GET", &format!("{base}/v1/models"), None, None).await;
     assert_eq!(models["data"][0]["state"], "unloaded", "{models}");
@@ -470,17 +451,7 @@ async fn a_transcription_names_its_model_in_a_multipart_field() {
 async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     let s = start("metrics", "");
     let base = &s.base;
-    assert_eq!(
-        call(
-            "POST",
-            &format!("{base}/v1/chat/completions"),
-            Some(chat("llm-b")),
-            None
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(post_chat(base, chat("llm-b")).await.0, 200);
     assert_eq!(
         call("POST", &format!("{base}/api/models/nope/load"), None, None)
             .await
@@ -583,13 +554,7 @@ async fn errors_map_to_their_http_statuses() {
         (422, Some("exceeds_capacity"))
     );
     // The model loads, its server does not answer.
-    let (status, error) = call(
-        "POST",
-        &format!("{base}/v1/chat/completions"),
-        Some(chat("dead-end")),
-        None,
-    )
-    .await;
+    let (status, error) = post_chat(base, chat("dead-end")).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
         (502, Some("backend_failed"))

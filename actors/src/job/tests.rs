@@ -119,6 +119,12 @@ impl World {
         }
     }
 
+    /// Loads `model`, which must succeed (for the scripted tests).
+    fn load(&mut self, model: &str) {
+        let loaded = self.run(LoadJob::new(model), Some(model));
+        assert!(matches!(loaded, Ok(Ok(_))), "{model}: {loaded:?}");
+    }
+
     fn die(&mut self) -> u8 {
         let d = self.dice[self.roll % self.dice.len()];
         self.roll += 1;
@@ -445,10 +451,7 @@ proptest! {
 fn an_over_declared_victim_does_not_stall_the_release_wait() {
     // llm-b is declared 10 GiB and really holds 2 GiB (measured on load).
     let mut world = World::new(vec![1]);
-    world
-        .run(LoadJob::new("llm-b"), Some("llm-b"))
-        .unwrap()
-        .unwrap();
+    world.load("llm-b");
     assert_eq!(
         world.books.ledger.get("llm-b").unwrap().measured,
         Some(2 * GIB)
@@ -490,10 +493,7 @@ fn an_over_declared_victim_does_not_stall_the_release_wait() {
 fn a_model_measured_past_the_capacity_is_unloaded_and_refused() {
     let mut world = World::new(vec![1]);
     for model in ["asr-a", "tts-b"] {
-        world
-            .run(LoadJob::new(model), Some(model))
-            .unwrap()
-            .unwrap();
+        world.load(model);
     }
     world.lease("tts-b");
     // "big" is declared 6 GiB and takes 13: with asr-a (3 GiB, protected)
@@ -513,10 +513,7 @@ fn a_model_measured_past_the_capacity_is_unloaded_and_refused() {
 #[test]
 fn a_server_exit_forgets_a_resident_model_and_voids_its_leases() {
     let mut world = World::new(vec![1]);
-    world
-        .run(LoadJob::new("tts-a"), Some("tts-a"))
-        .unwrap()
-        .unwrap();
+    world.load("tts-a");
     world.lease("tts-a");
     let valid = world.books.leases.values().next().unwrap().1.clone();
     assert!(world.books.server_exited("tts-a"));
@@ -535,10 +532,7 @@ fn a_server_exit_forgets_a_resident_model_and_voids_its_leases() {
 #[test]
 fn a_release_restarts_the_idle_clock_once() {
     let mut world = World::new(vec![1]);
-    world
-        .run(LoadJob::new("tts-a"), Some("tts-a"))
-        .unwrap()
-        .unwrap();
+    world.load("tts-a");
     world.lease("tts-a");
     let later = world.now + Duration::from_secs(3);
     assert!(world.books.release(1, later));
@@ -550,10 +544,7 @@ fn a_release_restarts_the_idle_clock_once() {
 #[test]
 fn a_reconcile_keeps_the_measured_size() {
     let mut world = World::new(vec![1]);
-    world
-        .run(LoadJob::new("big"), Some("big"))
-        .unwrap()
-        .unwrap();
+    world.load("big");
     let entry = world.books.ledger.get("big").unwrap().clone();
     assert_eq!((entry.bytes, entry.measured), (13 * GIB, Some(13 * GIB)));
     // The manager restarts: its ledger is rebuilt from the backends.
