@@ -2,7 +2,7 @@
 //! an actix `Supervisor`.
 //!
 //! Start: the `VramActor` starts one per kind with `Supervisor::start`, on
-//! its own arbiter, handing it a recipient for [`BackendRestarted`].
+//! the manager's arbiter, handing it a recipient for [`BackendRestarted`].
 //!
 //! Crash: every backend call (and the `Crash` test message) runs inside
 //! `catch_unwind`. A panic answers the request in flight with
@@ -62,6 +62,15 @@ pub struct LoadModel(pub ModelSpec);
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), VramError>")]
 pub struct UnloadModel(pub String);
+
+/// Unload several models through the backend, one after the other, in
+/// order. Answers one result per model it tried: it stops at the first
+/// failure, so the models after it were not touched. One message for all
+/// the victims a load takes from one backend: an eviction of k models costs
+/// one round trip, not k.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<Result<(), VramError>>")]
+pub struct UnloadModels(pub Vec<String>);
 
 /// Ask the backend which models it holds.
 #[derive(Debug, Message)]
@@ -136,6 +145,9 @@ impl BackendActor {
     /// polled), applies the timeout, and stops the actor after a panic so
     /// the supervisor restarts it. A call that is done at once (a simulated
     /// backend) is answered at once, with no timer and no spawned future.
+    /// Runs `call` on the backend inside the panic and time guards. A
+    /// call whose future is ready at once is concluded at once, with no
+    /// trip through the actor's context.
     fn guarded<T: 'static>(
         &mut self,
         model: String,
@@ -143,19 +155,31 @@ impl BackendActor {
         ctx: &mut Context<Self>,
         call: impl FnOnce(&dyn Backend) -> BackendFuture<T>,
     ) -> ActorResponse<Self, Result<T, VramError>> {
+        match self.begin(timeout, call) {
+            Begun::Ready(outcome) => ActorResponse::reply(self.conclude(model, outcome, ctx)),
+            Begun::Pending(fut) => ActorResponse::r#async(
+                fut.into_actor(self)
+                    .map(move |outcome, act, ctx| act.conclude(model, outcome, ctx)),
+            ),
+        }
+    }
+
+    /// Starts one guarded call: its outcome if it is ready at once, else
+    /// the future of its outcome (timed out after `timeout`).
+    fn begin<T: 'static>(
+        &mut self,
+        timeout: Option<Duration>,
+        call: impl FnOnce(&dyn Backend) -> BackendFuture<T>,
+    ) -> Begun<T> {
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| call(self.backend.as_ref())));
         let mut fut = match started {
             Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
-            Err(panic) => {
-                let outcome = CallEnd::Panicked(panic_text(&panic));
-                return ActorResponse::reply(self.conclude(model, outcome, ctx));
-            }
+            Err(panic) => return Begun::Ready(CallEnd::Panicked(panic_text(&panic))),
         };
         if let Some(result) = (&mut fut).now_or_never() {
-            let outcome = CallEnd::from(result);
-            return ActorResponse::reply(self.conclude(model, outcome, ctx));
+            return Begun::Ready(CallEnd::from(result));
         }
-        let fut = async move {
+        Begun::Pending(Box::pin(async move {
             match timeout {
                 Some(limit) => match actix::clock::timeout(limit, fut).await {
                     Ok(result) => CallEnd::from(result),
@@ -163,14 +187,50 @@ impl BackendActor {
                 },
                 None => CallEnd::from(fut.await),
             }
-        };
-        ActorResponse::r#async(
-            fut.into_actor(self)
-                .map(move |outcome, act, ctx| act.conclude(model, outcome, ctx)),
-        )
+        }))
     }
 
-    /// The answer to a backend call that ended with `outcome`.
+    /// Unloads `rest` one after the other, adding each result to `done`;
+    /// stops at the first failure. Unloads that finish at once are
+    /// handled in a loop; the first that does not continues as a future.
+    fn unload_in_order(
+        &mut self,
+        mut rest: std::vec::IntoIter<String>,
+        mut done: Vec<Result<(), VramError>>,
+        ctx: &mut Context<Self>,
+    ) -> InOrder {
+        let timeout = Some(self.unload_timeout);
+        for id in rest.by_ref() {
+            match self.begin(timeout, |b| b.unload(&id)) {
+                Begun::Ready(outcome) => {
+                    let result = self.conclude(id, outcome, ctx);
+                    let failed = result.is_err();
+                    done.push(result);
+                    if failed {
+                        return Ok(done);
+                    }
+                }
+                Begun::Pending(fut) => {
+                    return Err(Box::pin(fut.into_actor(self).then(
+                        move |outcome, act, ctx| {
+                            let result = act.conclude(id, outcome, ctx);
+                            let failed = result.is_err();
+                            done.push(result);
+                            if failed {
+                                return Box::pin(actix::fut::ready(done)) as Pending<_>;
+                            }
+                            match act.unload_in_order(rest, done, ctx) {
+                                Ok(done) => Box::pin(actix::fut::ready(done)),
+                                Err(next) => next,
+                            }
+                        },
+                    )));
+                }
+            }
+        }
+        Ok(done)
+    }
+
     fn conclude<T>(
         &mut self,
         model: String,
@@ -217,6 +277,20 @@ impl BackendActor {
 }
 
 /// How one backend call ended.
+/// Unloads in order: all results at once, or the rest as a future.
+type InOrder = Result<Vec<Result<(), VramError>>, Pending<Vec<Result<(), VramError>>>>;
+
+/// Work the actor goes on with.
+type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<BackendActor, Output = T>>>;
+
+/// A guarded call, started.
+enum Begun<T> {
+    /// It finished at once.
+    Ready(CallEnd<T>),
+    /// It goes on.
+    Pending(futures::future::LocalBoxFuture<'static, CallEnd<T>>),
+}
+
 enum CallEnd<T> {
     Done(T),
     Failed(BackendError),
@@ -301,6 +375,18 @@ impl Handler<UnloadModel> for BackendActor {
     }
 }
 
+impl Handler<UnloadModels> for BackendActor {
+    type Result = ActorResponse<Self, Vec<Result<(), VramError>>>;
+
+    fn handle(&mut self, msg: UnloadModels, ctx: &mut Context<Self>) -> Self::Result {
+        let done = Vec::with_capacity(msg.0.len());
+        match self.unload_in_order(msg.0.into_iter(), done, ctx) {
+            Ok(done) => ActorResponse::reply(done),
+            Err(rest) => ActorResponse::r#async(rest),
+        }
+    }
+}
+
 impl Handler<ListLoaded> for BackendActor {
     type Result = ActorResponse<Self, Result<Vec<String>, VramError>>;
 
@@ -345,9 +431,77 @@ mod tests {
         }
     }
 
-    #[test]
-    fn restart_backoff_doubles_up_to_its_cap() {
-        let config = ManagerConfig {
+    /// Unloads every model but `refuse`, yielding once first when `slow`;
+    /// records what it was asked to unload.
+    struct Recorder {
+        refuse: &'static str,
+        slow: bool,
+        asked: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl Backend for Recorder {
+        fn load(&self, _: &ModelSpec) -> BackendFuture<()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn unload(&self, id: &str) -> BackendFuture<()> {
+            self.asked.borrow_mut().push(id.to_string());
+            let (refused, slow) = (id == self.refuse, self.slow);
+            Box::pin(async move {
+                if slow {
+                    actix::clock::sleep(Duration::from_millis(1)).await;
+                }
+                if refused {
+                    Err(BackendError::new("refused"))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+        fn loaded(&self) -> BackendFuture<Vec<String>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+    }
+
+    #[actix::test]
+    async fn a_batch_of_unloads_stops_at_the_first_failure() {
+        for slow in [false, true] {
+            let backend = Rc::new(Recorder {
+                refuse: "b",
+                slow,
+                asked: Default::default(),
+            });
+            let actor = BackendActor::new("llm", backend.clone(), &config()).start();
+            let models = ["a", "b", "c"].map(String::from).to_vec();
+            let results = actor.send(UnloadModels(models)).await.unwrap();
+            assert_eq!(results.len(), 2, "slow: {slow}");
+            assert!(results[0].is_ok());
+            assert!(
+                matches!(&results[1], Err(VramError::BackendFailed { model, .. }) if model == "b"),
+                "{results:?}"
+            );
+            assert_eq!(*backend.asked.borrow(), ["a", "b"], "c was never asked");
+        }
+    }
+
+    #[actix::test]
+    async fn a_batch_of_unloads_answers_each_in_order() {
+        for slow in [false, true] {
+            let backend = Rc::new(Recorder {
+                refuse: "none",
+                slow,
+                asked: Default::default(),
+            });
+            let actor = BackendActor::new("llm", backend.clone(), &config()).start();
+            let models = ["c", "a", "b"].map(String::from).to_vec();
+            let results = actor.send(UnloadModels(models)).await.unwrap();
+            assert_eq!(results.len(), 3);
+            assert!(results.iter().all(Result::is_ok));
+            assert_eq!(*backend.asked.borrow(), ["c", "a", "b"]);
+        }
+    }
+
+    fn config() -> ManagerConfig {
+        ManagerConfig {
             capacity: 1,
             kinds: Default::default(),
             catalog: Catalog::new(),
@@ -362,8 +516,12 @@ mod tests {
             release_poll: Duration::from_millis(10),
             release_timeout: Duration::from_secs(1),
             ttl: Default::default(),
-        };
-        let actor = BackendActor::new("tts", Rc::new(Nothing), &config);
+        }
+    }
+
+    #[test]
+    fn restart_backoff_doubles_up_to_its_cap() {
+        let actor = BackendActor::new("tts", Rc::new(Nothing), &config());
         let delays: Vec<u64> = (1..=6)
             .map(|n| actor.backoff_delay(n).as_millis() as u64)
             .collect();

@@ -9,7 +9,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use futures::FutureExt;
 
-use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModel};
+use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModels};
 use crate::error::VramError;
 use crate::job::RestartJob;
 use crate::job::{Command, Event};
@@ -49,17 +49,7 @@ impl VramActor {
                 }));
                 None
             }
-            Command::Unload { model, kind } => {
-                let label = model.clone();
-                self.call(
-                    id,
-                    kind,
-                    UnloadModel(model.clone()),
-                    label,
-                    ctx,
-                    move |result| Event::Unloaded { model, result },
-                )
-            }
+            Command::Unload { kind, models } => self.unload(id, kind, models, ctx),
             // After `Shutdown` no model server starts: the job aborts.
             Command::Load(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
             Command::WaitRelease { .. } | Command::Wait { .. } if self.shutting_down => {
@@ -135,6 +125,51 @@ impl VramActor {
                         Err(e) => Err(act.backend_lost(&kind, &backend, &label, e, ctx)),
                     };
                     act.feed(id, event(result), ctx)
+                }),
+        );
+        None
+    }
+
+    /// Unloads `models` on the backend of `kind` with one message and
+    /// feeds job `id` one `Unloaded` per model it tried, in order.
+    fn unload(
+        &mut self,
+        id: u64,
+        kind: String,
+        models: Vec<String>,
+        ctx: &mut Context<Self>,
+    ) -> Option<Event> {
+        let Some(first) = models.first().cloned() else {
+            return None;
+        };
+        let Some(backend) = self.actors.get(&kind).cloned() else {
+            let result = Err(no_backend(&kind, &first));
+            return Some(Event::Unloaded {
+                model: first,
+                result,
+            });
+        };
+        ctx.spawn(
+            backend
+                .send(UnloadModels(models.clone()))
+                .into_actor(self)
+                .map(move |answer, act, ctx| match answer {
+                    Ok(results) => {
+                        for (model, result) in models.into_iter().zip(results) {
+                            act.feed(id, Event::Unloaded { model, result }, ctx);
+                        }
+                    }
+                    Err(e) => {
+                        let result = Err(act.backend_lost(&kind, &backend, &first, e, ctx));
+                        act.feed(
+                            id,
+                            Event::Unloaded {
+                                model: first,
+                                result,
+                            },
+                            ctx,
+                        );
+                    }
                 }),
         );
         None

@@ -35,6 +35,7 @@ mod vram_actor;
 pub use backend::{Backend, BackendError, BackendFuture, ExitNotifier, ModelExit};
 pub use backend_actor::{
     BackendActor, BackendRestarted, Crash, ListLoaded, LoadModel, ModelExited, UnloadModel,
+    UnloadModels,
 };
 pub use config::ManagerConfig;
 pub use error::VramError;

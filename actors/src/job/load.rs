@@ -31,7 +31,10 @@ enum Phase {
     WaitingLeases,
     /// Unloading the planned victims, in order.
     Evicting {
+        /// Victims not asked for yet, with their kinds.
         victims: VecDeque<(String, String)>,
+        /// Victims asked for and not answered yet.
+        pending: usize,
         card: Option<GpuMemory>,
         /// Bytes the victims really held.
         back: u64,
@@ -52,7 +55,10 @@ enum Phase {
     /// The model measured larger than planned: evicting to keep
     /// `used <= capacity`.
     MakingRoom {
+        /// Victims not asked for yet, with their kinds.
         victims: VecDeque<(String, String)>,
+        /// Victims asked for and not answered yet.
+        pending: usize,
         measured: u64,
     },
     /// No room for the measured size (or a victim would not leave):
@@ -201,6 +207,7 @@ impl LoadJob {
         }));
         self.phase = Phase::Evicting {
             victims: planned,
+            pending: 0,
             card,
             back,
             others,
@@ -212,6 +219,7 @@ impl LoadJob {
     fn next_victim(&mut self, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
         let Phase::Evicting {
             victims,
+            pending,
             card,
             back,
             others,
@@ -219,9 +227,13 @@ impl LoadJob {
         else {
             return;
         };
-        // The victim leaves the queue as its unload is asked for.
-        if let Some((model, kind)) = victims.pop_front() {
-            out.push(Command::Unload { model, kind });
+        if *pending > 0 {
+            return;
+        }
+        // Victims leave the queue as their unload is asked for.
+        if let Some((command, asked)) = next_batch(victims) {
+            *pending = asked;
+            out.push(command);
             return;
         }
         match *card {
@@ -358,14 +370,14 @@ impl LoadJob {
                     }
                     books.ledger.begin_unload(&victim);
                 }
-                if let Some(first) = queue.front().cloned() {
-                    out.push(Command::Unload {
-                        model: first.0,
-                        kind: first.1,
-                    });
+                let mut pending = 0;
+                if let Some((command, asked)) = next_batch(&mut queue) {
+                    pending = asked;
+                    out.push(command);
                 }
                 self.phase = Phase::MakingRoom {
                     victims: queue,
+                    pending,
                     measured,
                 };
             }
@@ -403,11 +415,20 @@ impl LoadJob {
             .unwrap_or_default();
         tracing::warn!(model = %self.model, error = %error, "no room for the measured size; unloading it");
         out.push(Command::Unload {
-            model: self.model.clone(),
             kind,
+            models: vec![self.model.clone()],
         });
         self.phase = Phase::Refusing { error };
     }
+}
+
+/// The unload of the next victims: the leading run of `victims` of one
+/// kind (one message to their backend), and how many it asks for.
+fn next_batch(victims: &mut VecDeque<(String, String)>) -> Option<(Command, usize)> {
+    let kind = victims.front()?.1.clone();
+    let run = victims.iter().take_while(|(_, k)| *k == kind).count();
+    let models: Vec<String> = victims.drain(..run).map(|(model, _)| model).collect();
+    Some((Command::Unload { kind, models }, run))
 }
 
 /// Victims not unloaded yet are resident again.
@@ -437,7 +458,10 @@ impl Job for LoadJob {
                 self.phase = Phase::Planning;
                 out.push(Command::ReadCard);
             }
-            (phase @ Phase::Evicting { .. }, Event::Unloaded { model, result }) => {
+            (mut phase @ Phase::Evicting { .. }, Event::Unloaded { model, result }) => {
+                if let Phase::Evicting { pending, .. } = &mut phase {
+                    *pending = pending.saturating_sub(1);
+                }
                 self.phase = phase;
                 match result {
                     Ok(()) => {
@@ -512,20 +536,29 @@ impl Job for LoadJob {
             (
                 Phase::MakingRoom {
                     mut victims,
+                    pending,
                     measured,
                 },
                 Event::Unloaded { model, result },
             ) => {
-                victims.pop_front();
+                let mut pending = pending.saturating_sub(1);
                 match result {
                     Ok(()) => {
                         self.evicted(&model, books, out);
-                        match victims.front().cloned() {
-                            Some((model, kind)) => {
-                                out.push(Command::Unload { model, kind });
-                                self.phase = Phase::MakingRoom { victims, measured };
-                            }
-                            None => self.resident(Some(measured), books, now, out),
+                        if pending == 0
+                            && let Some((command, asked)) = next_batch(&mut victims)
+                        {
+                            pending = asked;
+                            out.push(command);
+                        }
+                        if pending == 0 {
+                            self.resident(Some(measured), books, now, out);
+                        } else {
+                            self.phase = Phase::MakingRoom {
+                                victims,
+                                pending,
+                                measured,
+                            };
                         }
                     }
                     Err(e) => {

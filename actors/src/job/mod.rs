@@ -61,13 +61,15 @@ pub(crate) enum Event {
 pub(crate) enum Command {
     /// Read the card; answer with [`Event::Card`].
     ReadCard,
-    /// Unload `model` on the backend of `kind`; answer with
-    /// [`Event::Unloaded`].
+    /// Unload `models`, one after the other, on the backend of `kind`
+    /// (one message for them all); answer one [`Event::Unloaded`] per
+    /// model in order, up to and including the first failure (the models
+    /// after a failure were not touched and get no event).
     Unload {
-        /// The model.
-        model: String,
-        /// Its kind (which backend).
+        /// Their kind (which backend).
         kind: String,
+        /// The models, in the order they leave.
+        models: Vec<String>,
     },
     /// Load this model on its kind's backend; answer with
     /// [`Event::Loaded`].

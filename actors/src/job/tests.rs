@@ -259,19 +259,74 @@ impl World {
                 self.check("after an event")?;
             }
             for command in out {
-                if let Some(next) = self.answer(command, requester)? {
-                    events.push_back(next);
-                }
+                events.extend(self.answers(command, requester)?);
             }
         }
     }
 
-    /// The world's answer to one command (checked first).
-    fn answer(
+    /// The world's answer to the unload of one victim (checked first).
+    fn unload(
+        &mut self,
+        model: String,
+        kind: &str,
+        requester: Option<&str>,
+    ) -> Result<Event, TestCaseError> {
+        let entry = self.books.ledger.get(&model);
+        prop_assert!(entry.is_some(), "unload of {model}, which the ledger lacks");
+        let entry = entry.unwrap_or_else(|| unreachable!());
+        prop_assert_eq!(&entry.kind, kind);
+        prop_assert_eq!(entry.leases, 0, "{} is leased", model);
+        if let Some(requester) = requester
+            && requester != model
+        {
+            prop_assert!(!entry.pinned, "{} is pinned", model);
+            let them = self.books.kinds.get(&entry.kind).cloned();
+            let us = self
+                .books
+                .declared
+                .get(requester)
+                .and_then(|s| self.books.kinds.get(&s.kind))
+                .cloned();
+            if let (Some(them), Some(us)) = (them, us) {
+                prop_assert!(them.evictable_by(&us), "{} is protected", model);
+            }
+        }
+        let result = if self.die() % 10 == 0 {
+            Err(VramError::BackendFailed {
+                model: model.clone(),
+                reason: "refused".into(),
+            })
+        } else {
+            self.loaded.remove(&model);
+            Ok(())
+        };
+        Ok(Event::Unloaded { model, result })
+    }
+
+    /// The world's answers to one command (checked first): one per victim
+    /// of an unload, up to the first failure; at most one otherwise.
+    fn answers(
         &mut self,
         command: Command,
         requester: Option<&str>,
-    ) -> Result<Option<Event>, TestCaseError> {
+    ) -> Result<Vec<Event>, TestCaseError> {
+        let Command::Unload { kind, models } = command else {
+            return Ok(self.answer(command)?.into_iter().collect());
+        };
+        let mut events = Vec::with_capacity(models.len());
+        for model in models {
+            let event = self.unload(model, &kind, requester)?;
+            let failed = matches!(&event, Event::Unloaded { result: Err(_), .. });
+            events.push(event);
+            if failed {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// The world's answer to one command other than an unload.
+    fn answer(&mut self, command: Command) -> Result<Option<Event>, TestCaseError> {
         Ok(Some(match command {
             Command::ReadCard => {
                 if self.die() % 8 == 0 {
@@ -280,38 +335,7 @@ impl World {
                     Event::Card(Some(self.memory()))
                 }
             }
-            Command::Unload { model, kind } => {
-                let entry = self.books.ledger.get(&model);
-                prop_assert!(entry.is_some(), "unload of {model}, which the ledger lacks");
-                let entry = entry.unwrap_or_else(|| unreachable!());
-                prop_assert_eq!(&entry.kind, &kind);
-                prop_assert_eq!(entry.leases, 0, "{} is leased", model);
-                if let Some(requester) = requester
-                    && requester != model
-                {
-                    prop_assert!(!entry.pinned, "{} is pinned", model);
-                    let them = self.books.kinds.get(&entry.kind).cloned();
-                    let us = self
-                        .books
-                        .declared
-                        .get(requester)
-                        .and_then(|s| self.books.kinds.get(&s.kind))
-                        .cloned();
-                    if let (Some(them), Some(us)) = (them, us) {
-                        prop_assert!(them.evictable_by(&us), "{} is protected", model);
-                    }
-                }
-                let result = if self.die() % 10 == 0 {
-                    Err(VramError::BackendFailed {
-                        model: model.clone(),
-                        reason: "refused".into(),
-                    })
-                } else {
-                    self.loaded.remove(&model);
-                    Ok(())
-                };
-                Event::Unloaded { model, result }
-            }
+            Command::Unload { .. } => unreachable!("unloads are answered by `unload`"),
             Command::Load(spec) => {
                 if self.die() % 8 == 0 {
                     Event::Loaded(Err(VramError::Timeout {
@@ -474,8 +498,8 @@ fn an_over_declared_victim_does_not_stall_the_release_wait() {
         job.handle(event, &mut world.books, world.now, &mut out);
         for command in out {
             waits += usize::from(matches!(command, Command::Wait { .. }));
-            if let Ok(Some(next)) = world.answer(command, Some("llm-a")) {
-                events.push_back(next);
+            if let Ok(next) = world.answers(command, Some("llm-a")) {
+                events.extend(next);
             }
         }
     }

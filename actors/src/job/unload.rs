@@ -92,8 +92,8 @@ impl UnloadJob {
         books.ledger.begin_unload(&self.model);
         self.phase = Phase::Unloading;
         out.push(Command::Unload {
-            model: self.model.clone(),
             kind,
+            models: vec![self.model.clone()],
         });
     }
 }
