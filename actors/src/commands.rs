@@ -139,9 +139,7 @@ impl VramActor {
         models: Vec<String>,
         ctx: &mut Context<Self>,
     ) -> Option<Event> {
-        let Some(first) = models.first().cloned() else {
-            return None;
-        };
+        let first = models.first().cloned()?;
         let Some(backend) = self.actors.get(&kind).cloned() else {
             let result = Err(no_backend(&kind, &first));
             return Some(Event::Unloaded {
