@@ -2,7 +2,16 @@
 //! stand-in model server, straight to it and through `serve` (a lease per
 //! request, the answer streamed back), from concurrent clients, in
 //! alternating rounds. Prints requests per second and p50/p99 latencies of
-//! both, and the difference.
+//! both, and the difference, twice:
+//!
+//! - saturated: every client sends its next request as soon as the last
+//!   one is answered (the most the pair can do; on a small machine the
+//!   latency is mostly the queue for the CPU);
+//! - paced: the same clients together send `--rate` requests per second on
+//!   a fixed schedule, below what either path can do, so the difference is
+//!   the proxy's own cost per request. Latency counts from the moment a
+//!   request was due, so a request sent late because the last one was slow
+//!   is counted as late (no coordinated omission).
 //!
 //! ```sh
 //! cargo build --release && cargo run --release --example proxy_bench -- --json
@@ -30,6 +39,9 @@ struct Args {
     /// Rounds of each (alternating).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Requests per second, all clients together, of the paced rounds.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -73,8 +85,15 @@ fn wait_for(port: u16) {
 }
 
 /// Latencies of `requests` chat completions to `url` from `clients`
-/// concurrent clients, and the round's wall time.
-async fn round(url: &str, clients: usize, requests: usize) -> (Vec<Duration>, Duration) {
+/// concurrent clients, and the round's wall time. With a `rate`, the
+/// clients together send that many a second on a fixed schedule and a
+/// latency counts from when its request was due.
+async fn round(
+    url: &str,
+    clients: usize,
+    requests: usize,
+    rate: Option<u64>,
+) -> (Vec<Duration>, Duration) {
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
@@ -86,8 +105,18 @@ async fn round(url: &str, clients: usize, requests: usize) -> (Vec<Duration>, Du
                     .timeout(Duration::from_secs(30))
                     .finish();
                 let mut latencies = Vec::with_capacity(share);
-                for _ in 0..share {
-                    let sent = Instant::now();
+                // Client i sends at start + (i + n x clients) / rate.
+                let every = rate.map(|r| Duration::from_secs_f64(clients as f64 / r as f64));
+                let offset = rate.map(|r| Duration::from_secs_f64(i as f64 / r as f64));
+                for n in 0..share {
+                    let sent = match (every, offset) {
+                        (Some(every), Some(offset)) => {
+                            let due = started + offset + every * n as u32;
+                            actix_rt::time::sleep_until(due.into()).await;
+                            due
+                        }
+                        _ => Instant::now(),
+                    };
                     let mut answer = client.post(&url).send_json(&body).await.expect("an answer");
                     let _ = answer.body().await.expect("a body");
                     assert!(answer.status().is_success(), "{}", answer.status());
@@ -102,6 +131,44 @@ async fn round(url: &str, clients: usize, requests: usize) -> (Vec<Duration>, Du
         all.extend(task.await.expect("a client finished"));
     }
     (all, started.elapsed())
+}
+
+/// Alternating rounds straight to the upstream and through `serve`; the
+/// figures of both and the difference.
+async fn side_by_side(
+    direct_url: &str,
+    proxied_url: &str,
+    args: &Args,
+    rate: Option<u64>,
+) -> serde_json::Value {
+    let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+    let (mut direct_wall, mut proxied_wall) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..args.rounds {
+        let (l, w) = round(direct_url, args.clients, args.requests, rate).await;
+        direct.extend(l);
+        direct_wall += w;
+        let (l, w) = round(proxied_url, args.clients, args.requests, rate).await;
+        proxied.extend(l);
+        proxied_wall += w;
+    }
+    direct.sort();
+    proxied.sort();
+    let rps = |n: usize, wall: Duration| (n as f64 / wall.as_secs_f64()).round();
+    let (d50, d99) = (percentile(&direct, 50.0), percentile(&direct, 99.0));
+    let (p50, p99) = (percentile(&proxied, 50.0), percentile(&proxied, 99.0));
+    let ms = |v: f64| (v * 1000.0).round() / 1000.0;
+    json!({
+        "rate": rate,
+        "requests": direct.len(),
+        "direct_rps": rps(direct.len(), direct_wall),
+        "proxied_rps": rps(proxied.len(), proxied_wall),
+        "direct_p50_ms": ms(d50),
+        "direct_p99_ms": ms(d99),
+        "proxied_p50_ms": ms(p50),
+        "proxied_p99_ms": ms(p99),
+        "added_p50_ms": ms(p50 - d50),
+        "added_p99_ms": ms(p99 - d99),
+    })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -129,6 +196,7 @@ fn main() {
             .expect("vram-manager serve starts"),
     );
     wait_for(listen);
+    let json_out = args.json;
     let figures = actix_rt::System::new().block_on(async move {
         let load = format!("http://127.0.0.1:{listen}/api/models/m/load");
         let loaded = awc::Client::default()
@@ -139,37 +207,16 @@ fn main() {
         assert!(loaded.status().is_success());
         let direct_url = format!("http://127.0.0.1:{upstream}/v1/chat/completions");
         let proxied_url = format!("http://127.0.0.1:{listen}/v1/chat/completions");
-        let (mut direct, mut proxied) = (Vec::new(), Vec::new());
-        let (mut direct_wall, mut proxied_wall) = (Duration::ZERO, Duration::ZERO);
-        for _ in 0..args.rounds {
-            let (l, w) = round(&direct_url, args.clients, args.requests).await;
-            direct.extend(l);
-            direct_wall += w;
-            let (l, w) = round(&proxied_url, args.clients, args.requests).await;
-            proxied.extend(l);
-            proxied_wall += w;
-        }
-        direct.sort();
-        proxied.sort();
-        let rps = |n: usize, wall: Duration| (n as f64 / wall.as_secs_f64()).round();
-        let (d50, d99) = (percentile(&direct, 50.0), percentile(&direct, 99.0));
-        let (p50, p99) = (percentile(&proxied, 50.0), percentile(&proxied, 99.0));
-        let ms = |v: f64| (v * 1000.0).round() / 1000.0;
+        let saturated = side_by_side(&direct_url, &proxied_url, &args, None).await;
+        let paced = side_by_side(&direct_url, &proxied_url, &args, Some(args.rate)).await;
         json!({
             "clients": args.clients,
-            "requests": direct.len(),
-            "direct_rps": rps(direct.len(), direct_wall),
-            "proxied_rps": rps(proxied.len(), proxied_wall),
-            "direct_p50_ms": ms(d50),
-            "direct_p99_ms": ms(d99),
-            "proxied_p50_ms": ms(p50),
-            "proxied_p99_ms": ms(p99),
-            "added_p50_ms": ms(p50 - d50),
-            "added_p99_ms": ms(p99 - d99),
+            "saturated": saturated,
+            "paced": paced,
         })
     });
     let _ = std::fs::remove_file(&path);
-    if args.json {
+    if json_out {
         println!("{figures}");
     } else {
         for (key, value) in figures.as_object().into_iter().flatten() {

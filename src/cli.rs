@@ -244,50 +244,67 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
     let name = file.map_or("voice-assistant.toml (built in)".to_string(), |p| {
         p.display().to_string()
     });
+    let mut out = Output::stdout();
     if !json {
-        println!("{name}: {}", scenario.description);
-        println!("capacity {} ({capacity} bytes)", ByteSize(capacity));
+        out.line(format_args!("{name}: {}", scenario.description));
+        out.line(format_args!(
+            "capacity {} ({capacity} bytes)",
+            ByteSize(capacity)
+        ));
     }
-    let report = scenario::run(&scenario, |step| {
+    let mut text = Vec::new();
+    let report = scenario::run_streaming(&scenario, plot.is_some(), |step| {
+        text.clear();
         if json {
-            println!("{}", serde_json::to_string(step).unwrap_or_default());
+            // A StepReport always serialises (strings and numbers only).
+            let _ = serde_json::to_writer(&mut text, step);
+            text.push(b'\n');
         } else {
-            print!("{}", timeline_line(step, capacity, simulated_card));
+            text.extend_from_slice(timeline_line(step, capacity, simulated_card).as_bytes());
         }
+        out.step(&text)
     });
     let report = match report {
         Ok(r) => r,
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
     if let Some(signal) = report.interrupted {
+        out.finish();
         return Outcome::Interrupted(signal);
     }
     let failed = report.failed();
     if json {
         let summary = Summary {
             summary: SummaryCounts {
-                steps: report.steps.len(),
+                steps: report.count,
                 failed,
                 peak: report.peak,
                 overcommitted: report.overcommitted,
+                external_peak: report.external_peak,
             },
         };
-        println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+        out.line(format_args!(
+            "{}",
+            serde_json::to_string(&summary).unwrap_or_default()
+        ));
     } else {
-        println!(
+        out.line(format_args!(
             "{} steps, {failed} failed; card peak {}, {}",
-            report.steps.len(),
+            report.count,
             ByteSize(report.peak),
             if report.overcommitted {
                 "OVERCOMMITTED"
             } else {
                 "never over-committed"
             }
-        );
+        ));
     }
-    if let Some(out) = plot {
+    out.finish();
+    if let Some(path) = plot
+        && !report.stopped
+    {
         let title = format!("{name}: {}", scenario.description);
-        if let Err(e) = crate::plot::draw(&report, &scenario.settings, &title, out) {
+        if let Err(e) = crate::plot::draw(&report, &scenario.settings, &title, path) {
             return Outcome::BadInput(e.to_string());
         }
     }
@@ -295,9 +312,8 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         return Outcome::Ok;
     }
     let messages: Vec<String> = report
-        .steps
+        .failures
         .iter()
-        .filter(|s| !s.failures.is_empty())
         .map(|s| {
             format!(
                 "step {} ({} {}): {}",
@@ -309,6 +325,79 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         })
         .collect();
     Outcome::Failed(messages.join("\n"))
+}
+
+/// Standard output as a Unix tool writes it: buffered, flushed after each
+/// step only when a person watches (a terminal), and a closed pipe (`|
+/// head`) ends the output quietly instead of failing. (Dropping it flushes
+/// what is left and ignores a failure, as `BufWriter` does.)
+pub struct Output {
+    inner: std::io::BufWriter<std::io::Stdout>,
+    terminal: bool,
+    closed: bool,
+}
+
+impl Output {
+    /// Standard output.
+    pub fn stdout() -> Self {
+        use std::io::IsTerminal as _;
+        let stdout = std::io::stdout();
+        Self {
+            terminal: stdout.is_terminal(),
+            inner: std::io::BufWriter::with_capacity(64 * 1024, stdout),
+            closed: false,
+        }
+    }
+
+    /// Writes one step's text; `Break` once the reader has gone.
+    pub fn step(&mut self, text: &[u8]) -> std::ops::ControlFlow<()> {
+        use std::io::Write as _;
+        if self.closed {
+            return std::ops::ControlFlow::Break(());
+        }
+        let written = self.inner.write_all(text).and_then(|()| {
+            if self.terminal {
+                self.inner.flush()
+            } else {
+                Ok(())
+            }
+        });
+        self.note(written);
+        if self.closed {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    }
+
+    /// Writes one line.
+    pub fn line(&mut self, line: std::fmt::Arguments<'_>) {
+        use std::io::Write as _;
+        if !self.closed {
+            let written = writeln!(self.inner, "{line}");
+            self.note(written);
+        }
+    }
+
+    /// Flushes what is left.
+    pub fn finish(&mut self) {
+        use std::io::Write as _;
+        if !self.closed {
+            let flushed = self.inner.flush();
+            self.note(flushed);
+        }
+    }
+
+    /// Any write error means nobody reads any more (a closed pipe, a full
+    /// disk): stop writing, say nothing on the way out.
+    fn note(&mut self, result: std::io::Result<()>) {
+        if let Err(e) = result {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                tracing::debug!(error = %e, "standard output failed; not writing any more");
+            }
+            self.closed = true;
+        }
+    }
 }
 
 /// The last JSON line of a scenario run:
@@ -324,6 +413,7 @@ struct SummaryCounts {
     failed: usize,
     peak: u64,
     overcommitted: bool,
+    external_peak: u64,
 }
 
 /// Width of the used/free bar in the timeline, in cells.

@@ -231,16 +231,28 @@ struct CardState {
     /// Memory of unloaded models that the "driver" has not returned yet.
     releasing: Vec<(Instant, u64)>,
     peak: u64,
+    /// A load asked for more than the card had at that moment.
     overcommitted: bool,
+    /// The most other processes held.
+    external_peak: u64,
 }
 
 impl CardState {
+    /// Bytes in use now (saturating: settings may name sizes near 2^64).
     fn used(&mut self) -> u64 {
         let now = Instant::now();
         self.releasing.retain(|(at, _)| *at > now);
+        let allocated = self
+            .allocations
+            .values()
+            .fold(0u64, |sum, b| sum.saturating_add(*b));
+        let releasing = self
+            .releasing
+            .iter()
+            .fold(0u64, |sum, (_, b)| sum.saturating_add(*b));
         self.external
-            + self.allocations.values().sum::<u64>()
-            + self.releasing.iter().map(|(_, b)| b).sum::<u64>()
+            .saturating_add(allocated)
+            .saturating_add(releasing)
     }
 }
 
@@ -262,20 +274,21 @@ impl SimCard {
                 allocations: HashMap::new(),
                 releasing: Vec::new(),
                 peak: external,
-                overcommitted: external > total,
+                overcommitted: false,
+                external_peak: external,
             })),
         }
     }
 
-    /// Sets other processes' use.
+    /// Sets other processes' use. Their use is theirs: it is recorded
+    /// (`external_peak`), and a load that then asks for more than is left
+    /// over-commits, but the use itself does not.
     pub fn set_external(&self, bytes: u64) {
         let mut state = self.state.borrow_mut();
         state.external = bytes;
+        state.external_peak = state.external_peak.max(bytes);
         let used = state.used();
         state.peak = state.peak.max(used);
-        if used > state.total {
-            state.overcommitted = true;
-        }
     }
 
     /// Allocates `bytes` for model `id`, or fails (out of memory) when the
@@ -291,8 +304,9 @@ impl SimCard {
                 "CUDA out of memory: {id} needs {bytes} bytes, the card has {free} free"
             ));
         }
-        *state.allocations.entry(id.to_string()).or_default() += bytes;
-        state.peak = state.peak.max(used + bytes);
+        let held = state.allocations.entry(id.to_string()).or_default();
+        *held = held.saturating_add(bytes);
+        state.peak = state.peak.max(used.saturating_add(bytes));
         Ok(())
     }
 
@@ -301,7 +315,11 @@ impl SimCard {
         let mut state = self.state.borrow_mut();
         if let Some(bytes) = state.allocations.remove(id) {
             if !after.is_zero() {
-                state.releasing.push((Instant::now() + after, bytes));
+                // An absurd delay is "not in this run", not an overflow.
+                let at = Instant::now()
+                    .checked_add(after)
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+                state.releasing.push((at, bytes));
             }
         }
     }
@@ -329,9 +347,15 @@ impl SimCard {
         self.state.borrow().peak
     }
 
-    /// Whether a load ever asked for more than the card had.
+    /// Whether a load ever asked for more than the card had at that
+    /// moment.
     pub fn overcommitted(&self) -> bool {
         self.state.borrow().overcommitted
+    }
+
+    /// The most other processes held, bytes.
+    pub fn external_peak(&self) -> u64 {
+        self.state.borrow().external_peak
     }
 }
 

@@ -9,10 +9,9 @@
 //! used by other processes) and do not read `VRAM__*` variables, so a
 //! scenario means the same everywhere.
 
-use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
+use std::ops::ControlFlow;
 use std::path::Path;
-use std::rc::Rc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -284,27 +283,52 @@ pub struct StepReport {
 pub struct Report {
     /// Usable bytes of the card.
     pub capacity: u64,
-    /// One report per step.
+    /// One report per step, when the run keeps them (see [`run_streaming`]).
     pub steps: Vec<StepReport>,
+    /// Steps run.
+    pub count: usize,
+    /// The steps whose expectations did not all hold, with what failed.
+    pub failures: Vec<StepFailure>,
     /// The simulated card's highest use, bytes; with process-backed models
     /// (no simulated card), the ledger's highest use after a step.
     pub peak: u64,
-    /// Whether a load ever asked the simulated card for more than it had.
+    /// Whether a load ever asked the simulated card for more than it had
+    /// at that moment (other processes' use counted as it was then).
     pub overcommitted: bool,
+    /// The most other processes held on the simulated card (`external`
+    /// steps), bytes.
+    pub external_peak: u64,
     /// The signal (SIGINT 2, SIGTERM 15, SIGHUP 1) that ended the run early, if one
     /// did; `steps` then holds the steps done before it.
     pub interrupted: Option<i32>,
+    /// Whether the step callback asked to stop (its output was closed):
+    /// the steps after it were not run.
+    pub stopped: bool,
+}
+
+/// A step whose expectations did not all hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepFailure {
+    /// 1-based step number.
+    pub step: usize,
+    /// The op's name.
+    pub op: &'static str,
+    /// The model the step was about, if any.
+    pub model: Option<String>,
+    /// Each expectation that did not hold.
+    pub failures: Vec<String>,
 }
 
 impl Report {
     /// Steps whose expectations did not all hold.
     pub fn failed(&self) -> usize {
-        self.steps.iter().filter(|s| !s.failures.is_empty()).count()
+        self.failures.len()
     }
 }
 
-/// Collects the manager's events so each step can tell what it evicted.
-struct Collector(Rc<RefCell<Vec<VramEvent>>>);
+/// Collects the manager's evictions so a step that failed can tell what it
+/// evicted all the same (a step that succeeded learns it from its answer).
+struct Collector(Vec<VramEvent>);
 
 impl Actor for Collector {
     type Context = Context<Self>;
@@ -313,7 +337,22 @@ impl Actor for Collector {
 impl Handler<VramEvent> for Collector {
     type Result = ();
     fn handle(&mut self, event: VramEvent, _ctx: &mut Context<Self>) {
-        self.0.borrow_mut().push(event);
+        if matches!(event, VramEvent::Evicted { .. }) {
+            self.0.push(event);
+        }
+    }
+}
+
+/// Forgets what was collected: sent before each step, so (one mailbox,
+/// first in first out) what is collected after it is that step's.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Clear;
+
+impl Handler<Clear> for Collector {
+    type Result = ();
+    fn handle(&mut self, _: Clear, _ctx: &mut Context<Self>) {
+        self.0.clear();
     }
 }
 
@@ -325,7 +364,7 @@ struct Drain;
 impl Handler<Drain> for Collector {
     type Result = MessageResult<Drain>;
     fn handle(&mut self, _: Drain, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(std::mem::take(&mut *self.0.borrow_mut()))
+        MessageResult(std::mem::take(&mut self.0))
     }
 }
 
@@ -333,8 +372,31 @@ impl Handler<Drain> for Collector {
 /// completes, and reports every step. SIGINT or SIGTERM ends the run
 /// early (`Report::interrupted`); either way every model server is stopped
 /// before this returns.
-pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Report, SettingsError> {
-    run_on(scenario, on_step, false)
+pub fn run(
+    scenario: &Scenario,
+    mut on_step: impl FnMut(&StepReport),
+) -> Result<Report, SettingsError> {
+    run_on(
+        scenario,
+        |step| {
+            on_step(step);
+            ControlFlow::Continue(())
+        },
+        true,
+        false,
+    )
+}
+
+/// [`run`] for long scenarios: keeps each step's report only when
+/// `keep_steps` (a plot needs them; a summary does not, so memory stays
+/// flat however many steps there are), and stops after a step for which
+/// `on_step` answers `Break` (its output was closed): `Report::stopped`.
+pub fn run_streaming(
+    scenario: &Scenario,
+    keep_steps: bool,
+    on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+) -> Result<Report, SettingsError> {
+    run_on(scenario, on_step, keep_steps, false)
 }
 
 /// [`run`] on tokio's paused clock: every wait (load times, TTLs, release
@@ -344,14 +406,32 @@ pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Repo
 #[cfg(feature = "testing")]
 pub fn run_paused(
     scenario: &Scenario,
-    on_step: impl FnMut(&StepReport),
+    mut on_step: impl FnMut(&StepReport),
 ) -> Result<Report, SettingsError> {
-    run_on(scenario, on_step, true)
+    run_on(
+        scenario,
+        |step| {
+            on_step(step);
+            ControlFlow::Continue(())
+        },
+        true,
+        true,
+    )
+}
+
+/// What the steps gathered, besides their reports.
+#[derive(Default)]
+struct Tally {
+    count: usize,
+    failures: Vec<StepFailure>,
+    used_peak: u64,
+    stopped: bool,
 }
 
 fn run_on(
     scenario: &Scenario,
-    on_step: impl FnMut(&StepReport),
+    on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+    keep_steps: bool,
     paused: bool,
 ) -> Result<Report, SettingsError> {
     let manager_config = Manager::config(&scenario.settings)?;
@@ -361,35 +441,40 @@ fn run_on(
         .models
         .iter()
         .all(|m| matches!(m.backend, crate::config::BackendSpec::Sim(_)));
-    let (steps, card, interrupted) = actix::System::new().block_on(async {
+    let (steps, tally, card, interrupted) = actix::System::new().block_on(async {
         if paused {
             pause_clock();
         }
         let manager = Manager::start(&scenario.settings)?;
-        let mut steps = Vec::with_capacity(scenario.steps.len());
+        let mut steps = Vec::with_capacity(if keep_steps { scenario.steps.len() } else { 0 });
+        let mut tally = Tally::default();
         let interrupted = tokio::select! {
-            done = run_steps(&manager, scenario, on_step, &mut steps) => {
+            done = run_steps(&manager, scenario, on_step, keep_steps.then_some(&mut steps), &mut tally) => {
                 done?;
                 None
             }
             signal = shutdown_signal() => Some(signal),
         };
         manager.shutdown().await;
-        Ok::<_, SettingsError>((steps, manager.card.clone(), interrupted))
+        Ok::<_, SettingsError>((steps, tally, manager.card.clone(), interrupted))
     })?;
     // Without the simulated card (process-backed models) the ledger is
     // the record of what the card held.
     let peak = if simulated {
         card.peak()
     } else {
-        steps.iter().map(|s| s.used).max().unwrap_or(0)
+        tally.used_peak
     };
     Ok(Report {
         capacity,
         steps,
+        count: tally.count,
+        failures: tally.failures,
         peak,
         overcommitted: card.overcommitted(),
+        external_peak: card.external_peak(),
         interrupted,
+        stopped: tally.stopped,
     })
 }
 
@@ -424,10 +509,11 @@ pub(crate) async fn shutdown_signal() -> i32 {
 async fn run_steps(
     manager: &Manager,
     scenario: &Scenario,
-    mut on_step: impl FnMut(&StepReport),
-    reports: &mut Vec<StepReport>,
+    mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+    mut kept: Option<&mut Vec<StepReport>>,
+    tally: &mut Tally,
 ) -> Result<(), SettingsError> {
-    let collector = Collector(Rc::default()).start();
+    let collector = Collector(Vec::new()).start();
     let mailbox = |e: MailboxError| SettingsError::Shape(format!("the manager stopped: {e}"));
     manager
         .addr
@@ -437,8 +523,11 @@ async fn run_steps(
     let mut leases: HashMap<String, Lease> = HashMap::new();
     let mut lease_models: HashMap<String, String> = HashMap::new();
     for (i, step) in scenario.steps.iter().enumerate() {
+        // What is collected from here on is this step's.
+        collector.do_send(Clear);
         let started = Instant::now();
-        let (model, result): (Option<String>, Result<(), VramError>) = match &step.op {
+        // The op's result, and what it evicted when it says so.
+        let (model, result): (Option<String>, Result<Vec<String>, VramError>) = match &step.op {
             Op::Load(m) => (
                 Some(m.clone()),
                 manager
@@ -446,7 +535,7 @@ async fn run_steps(
                     .send(Load::new(m))
                     .await
                     .map_err(mailbox)?
-                    .map(drop),
+                    .map(|loaded| loaded.evicted),
             ),
             Op::Unload(m) => (
                 Some(m.clone()),
@@ -455,7 +544,7 @@ async fn run_steps(
                     .send(Unload::new(m))
                     .await
                     .map_err(mailbox)?
-                    .map(drop),
+                    .map(|_| vec![]),
             ),
             Op::Acquire { model, lease } => {
                 let acquired = manager
@@ -467,7 +556,9 @@ async fn run_steps(
                 (
                     Some(model.clone()),
                     acquired.map(|l| {
+                        let evicted = l.evicted().to_vec();
                         leases.insert(lease.clone(), l);
+                        evicted
                     }),
                 )
             }
@@ -475,7 +566,7 @@ async fn run_steps(
                 // Dropping the lease sends Release; the Status below is
                 // queued behind it in the same mailbox.
                 leases.remove(lease);
-                (lease_models.get(lease).cloned(), Ok(()))
+                (lease_models.get(lease).cloned(), Ok(vec![]))
             }
             Op::Crash(kind) => (
                 None,
@@ -483,31 +574,40 @@ async fn run_steps(
                     .addr
                     .send(CrashBackend { kind: kind.clone() })
                     .await
-                    .map_err(mailbox)?,
+                    .map_err(mailbox)?
+                    .map(|()| vec![]),
             ),
             Op::Sleep(d) => {
                 actix::clock::sleep(*d).await;
-                (None, Ok(()))
+                (None, Ok(vec![]))
             }
             Op::External(bytes) => {
                 manager.card.set_external(*bytes);
-                (None, Ok(()))
+                (None, Ok(vec![]))
             }
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let status = manager.addr.send(Status).await.map_err(mailbox)?;
-        let events = collector.send(Drain).await.map_err(mailbox)?;
-        let evicted = match &model {
-            Some(m) => events
-                .into_iter()
-                .filter_map(|e| match e {
-                    VramEvent::Evicted {
-                        model, for_model, ..
-                    } if &for_model == m => Some(model),
-                    _ => None,
-                })
-                .collect(),
-            None => vec![],
+        let (evicted, result) = match result {
+            Ok(evicted) => (evicted, Ok(())),
+            // A failed load may have evicted before it failed: its events
+            // say what.
+            Err(e) => {
+                let events = collector.send(Drain).await.map_err(mailbox)?;
+                let evicted = match &model {
+                    Some(m) => events
+                        .into_iter()
+                        .filter_map(|e| match e {
+                            VramEvent::Evicted {
+                                model, for_model, ..
+                            } if &for_model == m => Some(model),
+                            _ => None,
+                        })
+                        .collect(),
+                    None => vec![],
+                };
+                (evicted, Err(e))
+            }
         };
         let mut report = StepReport {
             step: i + 1,
@@ -532,8 +632,24 @@ async fn run_steps(
                 .collect(),
         };
         report.failures = check(step, &report, result.err());
-        on_step(&report);
-        reports.push(report);
+        tally.count += 1;
+        tally.used_peak = tally.used_peak.max(report.used);
+        if !report.failures.is_empty() {
+            tally.failures.push(StepFailure {
+                step: report.step,
+                op: report.op,
+                model: report.model.clone(),
+                failures: report.failures.clone(),
+            });
+        }
+        let flow = on_step(&report);
+        if let Some(kept) = kept.as_deref_mut() {
+            kept.push(report);
+        }
+        if flow.is_break() {
+            tally.stopped = true;
+            break;
+        }
     }
     Ok(())
 }

@@ -73,6 +73,8 @@ struct Shared {
     vram: VramHandle,
     /// Model id -> (kind, proxy base URL).
     models: Arc<BTreeMap<String, (String, Option<String>)>>,
+    /// Each model as configured (for the models not on the card).
+    specs: Arc<BTreeMap<String, vram_actors::ModelSpec>>,
     token: Option<Arc<str>>,
     max_body: usize,
     upstream_timeout: Duration,
@@ -121,6 +123,13 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
             closing,
             vram: manager.handle(),
             models: Arc::new(models),
+            specs: Arc::new(
+                settings
+                    .models
+                    .iter()
+                    .map(|m| (m.spec.id.clone(), m.spec.clone()))
+                    .collect(),
+            ),
             token: token.map(Arc::from),
             max_body: usize::try_from(settings.server.max_body).unwrap_or(usize::MAX),
             upstream_timeout: settings.server.upstream_timeout,
@@ -149,6 +158,7 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                 .app_data(web::PayloadConfig::new(shared.max_body))
                 .app_data(web::Data::new(
                     awc::Client::builder()
+                        .connector(awc::Connector::new().connector(NoDelay::default()))
                         .timeout(shared.upstream_timeout)
                         .finish(),
                 ))
@@ -173,6 +183,13 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                 .route("/upstream/{model}/{tail:.*}", web::route().to(forward_any))
         })
         .workers(2)
+        // Answers are small writes (a streamed token each): send them at
+        // once rather than wait, Nagle's way, for the client's ACK.
+        .on_connect(|connection, _| {
+            if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
         .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
         .bind(listen)
@@ -363,11 +380,53 @@ async fn list_models(shared: web::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
+/// The ledger's snapshot, with every configured model listed: those not
+/// on the card as `unloaded`, at their declared size.
 async fn status(shared: web::Data<Shared>) -> HttpResponse {
-    match shared.vram.status().await {
-        Ok(status) => HttpResponse::Ok().json(status),
-        Err(e) => vram_error(&e),
-    }
+    let status = match shared.vram.status().await {
+        Ok(status) => status,
+        Err(e) => return vram_error(&e),
+    };
+    let models: Vec<Value> = shared
+        .specs
+        .values()
+        .map(
+            |spec| match status.models.iter().find(|m| m.id == spec.id) {
+                Some(entry) => json!({
+                    "id": entry.id,
+                    "kind": entry.kind,
+                    "state": entry.state,
+                    "bytes": entry.bytes,
+                    "declared": entry.declared,
+                    "measured": entry.measured,
+                    "pinned": entry.pinned,
+                    "leases": entry.leases,
+                    "idle_s": status.idle_ms.get(&entry.id).map(|ms| *ms as f64 / 1000.0),
+                }),
+                None => json!({
+                    "id": spec.id,
+                    "kind": spec.kind,
+                    "state": "unloaded",
+                    "bytes": spec.bytes,
+                    "declared": spec.bytes,
+                    "measured": null,
+                    "pinned": spec.pinned,
+                    "leases": 0,
+                    "idle_s": null,
+                }),
+            },
+        )
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "capacity": status.capacity,
+        "used": status.used,
+        "free": status.free,
+        "card": status.card,
+        "queued": status.queued,
+        "running": status.running,
+        "models": models,
+        "idle_ms": status.idle_ms,
+    }))
 }
 
 async fn load(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
@@ -673,6 +732,33 @@ async fn forward(
         inner: answer,
         lease: Some(lease),
     })
+}
+
+/// Connects to upstreams with `TCP_NODELAY`: a request goes out as its head
+/// and then its body, and with Nagle's algorithm the body would wait for
+/// the upstream's delayed ACK of the head (40 ms on Linux).
+#[derive(Clone, Default)]
+struct NoDelay(actix_tls::connect::ConnectorService);
+
+impl actix_service::Service<actix_tls::connect::ConnectInfo<awc::http::Uri>> for NoDelay {
+    type Response = actix_tls::connect::Connection<awc::http::Uri, actix_web::rt::net::TcpStream>;
+    type Error = actix_tls::connect::ConnectError;
+    type Future = futures::future::LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        actix_service::Service::<actix_tls::connect::ConnectInfo<awc::http::Uri>>::poll_ready(
+            &self.0, cx,
+        )
+    }
+
+    fn call(&self, request: actix_tls::connect::ConnectInfo<awc::http::Uri>) -> Self::Future {
+        let connecting = self.0.call(request);
+        Box::pin(async move {
+            let connection = connecting.await?;
+            let _ = connection.io_ref().set_nodelay(true);
+            Ok(connection)
+        })
+    }
 }
 
 /// An answer's body that holds the model's lease until it ends (or is

@@ -78,15 +78,22 @@ fn the_proxy_bench_measures_both_ways() {
             "40",
             "--rounds",
             "1",
+            "--rate",
+            "400",
             "--json",
         ],
     );
     let figures: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    assert_eq!(figures["requests"], 40, "{out}");
-    for key in ["direct_rps", "proxied_rps", "proxied_p99_ms"] {
-        assert!(
-            figures[key].as_f64().is_some_and(|v| v > 0.0),
-            "{key}: {out}"
-        );
+    for mode in ["saturated", "paced"] {
+        assert_eq!(figures[mode]["requests"], 40, "{out}");
+        for key in ["direct_rps", "proxied_rps", "proxied_p99_ms"] {
+            assert!(
+                figures[mode][key].as_f64().is_some_and(|v| v > 0.0),
+                "{mode}.{key}: {out}"
+            );
+        }
     }
+    // Paced at 400 a second, 40 requests take about 0.1 s: far below what
+    // either path can do when saturated.
+    assert_eq!(figures["paced"]["rate"], 400, "{out}");
 }

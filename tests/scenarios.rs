@@ -78,7 +78,7 @@ fn json_lines_have_exactly_the_documented_keys() {
     assert_eq!(step4["free"], 0);
     assert_eq!(step4["used"], 16u64 << 30);
     let expected = format!(
-        "{{\"summary\":{{\"steps\":4,\"failed\":0,\"peak\":{},\"overcommitted\":false}}}}",
+        "{{\"summary\":{{\"steps\":4,\"failed\":0,\"peak\":{},\"overcommitted\":false,\"external_peak\":0}}}}",
         16u64 << 30
     );
     assert_eq!(lines.last().unwrap(), &expected);
@@ -256,4 +256,74 @@ fn plot_to_an_unwritable_path_exits_2_naming_it() {
     ));
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/dir/out.svg"), "{err}");
+}
+
+/// A scenario of `n` load steps alternating between two LLMs that do not
+/// fit together (every step evicts).
+fn long_scenario(n: usize) -> String {
+    let mut text = String::from(
+        "[gpu]\ntotal = \"16GiB\"\n\
+         [[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"10GiB\"\n\
+         [[models]]\nid = \"b\"\nkind = \"llm\"\nvram = \"10GiB\"\n",
+    );
+    for i in 0..n {
+        let model = if i % 2 == 0 { "a" } else { "b" };
+        text.push_str(&format!("[[steps]]\nop = \"load\"\nmodel = \"{model}\"\n"));
+    }
+    text
+}
+
+#[test]
+fn a_closed_pipe_ends_the_run_quietly() {
+    use std::io::{BufRead, BufReader};
+    // Far more output than a pipe holds, so the writer meets the closed end.
+    let path = temp_file("long.toml", &long_scenario(20_000));
+    for json in [true, false] {
+        let mut args = vec!["scenario", path.to_str().unwrap()];
+        if json {
+            args.push("--json");
+        }
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vram-manager"))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        // The reader goes away after one line, as `| head -1` does.
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!first.is_empty());
+        assert_eq!(out.status.code(), Some(0), "json {json}: {err}");
+        assert!(
+            !err.contains("panic") && !err.contains("ERROR") && !err.contains("Broken pipe"),
+            "json {json}: {err}"
+        );
+    }
+}
+
+#[test]
+fn other_processes_use_is_not_over_committing() {
+    // Other processes take more than the card (its total is set too low);
+    // the 10 GiB model is refused by the planner (it never asks the card),
+    // so nothing over-commits.
+    let path = temp_file(
+        "external.toml",
+        "[gpu]\ntotal = \"16GiB\"\n\
+         [[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"10GiB\"\n\
+         [[steps]]\nop = \"external\"\nvram = \"17GiB\"\n\
+         [[steps]]\nop = \"load\"\nmodel = \"a\"\nexpect = \"insufficient_vram\"\n\
+         [[steps]]\nop = \"external\"\nvram = \"1GiB\"\n",
+    );
+    let (code, out, err) = outcome(&run_cli(
+        &["scenario", path.to_str().unwrap(), "--json"],
+        &[],
+    ));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["summary"]["overcommitted"], false, "{out}");
+    assert_eq!(summary["summary"]["external_peak"], 17u64 << 30, "{out}");
 }

@@ -198,7 +198,17 @@ async fn the_control_api_and_the_proxy_answer_as_documented() {
         (Some("resident"), Some(0))
     );
     assert!(report["idle_ms"]["llm-b"].as_u64().is_some(), "{report}");
+    assert!(llm_b["idle_s"].as_f64().is_some(), "{report}");
     assert!(report["card"].is_null(), "no probe, no card view: {report}");
+    // Every configured model is listed, those not on the card as unloaded.
+    let listed: Vec<(&str, &str)> = report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap(), m["state"].as_str().unwrap()))
+        .collect();
+    assert!(listed.contains(&("llm-a", "unloaded")), "{report}");
+    assert!(listed.contains(&("whisper", "resident")), "{report}");
 
     // Bad requests name what is wrong.
     let (status, error) = post_chat(base, json!({"messages": []})).await;

@@ -145,7 +145,7 @@ pub(crate) fn candidates<'a>(
     kinds: &Kinds,
     requester: &Kind,
     model: &str,
-) -> (Vec<(u64, u64, &'a Entry)>, u64) {
+) -> (Vec<(u128, u64, &'a Entry)>, u64) {
     // The few kinds are resolved once, not once per model.
     let kind_table: Vec<(&str, u32, bool)> = kinds
         .iter()
@@ -153,7 +153,7 @@ pub(crate) fn candidates<'a>(
         .collect();
     let mut leased = 0u64;
     // (priority and recency packed into one sort key, bytes, entry)
-    let mut candidates: Vec<(u64, u64, &Entry)> = Vec::new();
+    let mut candidates: Vec<(u128, u64, &Entry)> = Vec::new();
     for entry in ledger.entries() {
         if entry.state != ModelState::Resident || entry.pinned || entry.id == model {
             continue;
@@ -170,9 +170,9 @@ pub(crate) fn candidates<'a>(
             leased += entry.bytes;
             continue;
         }
-        // Priorities fit 16 bits and recencies 48 in any real ledger; the
-        // saturation keeps the order right beyond that.
-        let key = (u64::from(priority.min(0xFFFF)) << 48) | entry.recency.min((1 << 48) - 1);
+        // Priority first, then recency: both whole, so any two priorities
+        // (and any two recencies) compare exactly.
+        let key = (u128::from(priority) << 64) | u128::from(entry.recency);
         candidates.push((key, entry.bytes, entry));
     }
     // Recency is unique, so keys never tie and an unstable sort is exact.
@@ -575,5 +575,24 @@ mod tests {
         ]);
         loaded(&mut card, &["t", "l", "a"]);
         assert_eq!(card.plan("x").unwrap().victims(), ["l", "t"]);
+    }
+
+    #[test]
+    fn step4_priorities_compare_exactly_however_large() {
+        let mut card = Card::new(&[
+            ("high", "big-high", 8),
+            ("low", "big-low", 8),
+            ("x", "asr", 8),
+        ]);
+        card.kinds = [
+            Kind::new("big-high", 100_000, false),
+            Kind::new("big-low", 65_536, false),
+            Kind::new("asr", u32::MAX, false),
+        ]
+        .into_iter()
+        .collect();
+        // "high" is the least recently used, but its tier is higher.
+        loaded(&mut card, &["high", "low"]);
+        assert_eq!(card.plan("x").unwrap().victims(), ["low"]);
     }
 }
