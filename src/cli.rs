@@ -25,11 +25,23 @@ pub enum Outcome {
 }
 
 /// `check-config [FILE]`: validates the layered settings, resolves the
-/// card (NVML when asked for), and prints them.
+/// card (NVML when asked for), and prints them. A scenario file is read as
+/// `scenario` reads it (its settings and every step).
 pub fn check_config(file: Option<&Path>) -> Outcome {
-    let settings = match Settings::load(file) {
-        Ok(settings) => settings,
+    let scenario_file = match file.map(is_scenario).transpose() {
+        Ok(found) => found.unwrap_or(false),
         Err(e) => return Outcome::BadInput(e.to_string()),
+    };
+    let (settings, steps) = if let (true, Some(path)) = (scenario_file, file) {
+        match Scenario::load(path) {
+            Ok(scenario) => (scenario.settings, Some(scenario.steps.len())),
+            Err(e) => return Outcome::BadInput(e.to_string()),
+        }
+    } else {
+        match Settings::load(file) {
+            Ok(settings) => (settings, None),
+            Err(e) => return Outcome::BadInput(e.to_string()),
+        }
     };
     let choice = match gpu::resolve(&settings) {
         Ok(choice) => choice,
@@ -49,10 +61,20 @@ pub fn check_config(file: Option<&Path>) -> Outcome {
             choice.capacity
         ),
     }
+    if let Some(steps) = steps {
+        println!("scenario: {steps} steps, all valid");
+    }
     for warning in settings_warnings(&settings) {
         eprintln!("warning: {warning}");
     }
     Outcome::Ok
+}
+
+/// Whether the file at `path` is a scenario (it has `steps` or a
+/// `description`), so `check-config` reads it as one.
+fn is_scenario(path: &Path) -> Result<bool, vram_manager::config::SettingsError> {
+    let text = vram_manager::config::read_file(path)?;
+    Ok(scenario::looks_like_scenario(&text))
 }
 
 /// `gpu [--json]`: what NVML sees, or plainly that there is no NVIDIA
@@ -205,22 +227,32 @@ pub fn describe_settings(settings: &Settings) -> String {
 
 /// Legal settings that are probably a mistake.
 pub fn settings_warnings(settings: &Settings) -> Vec<String> {
-    let Some(capacity) = settings.capacity() else {
-        return vec![];
-    };
-    settings
-        .models
-        .iter()
-        .filter(|m| m.spec.bytes > capacity)
-        .map(|m| {
+    let mut warnings = Vec::new();
+    if let Some(capacity) = settings.capacity() {
+        warnings.extend(settings.models.iter().filter(|m| m.spec.bytes > capacity).map(|m| {
             format!(
                 "model {:?} ({}) is larger than the card's capacity ({}); loading it will fail with exceeds_capacity",
                 m.spec.id,
                 ByteSize(m.spec.bytes),
                 ByteSize(capacity)
             )
-        })
-        .collect()
+        }));
+    }
+    // A working directory may exist only where the config is deployed, so
+    // its absence here is a warning; a load names it if it is still absent.
+    for (i, model) in settings.models.iter().enumerate() {
+        if let BackendSpec::Process(spec) = &model.backend
+            && let Some(cwd) = &spec.cwd
+            && !cwd.is_dir()
+        {
+            warnings.push(format!(
+                "models[{i}].cwd: {:?} is not a directory here; loading {:?} will fail until it is",
+                cwd.display().to_string(),
+                model.spec.id
+            ));
+        }
+    }
+    warnings
 }
 
 /// `scenario [FILE] [--json] [--plot OUT.svg]`: runs a scenario file (the

@@ -360,7 +360,7 @@ impl Settings {
             config::FileFormat::Toml,
         ));
         if let Some((origin, text)) = file {
-            check_toml(origin, text)?;
+            crate::shape::read::<crate::shape::SettingsShape>(origin, text)?;
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
         let env_source = config::Environment::with_prefix("VRAM")
@@ -399,14 +399,6 @@ pub fn read_file(path: &Path) -> Result<String, SettingsError> {
     })
 }
 
-/// Fails with line and column when `text` is not TOML.
-pub fn check_toml(origin: &str, text: &str) -> Result<toml::Table, SettingsError> {
-    toml::from_str::<toml::Table>(text).map_err(|e| SettingsError::Toml {
-        origin: origin.to_string(),
-        message: e.to_string().trim_end().to_string(),
-    })
-}
-
 /// Checks a model's `proxy` base URL (`http://HOST:PORT`, no path).
 fn parse_proxy(key: &str, text: &str) -> Result<String, SettingsError> {
     let uri: awc::http::Uri = text
@@ -424,24 +416,70 @@ fn parse_proxy(key: &str, text: &str) -> Result<String, SettingsError> {
     Ok(text.trim_end_matches('/').to_string())
 }
 
-/// Parses a human size ("3GiB", "512 MiB"); a bare number is refused
-/// because "3" is far more often a mistake than three bytes.
+/// Parses a human size ("3GiB", "512 MiB", "6.5GiB"); a bare number is
+/// refused because "3" is far more often a mistake than three bytes, and a
+/// size of 2^64 bytes or more is refused rather than rounded.
 pub fn parse_size(key: &str, text: &str) -> Result<u64, SettingsError> {
     let trimmed = text.trim();
-    if !trimmed.chars().any(|c| c.is_ascii_alphabetic()) {
-        return Err(SettingsError::invalid(
+    let not_a_size = || {
+        SettingsError::invalid(
             key,
-            format!("size {text:?} has no unit; write e.g. \"3GiB\" or \"512MiB\""),
-        ));
-    }
-    ByteSize::from_str(trimmed)
-        .map(|b| b.as_u64())
-        .map_err(|_| {
+            format!("{text:?} is not a size; write e.g. \"3GiB\" or \"512MiB\""),
+        )
+    };
+    let split = trimmed
+        .find(|c: char| c.is_ascii_alphabetic())
+        .ok_or_else(|| {
             SettingsError::invalid(
                 key,
-                format!("{text:?} is not a size; write e.g. \"3GiB\" or \"512MiB\""),
+                format!("size {text:?} has no unit; write e.g. \"3GiB\" or \"512MiB\""),
             )
-        })
+        })?;
+    let (number, unit) = (trimmed[..split].trim(), trimmed[split..].trim());
+    // The unit's bytes, from bytesize (which knows every spelling).
+    let unit_bytes = ByteSize::from_str(&format!("1 {unit}"))
+        .map_err(|_| not_a_size())?
+        .as_u64();
+    let too_large = || {
+        SettingsError::invalid(
+            key,
+            format!("{text:?} is more than 2^64 - 1 bytes (16 EiB), the largest size there is"),
+        )
+    };
+    if let Ok(whole) = number.parse::<u128>() {
+        let bytes = whole
+            .checked_mul(u128::from(unit_bytes))
+            .ok_or_else(too_large)?;
+        return u64::try_from(bytes).map_err(|_| too_large());
+    }
+    let value: f64 = number.parse().map_err(|_| not_a_size())?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(not_a_size());
+    }
+    let bytes = (value * unit_bytes as f64).round();
+    // 2^64 as f64 exactly; anything from it up does not fit.
+    if bytes >= 18_446_744_073_709_551_616.0 {
+        return Err(too_large());
+    }
+    Ok(bytes as u64)
+}
+
+/// The longest duration a setting may name: beyond it a value is a typo,
+/// and adding it to the clock could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `duration`, named `key`, if it is at most [`MAX_DURATION`].
+fn bounded(key: &str, duration: Duration) -> Result<Duration, SettingsError> {
+    if duration > MAX_DURATION {
+        return Err(SettingsError::invalid(
+            key,
+            format!(
+                "{} is more than 100 years",
+                humantime::format_duration(duration)
+            ),
+        ));
+    }
+    Ok(duration)
 }
 
 impl RawSettings {
@@ -459,8 +497,41 @@ impl RawSettings {
         };
         let total = match self.gpu.total.trim() {
             "auto" => GpuTotal::Auto,
-            text => GpuTotal::Bytes(parse_size("gpu.total", text)?),
+            text => match parse_size("gpu.total", text)? {
+                0 => {
+                    return Err(SettingsError::invalid(
+                        "gpu.total",
+                        "must be more than 0 bytes",
+                    ));
+                }
+                bytes => GpuTotal::Bytes(bytes),
+            },
         };
+        for (key, duration) in [
+            ("gpu.release_poll", self.gpu.release_poll),
+            ("gpu.release_timeout", self.gpu.release_timeout),
+            ("policy.lease_wait", self.policy.lease_wait),
+            ("policy.load_timeout", self.policy.load_timeout),
+            ("policy.unload_timeout", self.policy.unload_timeout),
+            ("policy.restart_backoff", self.policy.restart_backoff),
+            (
+                "policy.restart_backoff_max",
+                self.policy.restart_backoff_max,
+            ),
+            ("server.shutdown_timeout", self.server.shutdown_timeout),
+            ("server.upstream_timeout", self.server.upstream_timeout),
+            ("server.max_lease_ttl", self.server.max_lease_ttl),
+            ("process.ready_timeout", self.process.ready_timeout),
+            ("process.stop_timeout", self.process.stop_timeout),
+        ] {
+            bounded(key, duration)?;
+        }
+        if self.gpu.release_poll < Duration::from_millis(1) {
+            return Err(SettingsError::invalid(
+                "gpu.release_poll",
+                "must be at least 1ms (a shorter pause would keep a core busy asking the card)",
+            ));
+        }
         let reserve = parse_size("gpu.reserve", &self.gpu.reserve)?;
         if let GpuTotal::Bytes(total) = total
             && reserve >= total
@@ -491,6 +562,19 @@ impl RawSettings {
         }
         let mut kinds = Kinds::new();
         for (name, raw) in &self.kinds {
+            let key = |field: &str| format!("kinds.{name}.{field}");
+            if raw.priority > u32::from(u16::MAX) {
+                return Err(SettingsError::invalid(
+                    key("priority"),
+                    format!("{} is not a whole number from 0 to 65535", raw.priority),
+                ));
+            }
+            if let Some(ttl) = raw.ttl {
+                bounded(&key("ttl"), ttl)?;
+                if ttl.is_zero() {
+                    return Err(SettingsError::invalid(key("ttl"), "must be longer than 0s"));
+                }
+            }
             kinds.insert(Kind::new(name.clone(), raw.priority, raw.protected));
         }
         let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
@@ -524,6 +608,21 @@ impl RawSettings {
                     key("vram"),
                     "must be more than 0 bytes",
                 ));
+            }
+            for (field, ms) in [
+                ("load_ms", raw.load_ms),
+                ("unload_ms", raw.unload_ms),
+                ("release_ms", raw.release_ms),
+            ] {
+                bounded(&key(field), Duration::from_millis(ms))?;
+            }
+            for (field, duration) in [
+                ("ready_timeout", raw.ready_timeout),
+                ("stop_timeout", raw.stop_timeout),
+            ] {
+                if let Some(duration) = duration {
+                    bounded(&key(field), duration)?;
+                }
             }
             let backend = match raw.backend.as_str() {
                 "sim" => BackendSpec::Sim(SimOptions {
@@ -610,10 +709,14 @@ impl RawSettings {
                     ));
                 }
             };
-            let ttl = raw.ttl.or(self.kinds[&raw.kind].ttl);
-            if ttl.is_some_and(|t| t.is_zero()) {
-                return Err(SettingsError::invalid(key("ttl"), "must be longer than 0s"));
+            // A kind's ttl was checked with the kind (and is named there).
+            if let Some(ttl) = raw.ttl {
+                bounded(&key("ttl"), ttl)?;
+                if ttl.is_zero() {
+                    return Err(SettingsError::invalid(key("ttl"), "must be longer than 0s"));
+                }
             }
+            let ttl = raw.ttl.or(self.kinds[&raw.kind].ttl);
             let proxy = match (&raw.proxy, &backend) {
                 (Some(url), _) => Some(parse_proxy(&key("proxy"), url)?),
                 (None, BackendSpec::Process(spec)) => match &spec.ready {

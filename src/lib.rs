@@ -18,6 +18,7 @@ pub mod keeper;
 pub mod manager;
 pub mod scenario;
 pub mod serve;
+mod shape;
 
 #[cfg(feature = "testing")]
 pub mod bench;

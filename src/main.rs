@@ -24,9 +24,12 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate settings (defaults, FILE, VRAM__* variables) and print the
-    /// effective capacity, kinds and models.
+    /// effective capacity, kinds and models. A scenario file (one with
+    /// `steps` or `description`) is checked as `scenario` reads it: its
+    /// settings (without VRAM__* variables) and every step; the step count
+    /// is printed too.
     CheckConfig {
-        /// A settings or scenario file layered over the defaults.
+        /// A settings file, or a scenario file, layered over the defaults.
         file: Option<PathBuf>,
     },
     /// Show what NVML sees (each card's memory and processes), or say that

@@ -22,7 +22,7 @@ use vram_actors::{
     Acquire, CrashBackend, Lease, Load, ModelState, Status, Subscribe, Unload, VramError, VramEvent,
 };
 
-use crate::config::{Settings, SettingsError, check_toml, parse_size, read_file};
+use crate::config::{MAX_DURATION, Settings, SettingsError, parse_size, read_file};
 use crate::manager::Manager;
 
 /// The scenario `cargo run` runs when given no arguments.
@@ -45,7 +45,7 @@ pub struct Step {
     /// What to do.
     pub op: Op,
     /// The expected result: "ok" or an error code.
-    pub expect: String,
+    pub expect: &'static str,
     /// If given, exactly these models must be resident afterwards.
     pub resident: Option<BTreeSet<String>>,
     /// If given, exactly these free bytes afterwards.
@@ -115,31 +115,137 @@ impl Scenario {
     }
 
     /// Validates scenario text; `origin` names it in messages.
+    ///
+    /// Steps are read one `[[steps]]` table at a time, straight into their
+    /// typed form, so a file of 300,000 steps never exists as one parsed
+    /// document (a TOML document tree costs about 2 KiB a step). A file laid
+    /// out otherwise (steps as an inline array, a multi-line string in a
+    /// step) is read whole; so is a file with an error, so the message names
+    /// the key and the line exactly as in the file.
     pub fn parse(origin: &str, text: &str) -> Result<Self, SettingsError> {
-        let mut table = check_toml(origin, text)?;
-        let description = match table.remove("description") {
-            None => String::new(),
-            Some(toml::Value::String(s)) => s,
-            Some(_) => return Err(invalid("description", "must be a string")),
-        };
-        let raw_steps = table.remove("steps").unwrap_or(toml::Value::Array(vec![]));
-        let raw_steps: Vec<RawStep> = raw_steps.try_into().map_err(|e: toml::de::Error| {
-            SettingsError::Shape(format!("steps: {}", e.message()))
-        })?;
-        let rest = toml::to_string(&table).map_err(|e| SettingsError::Shape(e.to_string()))?;
+        match split_steps(text) {
+            Some(split) => match Self::parse_split(origin, &split) {
+                Ok(Some(scenario)) => Ok(scenario),
+                Ok(None) | Err(_) => Self::parse_whole(origin, text),
+            },
+            None => Self::parse_whole(origin, text),
+        }
+    }
+
+    /// The whole file as one document, strictly: a step's type error names
+    /// `steps[N].field` and its line.
+    fn parse_whole(origin: &str, text: &str) -> Result<Self, SettingsError> {
+        let mut file: crate::shape::ScenarioShape<RawStep> = crate::shape::read(origin, text)?;
+        let rest = file.settings_text()?;
         let settings = Settings::from_layers(Some((origin, &rest)), Some(HashMap::new()))?;
         let mut leases = BTreeSet::new();
-        let steps = raw_steps
+        let steps = std::mem::take(&mut file.steps)
             .into_iter()
             .enumerate()
             .map(|(i, raw)| raw.validate(i, &settings, &mut leases))
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            description,
+            description: file.description,
             settings,
             steps,
         })
     }
+
+    /// The settings part as one document, then each step by itself.
+    /// `None` when the layout is not the simple one after all (the
+    /// settings part holds steps too).
+    fn parse_split(origin: &str, split: &Split<'_>) -> Result<Option<Self>, SettingsError> {
+        let mut file: crate::shape::ScenarioShape<RawStep> =
+            crate::shape::read(origin, &split.settings)?;
+        if !file.steps.is_empty() && !split.steps.is_empty() {
+            return Ok(None);
+        }
+        let rest = file.settings_text()?;
+        let settings = Settings::from_layers(Some((origin, &rest)), Some(HashMap::new()))?;
+        let mut leases = BTreeSet::new();
+        let mut steps = Vec::with_capacity(split.steps.len() + file.steps.len());
+        for (i, raw) in std::mem::take(&mut file.steps).into_iter().enumerate() {
+            steps.push(raw.validate(i, &settings, &mut leases)?);
+        }
+        for (i, chunk) in split.steps.iter().enumerate() {
+            // No error paths kept here: on an error the whole file is read
+            // again to name the key and the line as in the file.
+            let raw: RawStep =
+                toml::from_str(chunk).map_err(|e| SettingsError::Shape(e.to_string()))?;
+            steps.push(raw.validate(i, &settings, &mut leases)?);
+        }
+        Ok(Some(Self {
+            description: file.description,
+            settings,
+            steps,
+        }))
+    }
+}
+
+/// Whether `text` is a scenario rather than a settings file: it has a
+/// `[[steps]]` table, or a top-level `steps` or `description` key. (A
+/// scan of the lines, so telling costs nothing next to reading it.)
+pub fn looks_like_scenario(text: &str) -> bool {
+    let mut top_level = true;
+    for line in text.lines() {
+        let code = line.split('#').next().unwrap_or("").trim();
+        if code.starts_with('[') {
+            if code == "[[steps]]" {
+                return true;
+            }
+            top_level = false;
+        } else if top_level {
+            let key = code.split('=').next().unwrap_or("").trim();
+            if key == "steps" || key == "description" {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// A scenario file cut in two: everything but the steps (with each step's
+/// lines left blank, so line numbers still match the file), and the text
+/// of each `[[steps]]` table.
+struct Split<'a> {
+    settings: String,
+    steps: Vec<&'a str>,
+}
+
+/// Cuts `text` at its `[[steps]]` headers: a step is the lines after its
+/// header up to the next table header. `None` when a step holds a
+/// multi-line string (which could hold a line that looks like a header).
+fn split_steps(text: &str) -> Option<Split<'_>> {
+    let mut settings = String::new();
+    let mut steps = Vec::new();
+    let mut step_start: Option<usize> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let code = line.split('#').next().unwrap_or("").trim();
+        if code.starts_with('[') {
+            if let Some(start) = step_start.take() {
+                steps.push(&text[start..offset]);
+            }
+            if code == "[[steps]]" {
+                step_start = Some(offset + line.len());
+                settings.push('\n');
+            } else {
+                settings.push_str(line);
+            }
+        } else if step_start.is_some() {
+            if line.contains("\"\"\"") || line.contains("\'\'\'") {
+                return None;
+            }
+            settings.push('\n');
+        } else {
+            settings.push_str(line);
+        }
+        offset += line.len();
+    }
+    if let Some(start) = step_start {
+        steps.push(&text[start..]);
+    }
+    Some(Split { settings, steps })
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
@@ -218,21 +324,33 @@ impl RawStep {
             "external" => {
                 Op::External(parse_size(&key("vram"), &need(self.vram.clone(), "vram")?)?)
             }
-            _ => Op::Sleep(Duration::from_millis(
-                self.ms
-                    .ok_or_else(|| invalid(key("ms"), "op \"sleep\" needs `ms`"))?,
-            )),
+            _ => {
+                let ms = self
+                    .ms
+                    .ok_or_else(|| invalid(key("ms"), "op \"sleep\" needs `ms`"))?;
+                let sleep = Duration::from_millis(ms);
+                if sleep > MAX_DURATION {
+                    return Err(invalid(key("ms"), "is more than 100 years"));
+                }
+                Op::Sleep(sleep)
+            }
         };
-        let expect = self.expect.unwrap_or_else(|| "ok".to_string());
-        if expect != "ok" && !VramError::CODES.contains(&expect.as_str()) {
-            return Err(invalid(
-                key("expect"),
-                format!(
-                    "unknown result {expect:?} (expected \"ok\" or one of {})",
-                    VramError::CODES.join(", ")
-                ),
-            ));
-        }
+        let expect = match self.expect.as_deref() {
+            None | Some("ok") => "ok",
+            Some(code) => VramError::CODES
+                .iter()
+                .copied()
+                .find(|c| *c == code)
+                .ok_or_else(|| {
+                    invalid(
+                        key("expect"),
+                        format!(
+                            "unknown result {code:?} (expected \"ok\" or one of {})",
+                            VramError::CODES.join(", ")
+                        ),
+                    )
+                })?,
+        };
         let free = self
             .free
             .map(|f| parse_size(&key("free"), &f))
@@ -687,4 +805,49 @@ fn check(step: &Step, report: &StepReport, error: Option<VramError>) -> Vec<Stri
         ));
     }
     failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped scenario, read step by step, is what it is read whole.
+    #[test]
+    fn reading_step_by_step_equals_reading_whole() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/scenarios");
+        let mut read = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let split = split_steps(&text).expect("the simple layout");
+            assert!(!split.steps.is_empty(), "{}", path.display());
+            let by_step = Scenario::parse_split("f", &split).unwrap().unwrap();
+            let whole = Scenario::parse_whole("f", &text).unwrap();
+            assert_eq!(by_step.steps, whole.steps, "{}", path.display());
+            assert_eq!(by_step.description, whole.description);
+            assert_eq!(by_step.settings, whole.settings);
+            read += 1;
+        }
+        assert!(read >= 10);
+    }
+
+    #[test]
+    fn other_layouts_are_read_whole() {
+        let inline = "[[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\n\
+                      steps = [{op = \"load\", model = \"a\"}]\n";
+        // `steps = [...]` after a header belongs to that table: refused,
+        // naming it, rather than misread.
+        assert!(Scenario::parse("f", inline).is_err());
+        let top = "steps = [{op = \"load\", model = \"a\"}]\n\
+                   [[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\n";
+        let scenario = Scenario::parse("f", top).unwrap();
+        assert_eq!(scenario.steps.len(), 1);
+        // A step with a multi-line string is read whole.
+        let text = "[[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\n\
+                    [[steps]]\nop = \"load\"\nmodel = \"\"\"a\"\"\"\n";
+        assert!(split_steps(text).is_none());
+        assert_eq!(Scenario::parse("f", text).unwrap().steps.len(), 1);
+        assert!(looks_like_scenario(top) && looks_like_scenario(text));
+        assert!(!looks_like_scenario("[gpu]\ntotal = \"8GiB\"\n"));
+    }
 }

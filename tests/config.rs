@@ -240,3 +240,140 @@ fn the_unload_timeout_must_cover_a_stop() {
     );
     assert!(Settings::parse(&format!("{process}stop_timeout = \"15s\"\n")).is_ok());
 }
+
+/// A settings file with one model whose extra keys are `extra`.
+fn one_model(extra: &str) -> String {
+    format!("[[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\n{extra}\n")
+}
+
+#[test]
+fn every_value_is_checked_where_it_enters_naming_its_key() {
+    // (settings text, the key the error must name, a word it must say)
+    let cases = [
+        (
+            "[policy]\nlease_wait = \"500000000000y\"\n".to_string(),
+            "policy.lease_wait",
+            "100 years",
+        ),
+        (
+            "[kinds.llm]\npriority = 65536\n".to_string(),
+            "kinds.llm.priority",
+            "65535",
+        ),
+        (
+            "[kinds.llm]\npriority = 1.9\n".to_string(),
+            "kinds.llm.priority",
+            "line 2",
+        ),
+        (
+            "[kinds.llm]\npriority = true\n".to_string(),
+            "kinds.llm.priority",
+            "boolean",
+        ),
+        (
+            "[gpu]\ntotal = \"18446744073709551616B\"\n".to_string(),
+            "gpu.total",
+            "2^64",
+        ),
+        (
+            "[gpu]\ntotal = \"100000000000TiB\"\n".to_string(),
+            "gpu.total",
+            "2^64",
+        ),
+        (
+            "[gpu]\ntotal = \"0B\"\n".to_string(),
+            "gpu.total",
+            "0 bytes",
+        ),
+        (
+            "[gpu]\nrelease_poll = \"0s\"\n".to_string(),
+            "gpu.release_poll",
+            "1ms",
+        ),
+        (one_model("pinned = 2"), "models[0].pinned", "line 5"),
+        (one_model("pinned = \"on\""), "models[0].pinned", "boolean"),
+        (
+            "[policy]\nmax_queue = 1.5\n".to_string(),
+            "policy.max_queue",
+            "line 2",
+        ),
+        (
+            "[[models]]\nid = true\nkind = \"llm\"\nvram = \"1GiB\"\n".to_string(),
+            "models[0].id",
+            "line 2",
+        ),
+        (
+            "[kinds.llm]\nttl = \"0s\"\n".to_string() + &one_model(""),
+            "kinds.llm.ttl",
+            "0s",
+        ),
+        (one_model("ttl = \"200y\""), "models[0].ttl", "100 years"),
+    ];
+    for (text, key, word) in cases {
+        let e = error_of(&text);
+        assert!(e.contains(key), "{text}\n-> {e} (should name {key})");
+        assert!(e.contains(word), "{text}\n-> {e} (should say {word})");
+    }
+}
+
+#[test]
+fn the_largest_sizes_are_exact() {
+    let s = Settings::parse("[gpu]\ntotal = \"18446744073709551615B\"\nreserve = \"6.5GiB\"\n")
+        .unwrap();
+    assert_eq!(s.gpu.total, GpuTotal::Bytes(u64::MAX));
+    assert_eq!(s.gpu.reserve, 6 * GIB + GIB / 2);
+}
+
+#[test]
+fn check_config_reads_a_scenario_file_with_its_steps() {
+    let path = "config/scenarios/lru.toml";
+    let steps = vram_manager::scenario::Scenario::load(std::path::Path::new(path))
+        .unwrap()
+        .steps
+        .len();
+    let (code, out, err) = outcome(&run_cli(&["check-config", path], &[]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains(&format!("scenario: {steps} steps")), "{out}");
+    // A bad step is named with its number and line.
+    let bad = temp_file(
+        "bad-step.toml",
+        "[[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\n\
+         [[steps]]\nop = \"load\"\nmodel = \"a\"\n\
+         [[steps]]\nop = \"sleep\"\nms = \"5s\"\n",
+    );
+    let (code, _, err) = outcome(&run_cli(&["check-config", bad.to_str().unwrap()], &[]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("steps[1].ms") && err.contains("line 10"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_working_directory_is_named_as_cwd() {
+    let path = temp_file(
+        "cwd.toml",
+        &one_model(
+            "backend = \"process\"\ncommand = [\"true\"]\nready = \"tcp://127.0.0.1:1\"\ncwd = \"/no/such/dir\"",
+        ),
+    );
+    let (code, out, err) = outcome(&run_cli(&["check-config", path.to_str().unwrap()], &[]));
+    // It may exist where the config is deployed: a warning, naming it.
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("models[0].cwd") && err.contains("/no/such/dir"),
+        "{err}"
+    );
+    // A load fails naming it too, not the command.
+    let scenario = format!(
+        "{}[[steps]]\nop = \"load\"\nmodel = \"a\"\n",
+        std::fs::read_to_string(&path).unwrap()
+    );
+    let path = temp_file("cwd-scenario.toml", &scenario);
+    let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("backend_failed") && err.contains("cwd \"/no/such/dir\""),
+        "{err}"
+    );
+}

@@ -327,3 +327,23 @@ fn other_processes_use_is_not_over_committing() {
     assert_eq!(summary["summary"]["overcommitted"], false, "{out}");
     assert_eq!(summary["summary"]["external_peak"], 17u64 << 30, "{out}");
 }
+
+#[test]
+fn the_most_other_processes_can_hold_does_not_wrap_the_card() {
+    let path = temp_file(
+        "external-max.toml",
+        "[gpu]\ntotal = \"16GiB\"\nexternal = \"18446744073709551615B\"\n\
+         [[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"8GiB\"\n\
+         [[steps]]\nop = \"load\"\nmodel = \"a\"\nexpect = \"insufficient_vram\"\nresident = []\n",
+    );
+    let (code, out, err) = outcome(&run_cli(
+        &["scenario", path.to_str().unwrap(), "--json"],
+        &[],
+    ));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let step: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(step["card_free"], 0, "{out}");
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["summary"]["overcommitted"], false, "{out}");
+    assert_eq!(summary["summary"]["external_peak"], u64::MAX, "{out}");
+}

@@ -129,7 +129,7 @@ impl Ledger {
             return;
         }
         let recency = self.next_recency();
-        self.used += model.bytes;
+        self.used = self.used.saturating_add(model.bytes);
         self.entries.insert(
             model.id.clone(),
             Entry {
@@ -187,7 +187,7 @@ impl Ledger {
     /// Removes a model and frees its bytes, answering its last entry.
     pub fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.entries.remove(id)?;
-        self.used -= entry.bytes;
+        self.used = self.used.saturating_sub(entry.bytes);
         Some(entry)
     }
 
@@ -238,7 +238,7 @@ impl Ledger {
         match self.entries.get_mut(id) {
             Some(entry) => {
                 let bytes = entry.declared.max(measured);
-                self.used = self.used - entry.bytes + bytes;
+                self.used = self.used.saturating_sub(entry.bytes).saturating_add(bytes);
                 entry.bytes = bytes;
                 entry.measured = Some(measured);
                 true

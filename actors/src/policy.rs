@@ -92,7 +92,7 @@ pub fn plan(
     // found a model its backend would not unload) must first come back
     // under it: that excess is owed too.
     let over = ledger.used().saturating_sub(ledger.capacity());
-    let shortfall = needed.saturating_sub(free) + over;
+    let shortfall = needed.saturating_sub(free).saturating_add(over);
     if shortfall == 0 {
         return Ok(Plan::Load { victims: vec![] });
     }
@@ -105,7 +105,7 @@ pub fn plan(
     let mut freed = 0u64;
     let mut chosen = 0;
     while freed < shortfall && chosen < candidates.len() {
-        freed += candidates[chosen].1;
+        freed = freed.saturating_add(candidates[chosen].1);
         chosen += 1;
     }
     if freed < shortfall {
@@ -167,7 +167,7 @@ pub(crate) fn candidates<'a>(
             continue;
         }
         if entry.leases > 0 {
-            leased += entry.bytes;
+            leased = leased.saturating_add(entry.bytes);
             continue;
         }
         // Priority first, then recency: both whole, so any two priorities

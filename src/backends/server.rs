@@ -192,8 +192,8 @@ impl Server {
             && !cwd.is_dir()
         {
             return Err(fail(format!(
-                "working directory {} does not exist",
-                cwd.display()
+                "cwd {:?} (its working directory) does not exist or is not a directory",
+                cwd.display().to_string()
             )));
         }
         let program = keeper::program().map_err(fail)?;

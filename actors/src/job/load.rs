@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::{Books, Command, Event, Job, first_pause, load_failed, next_pause, true_bytes};
+use super::{Books, Command, Event, Job, after, first_pause, load_failed, next_pause, true_bytes};
 use crate::error::VramError;
 use crate::events::{Loaded, VramEvent};
 use crate::ledger::{Ledger, ModelState};
@@ -116,7 +116,9 @@ impl LoadJob {
         now: Instant,
         out: &mut Vec<Command>,
     ) {
-        let deadline = *self.lease_deadline.get_or_insert(now + books.lease_wait);
+        let deadline = *self
+            .lease_deadline
+            .get_or_insert(after(now, books.lease_wait));
         // Plan against the tighter of the ledger and the card: memory held
         // by other processes, or not yet returned, is not free.
         let free = match card {
@@ -149,7 +151,10 @@ impl LoadJob {
                 evictable,
                 leased,
                 ..
-            }) if now < deadline && leased > 0 && free + evictable + leased >= needed => {
+            }) if now < deadline
+                && leased > 0
+                && free.saturating_add(evictable).saturating_add(leased) >= needed =>
+            {
                 tracing::debug!(model = %self.model, leased, "waiting for leases to be released");
                 self.phase = Phase::WaitingLeases;
                 out.push(Command::WaitRelease { until: deadline });
@@ -185,11 +190,11 @@ impl LoadJob {
         // other processes hold (the card's use less our models' true bytes).
         let ours: u64 = books.ledger.entries().map(true_bytes).sum();
         let others = card.map_or(0, |c| c.used.saturating_sub(ours));
-        let mut back = 0;
+        let mut back: u64 = 0;
         let mut planned = VecDeque::with_capacity(victims.len());
         for victim in victims {
             if let Some(entry) = books.ledger.get(&victim) {
-                back += true_bytes(entry);
+                back = back.saturating_add(true_bytes(entry));
                 planned.push_back((victim.clone(), entry.kind.clone()));
             }
             books.ledger.begin_unload(&victim);
@@ -244,11 +249,13 @@ impl LoadJob {
                 let max_free = before.total.saturating_sub(*others);
                 let expected = before.free.saturating_add(*back).min(max_free);
                 let gain = expected.saturating_sub(before.free);
-                let target = before.free + (gain as f64 * books.release.fraction) as u64;
+                let target = before
+                    .free
+                    .saturating_add((gain as f64 * books.release.fraction) as u64);
                 self.phase = Phase::Releasing {
                     target,
                     since: now,
-                    until: now + books.release.timeout,
+                    until: after(now, books.release.timeout),
                     pause: first_pause(books.release.poll),
                 };
                 out.push(Command::ReadCard);
@@ -495,7 +502,7 @@ impl Job for LoadJob {
                         pause: next_pause(pause, books.release.poll),
                     };
                     out.push(Command::Wait {
-                        until: (now + pause).min(until),
+                        until: after(now, pause).min(until),
                     });
                 }
                 Some(card) => {

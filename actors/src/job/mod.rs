@@ -133,6 +133,15 @@ pub(crate) struct ReleaseWait {
     pub(crate) timeout: Duration,
 }
 
+/// `duration` after `now`; a duration too long for the clock (a library
+/// caller may pass any) means "not in this process's life": 30 years.
+pub(crate) fn after(now: Instant, duration: Duration) -> Instant {
+    now.checked_add(duration).unwrap_or_else(|| {
+        now.checked_add(Duration::from_secs(30 * 365 * 86_400))
+            .unwrap_or(now)
+    })
+}
+
 /// The first pause between two reads of the card while waiting for
 /// memory (at most `poll`); it doubles up to `poll`.
 pub(crate) fn first_pause(poll: Duration) -> Duration {

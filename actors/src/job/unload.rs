@@ -65,7 +65,9 @@ impl UnloadJob {
     }
 
     fn check(&mut self, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
-        let deadline = *self.lease_deadline.get_or_insert(now + books.lease_wait);
+        let deadline = *self
+            .lease_deadline
+            .get_or_insert(super::after(now, books.lease_wait));
         let Some(entry) = books
             .ledger
             .get(&self.model)
