@@ -931,17 +931,20 @@ mod tests {
             (&parsed.op, &parsed.model, &parsed.lease)
         );
         assert_eq!(raw.model.as_deref(), Some("m#1"));
-        assert_eq!(RawStep::simple("op = \"sleep\"\nms = 250\n").unwrap().ms, Some(250));
+        assert_eq!(
+            RawStep::simple("op = \"sleep\"\nms = 250\n").unwrap().ms,
+            Some(250)
+        );
         for other in [
-            "op = \"load\"\nmodel = \"a\\u0041\"\n",     // an escape
-            "op = \"load\"\nresident = [\"a\"]\n",          // an array
+            "op = \"load\"\nmodel = \"a\\u0041\"\n",         // an escape
+            "op = \"load\"\nresident = [\"a\"]\n",           // an array
             "op = \"load\"\nmodel = \"a\"\nmodel = \"b\"\n", // a repeated key
             "op = \"load\"\nop = \"unload\"\n",
             "op = \"sleep\"\nms = \"5s\"\n",
             "op = \"sleep\"\nms = 1_000\n",
-            "op = 'load'\n",                                  // a literal string
-            "op = \"load\"\nmodle = \"a\"\n",               // an unknown key
-            "model = \"a\"\n",                                // no op
+            "op = 'load'\n",                  // a literal string
+            "op = \"load\"\nmodle = \"a\"\n", // an unknown key
+            "model = \"a\"\n",                // no op
         ] {
             assert!(RawStep::simple(other).is_none(), "{other}");
         }
