@@ -37,7 +37,12 @@ impl Manager {
             message: "\"auto\" needs NVML to read the card's total; give a size such as \"16GiB\""
                 .to_string(),
         })?;
-        Ok(ManagerConfig {
+        Ok(Self::config_with(settings, capacity))
+    }
+
+    /// The manager's configuration for a card of `capacity` usable bytes.
+    fn config_with(settings: &Settings, capacity: u64) -> ManagerConfig {
+        ManagerConfig {
             capacity,
             kinds: settings.kinds.clone(),
             catalog: settings.catalog(),
@@ -56,7 +61,7 @@ impl Manager {
                 .iter()
                 .filter_map(|m| m.ttl.map(|t| (m.spec.id.clone(), t)))
                 .collect(),
-        })
+        }
     }
 
     /// Starts a manager on the current arbiter (call inside a running
@@ -83,8 +88,23 @@ impl Manager {
                 message: "a custom backend names a kind the settings do not have".to_string(),
             });
         }
-        let config = Self::config(settings)?;
-        let total = config.capacity + settings.gpu.reserve;
+        let any_process = settings
+            .models
+            .iter()
+            .any(|m| matches!(m.backend, BackendSpec::Process(_)));
+        // The real card is asked for process-backed models, and for its
+        // total when the settings say "auto".
+        let choice = if any_process || settings.capacity().is_none() {
+            Some(gpu::resolve(settings)?)
+        } else {
+            None
+        };
+        let config = match (settings.capacity(), &choice) {
+            (Some(capacity), _) => Self::config_with(settings, capacity),
+            (None, Some(choice)) => Self::config_with(settings, choice.capacity),
+            (None, None) => Self::config(settings)?,
+        };
+        let total = config.capacity.saturating_add(settings.gpu.reserve);
         let card = SimCard::new(total, settings.gpu.external);
         let mut sim_options: BTreeMap<String, HashMap<_, _>> = BTreeMap::new();
         let mut process_specs: BTreeMap<String, HashMap<_, _>> = BTreeMap::new();
@@ -106,10 +126,9 @@ impl Manager {
                 }
             }
         }
-        let any_process = process_specs.values().any(|s| !s.is_empty());
         let probe: Option<Rc<dyn GpuProbe>> = if any_process {
-            gpu::resolve(settings)?
-                .nvml
+            choice
+                .and_then(|c| c.nvml)
                 .map(|p| Rc::new(p) as Rc<dyn GpuProbe>)
         } else {
             Some(Rc::new(card.clone()))
