@@ -691,11 +691,20 @@ impl RawSettings {
                             "`stop` must be a non-empty array such as [\"docker\", \"stop\", \"whisper\"]",
                         ));
                     }
+                    // The server sees its card: `{gpu}` in its command,
+                    // stop command, environment and cwd is the card's
+                    // device, and CUDA_VISIBLE_DEVICES names it unless the
+                    // model sets it itself.
+                    let card = |text: &String| text.replace("{gpu}", &self.gpu.device);
+                    let mut env: BTreeMap<String, String> =
+                        raw.env.iter().map(|(k, v)| (k.clone(), card(v))).collect();
+                    env.entry("CUDA_VISIBLE_DEVICES".to_string())
+                        .or_insert_with(|| self.gpu.device.clone());
                     BackendSpec::Process(ProcessSpec {
-                        command,
-                        stop,
-                        env: raw.env.clone(),
-                        cwd: raw.cwd.clone().map(Into::into),
+                        command: command.iter().map(card).collect(),
+                        stop: stop.iter().map(card).collect(),
+                        env,
+                        cwd: raw.cwd.as_ref().map(|c| card(c).into()),
                         ready: ReadyCheck::parse(ready)
                             .map_err(|m| SettingsError::invalid(key("ready"), m))?,
                         ready_timeout,

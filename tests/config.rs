@@ -377,3 +377,33 @@ fn a_missing_working_directory_is_named_as_cwd() {
         "{err}"
     );
 }
+
+#[test]
+fn a_server_sees_its_card() {
+    use vram_manager::config::BackendSpec;
+    let s = Settings::parse(
+        "[gpu]\nprobe = \"none\"\ndevice = \"GPU-1234\"\n\
+         [[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\nbackend = \"process\"\n\
+         command = [\"server\", \"--device\", \"{gpu}\"]\nready = \"tcp://127.0.0.1:1\"\n\
+         stop = [\"stop-on\", \"{gpu}\"]\ncwd = \"/tmp/{gpu}\"\nenv = { LOG = \"/var/log/{gpu}.log\" }\n\
+         [[models]]\nid = \"b\"\nkind = \"llm\"\nvram = \"1GiB\"\nbackend = \"process\"\n\
+         command = [\"server\"]\nready = \"tcp://127.0.0.1:2\"\nenv = { CUDA_VISIBLE_DEVICES = \"3\" }\n",
+    )
+    .unwrap();
+    let BackendSpec::Process(a) = &s.models[0].backend else {
+        panic!("a process model");
+    };
+    assert_eq!(a.command, ["server", "--device", "GPU-1234"]);
+    assert_eq!(a.stop, ["stop-on", "GPU-1234"]);
+    assert_eq!(
+        a.cwd.as_deref(),
+        Some(std::path::Path::new("/tmp/GPU-1234"))
+    );
+    assert_eq!(a.env["LOG"], "/var/log/GPU-1234.log");
+    assert_eq!(a.env["CUDA_VISIBLE_DEVICES"], "GPU-1234");
+    // A model that names its card itself keeps it.
+    let BackendSpec::Process(b) = &s.models[1].backend else {
+        panic!("a process model");
+    };
+    assert_eq!(b.env["CUDA_VISIBLE_DEVICES"], "3");
+}

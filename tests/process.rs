@@ -418,3 +418,24 @@ fn a_server_ignoring_sigterm_is_logged_as_such() {
         "{err}"
     );
 }
+
+#[actix_rt::test]
+async fn a_server_is_started_on_its_card() {
+    let port = free_port();
+    let m = Manager::start(&settings(&format!(
+        "[gpu]\nprobe = \"none\"\ndevice = \"1\"\n{}",
+        process_model("llm", port, &format!("tcp://127.0.0.1:{port}"), "", "")
+    )))
+    .unwrap();
+    m.addr.send(Load::new("llm")).await.unwrap().unwrap();
+    let pid = m.processes["llm"].pids()["llm"];
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"CUDA_VISIBLE_DEVICES=1"),
+        "the server sees card 1 only"
+    );
+    m.addr.send(Unload::new("llm")).await.unwrap().unwrap();
+    assert!(gone(pid));
+}
