@@ -8,8 +8,10 @@
 //!   the lease is released when the answer's body ends — normally, on an
 //!   upstream error, or when the client goes away. So a model is never
 //!   evicted in the middle of an answer.
+//! - `GET /`: the dashboard, one self-contained page (`dashboard.html`).
 //! - The control API: `GET /health`, `GET /v1/models`, `GET /api/status`,
-//!   `POST /api/models/{id}/load`, `POST /api/models/{id}/unload`;
+//!   `POST /api/models/{id}/load`, `POST /api/models/{id}/unload`,
+//!   `POST /api/models/{id}/pin` and `/unpin`;
 //!   `GET /api/events` (server-sent events, the JSON of `VramEvent`);
 //!   leases for clients that hold a model across requests:
 //!   `POST /api/leases {"model","ttl"}`, `POST /api/leases/{id}/renew`,
@@ -75,6 +77,12 @@ struct Shared {
     models: Arc<BTreeMap<String, (String, Option<String>)>>,
     /// Each model as configured (for the models not on the card).
     specs: Arc<BTreeMap<String, vram_actors::ModelSpec>>,
+    /// What `/api/status` tells besides the ledger: each model's tier,
+    /// protection and TTL, the card's device and reserve.
+    about: Arc<About>,
+    /// Pins set at run time (`/api/models/{id}/pin`), shown for models
+    /// not on the card too.
+    pins: Arc<Mutex<BTreeMap<String, bool>>>,
     token: Option<Arc<str>>,
     max_body: usize,
     upstream_timeout: Duration,
@@ -87,6 +95,18 @@ struct Shared {
     /// Renders what the `metrics` facade recorded.
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
+
+/// The settings `/api/status` shows beside the ledger.
+struct About {
+    /// Model id -> (kind priority, kind protected, TTL seconds).
+    models: BTreeMap<String, (u32, bool, Option<f64>)>,
+    device: String,
+    reserve: u64,
+}
+
+/// The page at `/`: one self-contained file (HTML, CSS and JavaScript),
+/// compiled in; it talks to this server only.
+pub const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Runs the server until SIGINT, SIGTERM or SIGHUP; answers the signal's
 /// number after every model server was stopped.
@@ -130,6 +150,26 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                     .map(|m| (m.spec.id.clone(), m.spec.clone()))
                     .collect(),
             ),
+            about: Arc::new(About {
+                models: settings
+                    .models
+                    .iter()
+                    .map(|m| {
+                        let kind = settings.kinds.get(&m.spec.kind);
+                        (
+                            m.spec.id.clone(),
+                            (
+                                kind.map_or(0, |k| k.priority),
+                                kind.is_some_and(|k| k.protected),
+                                m.ttl.map(|t| t.as_secs_f64()),
+                            ),
+                        )
+                    })
+                    .collect(),
+                device: settings.gpu.device.clone(),
+                reserve: settings.gpu.reserve,
+            }),
+            pins: Arc::default(),
             token: token.map(Arc::from),
             max_body: usize::try_from(settings.server.max_body).unwrap_or(usize::MAX),
             upstream_timeout: settings.server.upstream_timeout,
@@ -162,12 +202,15 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                         .timeout(shared.upstream_timeout)
                         .finish(),
                 ))
+                .route("/", web::get().to(dashboard))
                 .route("/health", web::get().to(health))
                 .route("/metrics", web::get().to(metrics_text))
                 .route("/v1/models", web::get().to(list_models))
                 .route("/api/status", web::get().to(status))
                 .route("/api/models/{id}/load", web::post().to(load))
                 .route("/api/models/{id}/unload", web::post().to(unload))
+                .route("/api/models/{id}/pin", web::post().to(pin))
+                .route("/api/models/{id}/unpin", web::post().to(unpin))
                 .route("/api/events", web::get().to(events))
                 .route("/api/leases", web::post().to(take_lease))
                 .route("/api/leases/{id}/renew", web::post().to(renew_lease))
@@ -318,8 +361,9 @@ fn authorize(request: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse>
     }
 }
 
-/// Refuses every request but `/health` without the bearer token (when one
-/// is set).
+/// Refuses every request but `/health` and the page at `/` without the
+/// bearer token (when one is set): the page holds no data, and asks for
+/// the token itself.
 async fn require_token(
     request: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
@@ -328,6 +372,7 @@ async fn require_token(
     actix_web::Error,
 > {
     if request.path() != "/health"
+        && request.path() != "/"
         && let Some(shared) = request.app_data::<web::Data<Shared>>().cloned()
         && let Err(refused) = authorize(request.request(), &shared)
     {
@@ -350,6 +395,38 @@ fn too_large<B>(
     Ok(actix_web::middleware::ErrorHandlerResponse::Response(
         actix_web::dev::ServiceResponse::new(request, answer),
     ))
+}
+
+async fn dashboard() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        // Everything the page uses comes from here; nothing else may run.
+        .insert_header((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
+        ))
+        .body(DASHBOARD)
+}
+
+async fn pin(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
+    set_pinned(&shared, id.into_inner(), true).await
+}
+
+async fn unpin(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
+    set_pinned(&shared, id.into_inner(), false).await
+}
+
+/// `POST /api/models/{id}/pin|unpin` -> `{"model","pinned"}`.
+async fn set_pinned(shared: &Shared, model: String, pinned: bool) -> HttpResponse {
+    match shared.vram.set_pinned(model.clone(), pinned).await {
+        Ok(()) => {
+            if let Ok(mut pins) = shared.pins.lock() {
+                pins.insert(model.clone(), pinned);
+            }
+            HttpResponse::Ok().json(json!({"model": model, "pinned": pinned}))
+        }
+        Err(e) => vram_error(&e),
+    }
 }
 
 async fn health() -> HttpResponse {
@@ -387,6 +464,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         Ok(status) => status,
         Err(e) => return vram_error(&e),
     };
+    let pins = shared.pins.lock().map(|p| p.clone()).unwrap_or_default();
     let models: Vec<Value> = shared
         .specs
         .values()
@@ -410,12 +488,23 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
                     "bytes": spec.bytes,
                     "declared": spec.bytes,
                     "measured": null,
-                    "pinned": spec.pinned,
+                    "pinned": pins.get(&spec.id).copied().unwrap_or(spec.pinned),
                     "leases": 0,
                     "idle_s": null,
                 }),
             },
         )
+        .map(|mut model| {
+            if let Some((priority, protected, ttl)) = model["id"]
+                .as_str()
+                .and_then(|id| shared.about.models.get(id))
+            {
+                model["priority"] = json!(priority);
+                model["protected"] = json!(protected);
+                model["ttl_s"] = json!(ttl);
+            }
+            model
+        })
         .collect();
     HttpResponse::Ok().json(json!({
         "capacity": status.capacity,
@@ -426,6 +515,8 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         "running": status.running,
         "models": models,
         "idle_ms": status.idle_ms,
+        "device": shared.about.device,
+        "reserve": shared.about.reserve,
     }))
 }
 

@@ -436,3 +436,42 @@ async fn a_backend_timeout_carries_its_reason_to_the_caller_and_the_event() {
     );
     assert!(err.to_string().ends_with("within 50 ms"), "{err}");
 }
+
+#[actix_rt::test]
+async fn pinning_at_run_time_spares_a_model_until_it_is_unpinned() {
+    let m = start(&seed_models());
+    load(&m, "llm1").await.unwrap();
+    load(&m, "tts1").await.unwrap();
+    let handle = m.handle();
+    // llm1 is the lowest tier, but pinned it stays: the TTS goes instead.
+    handle.set_pinned("llm1", true).await.unwrap();
+    assert!(
+        status(&m)
+            .await
+            .models
+            .iter()
+            .any(|e| e.id == "llm1" && e.pinned)
+    );
+    assert_eq!(load(&m, "llm2").await, Ok(vec!["tts1".to_string()]));
+    assert_eq!(load(&m, "llm3").await, Err("insufficient_vram"));
+    // Unpinned, it may go again.
+    handle.set_pinned("llm1", false).await.unwrap();
+    assert_eq!(
+        load(&m, "llm3").await,
+        Ok(vec!["llm1".to_string(), "llm2".to_string()])
+    );
+    // A pin outlives the model's stay on the card: it applies on reload.
+    handle.set_pinned("tts2", true).await.unwrap();
+    load(&m, "tts2").await.unwrap();
+    assert!(
+        status(&m)
+            .await
+            .models
+            .iter()
+            .any(|e| e.id == "tts2" && e.pinned)
+    );
+    assert_eq!(
+        handle.set_pinned("nope", true).await.unwrap_err().code(),
+        "unknown_model"
+    );
+}

@@ -583,3 +583,100 @@ async fn errors_map_to_their_http_statuses() {
         (413, Some("too_large"))
     );
 }
+
+/// The text of `GET url`, with its content type.
+async fn page(url: &str) -> (u16, String, String) {
+    let mut answer = awc::Client::default().get(url).send().await.unwrap();
+    let kind = answer
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = answer.body().limit(1 << 20).await.unwrap();
+    (
+        answer.status().as_u16(),
+        kind,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[actix_rt::test]
+async fn the_dashboard_is_served_and_uses_only_this_server() {
+    let s = start("dashboard", "[server]\ntoken = \"sekrit\"");
+    // The page holds no data: it is served without the token (it asks for
+    // it), while the API still wants it.
+    let (status, kind, html) = page(&format!("{}/", s.base)).await;
+    assert_eq!(status, 200);
+    assert!(kind.starts_with("text/html"), "{kind}");
+    assert_eq!(html, vram_manager::serve::DASHBOARD);
+    assert_eq!(
+        call("GET", &format!("{}/api/status", s.base), None, None)
+            .await
+            .0,
+        401
+    );
+    // Same origin only: no absolute URL anywhere, and every request it
+    // makes goes to this server's API.
+    for foreign in [
+        "http://",
+        "https://",
+        "src=\"//",
+        "href=\"//",
+        "url(//",
+        "@import",
+    ] {
+        assert!(!html.contains(foreign), "the page refers to {foreign}");
+    }
+    let requested: Vec<&str> = html
+        .split("api(\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    assert!(!requested.is_empty());
+    assert!(
+        requested.iter().all(|path| path.starts_with("/api/")),
+        "{requested:?}"
+    );
+    // What it shows: every model with its tier, pins that the page sets.
+    let (code, pinned) = call(
+        "POST",
+        &format!("{}/api/models/llm-a/pin", s.base),
+        None,
+        Some("sekrit"),
+    )
+    .await;
+    assert_eq!(
+        (code, pinned),
+        (200, json!({"model": "llm-a", "pinned": true}))
+    );
+    let (_, report) = call(
+        "GET",
+        &format!("{}/api/status", s.base),
+        None,
+        Some("sekrit"),
+    )
+    .await;
+    let llm_a = report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "llm-a")
+        .unwrap();
+    assert_eq!(
+        (&llm_a["state"], &llm_a["pinned"], &llm_a["priority"]),
+        (&json!("unloaded"), &json!(true), &json!(0))
+    );
+    assert_eq!(report["reserve"], 0);
+    let (code, error) = call(
+        "POST",
+        &format!("{}/api/models/nope/unpin", s.base),
+        None,
+        Some("sekrit"),
+    )
+    .await;
+    assert_eq!(
+        (code, error["error"]["code"].as_str()),
+        (404, Some("unknown_model"))
+    );
+}

@@ -7,7 +7,9 @@ use actix::prelude::*;
 
 use crate::error::VramError;
 use crate::events::{Loaded, Unloaded, VramEvent};
-use crate::messages::{Acquire, Lease, Load, Shutdown, Status, StatusReport, Subscribe, Unload};
+use crate::messages::{
+    Acquire, Lease, Load, SetPinned, Shutdown, Status, StatusReport, Subscribe, Unload,
+};
 use crate::vram_actor::VramActor;
 
 /// A handle on a running manager.
@@ -56,6 +58,19 @@ impl VramHandle {
     /// Unloads `model`; see [`Unload`].
     pub async fn unload(&self, model: impl Into<String>) -> Result<Unloaded, VramError> {
         self.addr.send(Unload::new(model)).await.map_err(gone)?
+    }
+
+    /// Pins or unpins `model`; see [`SetPinned`].
+    pub async fn set_pinned(
+        &self,
+        model: impl Into<String>,
+        pinned: bool,
+    ) -> Result<(), VramError> {
+        let msg = SetPinned {
+            model: model.into(),
+            pinned,
+        };
+        self.addr.send(msg).await.map_err(gone)?
     }
 
     /// A snapshot of the ledger (answered at once, even during a load).

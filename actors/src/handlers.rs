@@ -13,8 +13,8 @@ use crate::events::{Loaded, Unloaded, VramEvent};
 use crate::job::{RestartJob, UnloadJob};
 use crate::ledger::Ledger;
 use crate::messages::{
-    Acquire, BackendOf, CrashBackend, Lease, Load, Release, Shutdown, Status, StatusReport,
-    Subscribe, Unload,
+    Acquire, BackendOf, CrashBackend, Lease, Load, Release, SetPinned, Shutdown, Status,
+    StatusReport, Subscribe, Unload,
 };
 use crate::policy::servable;
 use crate::queue::{LoadWaiter, Queued, shutting_down};
@@ -88,6 +88,31 @@ impl Handler<Acquire> for VramActor {
             Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model))),
             Err(e) => ActorResponse::reply(Err(e)),
         }
+    }
+}
+
+impl Handler<SetPinned> for VramActor {
+    type Result = Result<(), VramError>;
+
+    fn handle(&mut self, msg: SetPinned, _ctx: &mut Context<Self>) -> Self::Result {
+        let unknown = || VramError::UnknownModel {
+            model: msg.model.clone(),
+        };
+        let mut spec = self
+            .books
+            .declared
+            .get(&msg.model)
+            .cloned()
+            .ok_or_else(unknown)?;
+        spec.pinned = msg.pinned;
+        self.books.declared.insert(spec);
+        if let Some(mut planned) = self.books.planned.get(&msg.model).cloned() {
+            planned.pinned = msg.pinned;
+            self.books.planned.insert(planned);
+        }
+        self.books.ledger.set_pinned(&msg.model, msg.pinned);
+        tracing::info!(model = %msg.model, pinned = msg.pinned, "pinning changed");
+        Ok(())
     }
 }
 

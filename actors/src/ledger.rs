@@ -191,6 +191,17 @@ impl Ledger {
         Some(entry)
     }
 
+    /// Pins or unpins `id`. Returns false if it is not in the ledger.
+    pub fn set_pinned(&mut self, id: &str, pinned: bool) -> bool {
+        match self.entries.get_mut(id) {
+            Some(entry) => {
+                entry.pinned = pinned;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Makes `id` the most recently used model. Returns false if unknown.
     pub fn touch(&mut self, id: &str) -> bool {
         let recency = self.next_recency();

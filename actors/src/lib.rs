@@ -45,8 +45,8 @@ pub use handlers::StopManager;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, Ledger, ModelState};
 pub use messages::{
-    Acquire, BackendOf, CrashBackend, Lease, Load, Release, Shutdown, Status, StatusReport,
-    Subscribe, Unload,
+    Acquire, BackendOf, CrashBackend, Lease, Load, Release, SetPinned, Shutdown, Status,
+    StatusReport, Subscribe, Unload,
 };
 pub use model::{Catalog, ModelSpec};
 pub use policy::{Plan, expired, is_expired, plan, servable};

@@ -39,6 +39,19 @@ pub struct Unload {
     pub model: String,
 }
 
+/// Pin or unpin a model at run time: a pinned model is never evicted nor
+/// expired (an explicit unload still removes it). Applies to the model
+/// now if it is on the card, and to every later load of it. Answered at
+/// once; fails with `unknown_model` for a model the settings lack.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), VramError>")]
+pub struct SetPinned {
+    /// The model's id.
+    pub model: String,
+    /// Pinned or not.
+    pub pinned: bool,
+}
+
 impl Unload {
     /// An unload of `model`.
     pub fn new(model: impl Into<String>) -> Self {

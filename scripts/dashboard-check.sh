@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The dashboard in a real browser: starts `vram-manager serve` on a
+# simulated card, opens http://HOST/ in headless Chromium (Debian's
+# `chromium`, installed when missing and apt-get can), drives a scenario
+# through the control API while the page is open, and saves screenshots
+# before and after an eviction (and at phone width) into
+# target/dashboard-check/. Fails on a JavaScript error, a model table that
+# does not list the resident models after the eviction, or no event line.
+#
+#   scripts/dashboard-check.sh              # fails when it cannot run
+#   scripts/dashboard-check.sh --if-possible  # skips, saying why, instead
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+lenient=false
+[[ "${1:-}" == "--if-possible" ]] && lenient=true
+skip() {
+    if $lenient; then
+        echo "dashboard-check: skipped: $*"
+        exit 0
+    fi
+    echo "dashboard-check: cannot run: $*" >&2
+    exit 1
+}
+
+command -v python3 >/dev/null || skip "python3 is not installed"
+chromium=$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)
+if [[ -z "$chromium" ]]; then
+    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+        echo "dashboard-check: installing chromium"
+        apt-get install -y chromium >/dev/null 2>&1 || skip "apt-get could not install chromium"
+        chromium=$(command -v chromium || true)
+    fi
+    [[ -n "$chromium" ]] || skip "no Chromium, and no way to install it here"
+fi
+
+out=target/dashboard-check
+mkdir -p "$out"
+cargo build --quiet --bin vram-manager
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat >"$out/serve.toml" <<'TOML'
+# A 16 GiB card with 1 GiB kept back; the voice stack plus two LLMs that do
+# not fit together.
+[gpu]
+probe = "none"
+total = "17GiB"
+reserve = "1GiB"
+
+[kinds.tts]
+priority = 1
+ttl = "10m"
+
+[[models]]
+id = "whisper"
+kind = "asr"
+vram = "3GiB"
+load_ms = 200
+
+[[models]]
+id = "kokoro"
+kind = "tts"
+vram = "1GiB"
+load_ms = 100
+
+[[models]]
+id = "llama-8b"
+kind = "llm"
+vram = "6GiB"
+load_ms = 300
+
+[[models]]
+id = "qwen-14b"
+kind = "llm"
+vram = "10GiB"
+load_ms = 500
+TOML
+target/debug/vram-manager serve "$out/serve.toml" --listen "127.0.0.1:$port" 2>"$out/serve.log" &
+serve_pid=$!
+trap 'kill $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+    curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+python3 scripts/dashboard_cdp.py "$chromium" "http://127.0.0.1:$port" "$out"
+echo "dashboard-check: passed (screenshots in $out)"
