@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The dashboard in a real browser: starts `vram-manager serve` on a
+# The dashboard in real browsers: starts `vram-manager serve` on a
 # simulated card, opens http://HOST/ in headless Chromium (Debian's
-# `chromium`, installed when missing and apt-get can), drives a scenario
-# through the control API while the page is open, and saves screenshots
-# before and after an eviction (and at phone width) into
-# target/dashboard-check/. Fails on a JavaScript error, a model table that
-# does not list the resident models after the eviction, or no event line.
+# `chromium`, installed when missing and apt-get can) and then, when it is
+# installed, headless Firefox; drives a scenario through the control API
+# while the page is open, and saves screenshots before and after an
+# eviction (and at phone width) into target/dashboard-check/BROWSER/.
+# Fails on a JavaScript error, a model table that does not list the
+# resident models after the eviction, or no event line.
 #
 #   scripts/dashboard-check.sh              # fails when it cannot run
 #   scripts/dashboard-check.sh --if-possible  # skips, saying why, instead
@@ -81,5 +82,11 @@ for _ in $(seq 100); do
     curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
     sleep 0.1
 done
-python3 scripts/dashboard_cdp.py "$chromium" "http://127.0.0.1:$port" "$out"
+python3 scripts/dashboard_browser.py chromium "$chromium" "http://127.0.0.1:$port" "$out"
+firefox=$(command -v firefox-esr || command -v firefox || true)
+if [[ -n "$firefox" ]]; then
+    python3 scripts/dashboard_browser.py firefox "$firefox" "http://127.0.0.1:$port" "$out"
+else
+    echo "dashboard-check: Firefox skipped: not installed (apt-get install firefox-esr)"
+fi
 echo "dashboard-check: passed (screenshots in $out)"

@@ -10,6 +10,13 @@ use vram_manager::config::{BackendSpec, GpuTotal, ProbeChoice, Settings};
 use vram_manager::gpu;
 use vram_manager::scenario::{self, Scenario, StepReport};
 
+/// `writeln!` into a `String` (which cannot fail), as a statement.
+macro_rules! out {
+    ($text:expr, $($arg:tt)*) => {{
+        let _ = writeln!($text, $($arg)*);
+    }};
+}
+
 /// How a subcommand ended; the binary maps it to an exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -47,14 +54,16 @@ pub fn check_config(file: Option<&Path>) -> Outcome {
         Ok(choice) => choice,
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
-    print!("{}", describe_settings(&settings));
+    let mut text = describe_settings(&settings);
     match &choice.fallback {
-        Some(reason) => println!(
+        Some(reason) => out!(
+            text,
             "card: not asked ({reason}); capacity {} ({} bytes)",
             ByteSize(choice.capacity),
             choice.capacity
         ),
-        None => println!(
+        None => out!(
+            text,
             "card: NVML device {}; capacity {} ({} bytes)",
             settings.gpu.device,
             ByteSize(choice.capacity),
@@ -62,12 +71,12 @@ pub fn check_config(file: Option<&Path>) -> Outcome {
         ),
     }
     if let Some(steps) = steps {
-        println!("scenario: {steps} steps, all valid");
+        out!(text, "scenario: {steps} steps, all valid");
     }
     for warning in settings_warnings(&settings) {
         eprintln!("warning: {warning}");
     }
-    Outcome::Ok
+    emit(&text)
 }
 
 /// Whether the file at `path` is a scenario (it has `steps` or a
@@ -84,15 +93,17 @@ pub fn gpu_report(json: bool) -> Outcome {
         Ok(settings) => settings,
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
+    let mut text = String::new();
     match gpu::NvmlProbe::open(&settings.gpu.device).and_then(|p| p.devices()) {
         Ok(devices) => {
             if json {
                 let value = serde_json::json!({"nvml": true, "devices": devices});
-                println!("{value}");
+                out!(text, "{value}");
             } else {
                 for d in &devices {
-                    println!("GPU {}: {} ({})", d.index, d.name, d.uuid);
-                    println!(
+                    out!(text, "GPU {}: {} ({})", d.index, d.name, d.uuid);
+                    out!(
+                        text,
                         "  total {} ({} bytes), used {} ({} bytes), free {} ({} bytes)",
                         ByteSize(d.total),
                         d.total,
@@ -103,8 +114,10 @@ pub fn gpu_report(json: bool) -> Outcome {
                     );
                     for p in &d.processes {
                         match p.used {
-                            Some(b) => println!("  process {}: {} ({b} bytes)", p.pid, ByteSize(b)),
-                            None => println!("  process {}: memory not reported", p.pid),
+                            Some(b) => {
+                                out!(text, "  process {}: {} ({b} bytes)", p.pid, ByteSize(b))
+                            }
+                            None => out!(text, "  process {}: memory not reported", p.pid),
                         }
                     }
                 }
@@ -122,24 +135,42 @@ pub fn gpu_report(json: bool) -> Outcome {
                     "reason": e.to_string(),
                     "fallback": {"total": total, "reserve": settings.gpu.reserve, "capacity": capacity},
                 });
-                println!("{value}");
+                out!(text, "{value}");
             } else {
-                println!("No NVIDIA driver found ({e}).");
+                out!(text, "No NVIDIA driver found ({e}).");
                 match (total, capacity) {
-                    (Some(total), Some(capacity)) => println!(
+                    (Some(total), Some(capacity)) => out!(
+                        text,
                         "vram-manager will use the configured gpu.total instead: {} ({total} bytes), less a reserve of {}: capacity {} ({capacity} bytes).",
                         ByteSize(total),
                         ByteSize(settings.gpu.reserve),
                         ByteSize(capacity)
                     ),
-                    _ => println!(
+                    _ => out!(
+                        text,
                         "gpu.total is \"auto\", which needs NVML: set a size such as \"16GiB\"."
                     ),
                 }
             }
         }
     }
-    Outcome::Ok
+    emit(&text)
+}
+
+/// Writes a command's whole output: a reader that has gone (`| head`) is
+/// not an error; any other failure to write is (exit 1, saying why).
+fn emit(text: &str) -> Outcome {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Outcome::Failed(format!("cannot write the output: {e}"))
+        }
+        _ => Outcome::Ok,
+    }
 }
 
 /// `serve [FILE] [--listen ADDR]`: validates the settings, serves until a
@@ -332,6 +363,12 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         ));
     }
     out.finish();
+    if let Some(e) = out.failure() {
+        return Outcome::Failed(format!("cannot write the output: {e}"));
+    }
+    if plot.is_some() && report.stopped {
+        eprintln!("warning: the output was closed before the last step; no plot was drawn");
+    }
     if let Some(path) = plot
         && !report.stopped
     {
@@ -367,6 +404,9 @@ pub struct Output {
     inner: std::io::BufWriter<std::io::Stdout>,
     terminal: bool,
     closed: bool,
+    /// A failure to write other than a closed pipe (a full disk, an I/O
+    /// error): the run reports it.
+    failed: Option<std::io::Error>,
 }
 
 impl Output {
@@ -378,6 +418,7 @@ impl Output {
             terminal: stdout.is_terminal(),
             inner: std::io::BufWriter::with_capacity(64 * 1024, stdout),
             closed: false,
+            failed: None,
         }
     }
 
@@ -420,12 +461,17 @@ impl Output {
         }
     }
 
-    /// Any write error means nobody reads any more (a closed pipe, a full
-    /// disk): stop writing, say nothing on the way out.
+    /// The failure to write, other than a closed pipe, if there was one.
+    pub fn failure(&mut self) -> Option<std::io::Error> {
+        self.failed.take()
+    }
+
+    /// A write error stops the writing: a closed pipe quietly (the reader
+    /// has what it wanted), anything else is kept for the run to report.
     fn note(&mut self, result: std::io::Result<()>) {
         if let Err(e) = result {
             if e.kind() != std::io::ErrorKind::BrokenPipe {
-                tracing::debug!(error = %e, "standard output failed; not writing any more");
+                self.failed = Some(e);
             }
             self.closed = true;
         }

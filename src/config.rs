@@ -363,6 +363,11 @@ impl Settings {
             crate::shape::read::<crate::shape::SettingsShape>(origin, text)?;
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
+        let variables: Vec<(String, String)> = match &env {
+            Some(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            None => std::env::vars().collect(),
+        };
+        crate::shape::check_environment(&variables)?;
         let env_source = config::Environment::with_prefix("VRAM")
             .separator("__")
             .try_parsing(true)
@@ -446,27 +451,29 @@ pub fn parse_size(key: &str, text: &str) -> Result<u64, SettingsError> {
             format!("{text:?} is more than 2^64 - 1 bytes (16 EiB), the largest size there is"),
         )
     };
-    if let Ok(whole) = number.parse::<u128>() {
-        let bytes = whole
-            .checked_mul(u128::from(unit_bytes))
-            .ok_or_else(too_large)?;
-        return u64::try_from(bytes).map_err(|_| too_large());
-    }
-    let value: f64 = number.parse().map_err(|_| not_a_size())?;
-    if !value.is_finite() || value < 0.0 {
+    // Exact decimal arithmetic: "6.5GiB" and "9007199254740993.0B" are
+    // what they say, to the byte (rounded to the nearest byte).
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !digits(fraction) || fraction.len() > 18 {
         return Err(not_a_size());
     }
-    let bytes = (value * unit_bytes as f64).round();
-    // 2^64 as f64 exactly; anything from it up does not fit.
-    if bytes >= 18_446_744_073_709_551_616.0 {
-        return Err(too_large());
-    }
-    Ok(bytes as u64)
+    let whole: u128 = whole.parse().map_err(|_| too_large())?;
+    let unit = u128::from(unit_bytes);
+    let mut bytes = whole.checked_mul(unit).ok_or_else(too_large)?;
+    let scale = 10u128.pow(fraction.len() as u32);
+    let part: u128 = fraction.parse().map_err(|_| not_a_size())?;
+    // part < scale <= 10^18 < 2^60 and unit <= 2^60: the product fits.
+    bytes = bytes
+        .checked_add((part * unit + scale / 2) / scale)
+        .ok_or_else(too_large)?;
+    u64::try_from(bytes).map_err(|_| too_large())
 }
 
 /// The longest duration a setting may name: beyond it a value is a typo,
 /// and adding it to the clock could overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// (A year of 365.25 days, as humantime counts it, so "100y" is the bound.)
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// `duration`, named `key`, if it is at most [`MAX_DURATION`].
 fn bounded(key: &str, duration: Duration) -> Result<Duration, SettingsError> {

@@ -138,7 +138,11 @@ impl RawStep {
             let (key, rest) = (key.trim(), rest.trim());
             if key == "ms" {
                 let digits = rest.split('#').next()?.trim();
-                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                // TOML integers have no leading zero ("0123" is an error).
+                if digits.is_empty()
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                    || (digits.len() > 1 && digits.starts_with('0'))
+                {
                     return None;
                 }
                 if step.ms.replace(digits.parse().ok()?).is_some() {
@@ -207,7 +211,10 @@ impl Scenario {
         let rest = file.settings_text()?;
         let settings = Settings::from_layers(Some((origin, &rest)), Some(HashMap::new()))?;
         let mut leases = BTreeSet::new();
-        let steps = std::mem::take(&mut file.steps)
+        let steps = file
+            .steps
+            .take()
+            .unwrap_or_default()
             .into_iter()
             .enumerate()
             .map(|(i, raw)| raw.validate(i, &settings, &mut leases))
@@ -225,14 +232,22 @@ impl Scenario {
     fn parse_split(origin: &str, split: &Split<'_>) -> Result<Option<Self>, SettingsError> {
         let mut file: crate::shape::ScenarioShape<RawStep> =
             crate::shape::read(origin, &split.settings)?;
-        if !file.steps.is_empty() && !split.steps.is_empty() {
+        // Steps in the settings part too (`steps = [...]`, or a header
+        // spelt otherwise): the whole file says what that means.
+        if file.steps.is_some() && !split.steps.is_empty() {
             return Ok(None);
         }
         let rest = file.settings_text()?;
         let settings = Settings::from_layers(Some((origin, &rest)), Some(HashMap::new()))?;
         let mut leases = BTreeSet::new();
-        let mut steps = Vec::with_capacity(split.steps.len() + file.steps.len());
-        for (i, raw) in std::mem::take(&mut file.steps).into_iter().enumerate() {
+        let mut steps = Vec::with_capacity(split.steps.len());
+        for (i, raw) in file
+            .steps
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
             steps.push(raw.validate(i, &settings, &mut leases)?);
         }
         for (i, chunk) in split.steps.iter().enumerate() {
@@ -256,17 +271,20 @@ impl Scenario {
 /// `[[steps]]` table, or a top-level `steps` or `description` key. (A
 /// scan of the lines, so telling costs nothing next to reading it.)
 pub fn looks_like_scenario(text: &str) -> bool {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut top_level = true;
     for line in text.lines() {
         let code = line.split('#').next().unwrap_or("").trim();
         if code.starts_with('[') {
-            if code == "[[steps]]" {
+            let header: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+            if header == "[[steps]]" || header.starts_with("[steps") {
                 return true;
             }
             top_level = false;
         } else if top_level {
             let key = code.split('=').next().unwrap_or("").trim();
-            if key == "steps" || key == "description" {
+            let key = key.trim_matches(|c| c == '"' || c == '\'');
+            if key == "steps" || key == "description" || key.starts_with("steps.") {
                 return true;
             }
         }
@@ -283,9 +301,20 @@ struct Split<'a> {
 }
 
 /// Cuts `text` at its `[[steps]]` headers: a step is the lines after its
-/// header up to the next table header. `None` when a step holds a
-/// multi-line string (which could hold a line that looks like a header).
+/// header up to the next table header. `None` (read the whole file instead)
+/// unless the text is plain: printable ASCII, tabs and line ends only, no
+/// multi-line string anywhere (one could hold a line that looks like a
+/// header). Within plain text a line is what it looks like, so the cut is
+/// exact.
 fn split_steps(text: &str) -> Option<Split<'_>> {
+    let plain = text.bytes().enumerate().all(|(i, b)| match b {
+        b'\t' | b'\n' | 0x20..=0x7e => true,
+        b'\r' => text.as_bytes().get(i + 1) == Some(&b'\n'),
+        _ => false,
+    });
+    if !plain || text.contains("\"\"\"") || text.contains("'''") {
+        return None;
+    }
     let mut settings = String::new();
     let mut steps = Vec::new();
     let mut step_start: Option<usize> = None;
@@ -303,9 +332,6 @@ fn split_steps(text: &str) -> Option<Split<'_>> {
                 settings.push_str(line);
             }
         } else if step_start.is_some() {
-            if line.contains("\"\"\"") || line.contains("\'\'\'") {
-                return None;
-            }
             settings.push('\n');
         } else {
             settings.push_str(line);
@@ -948,5 +974,40 @@ mod tests {
         ] {
             assert!(RawStep::simple(other).is_none(), "{other}");
         }
+    }
+
+    /// What the step-by-step reader must refuse or hand to the whole-file
+    /// parse, so both readings always agree.
+    #[test]
+    fn the_step_by_step_reader_never_reads_what_toml_would_not() {
+        let base = "[[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\n";
+        for bad_step in [
+            "op = \"sleep\"\nms = 0123\n",           // a leading zero
+            "op = \"load\"\nmodel = \"a\"\u{a0}\n",  // a no-break space
+            "op = \"load\"\nmodel = \"a\"\x0c\n",    // a form feed
+            "op = \"load\"\nmodel = \"a\"\r\r\n",    // a lone carriage return
+            "op = \"load\"\nmodel = \"a\x01\"\n",    // a control character
+            "op = \"load\"\nmodel = \"a\" # \x7f\n", // one in a comment
+        ] {
+            let text = format!("{base}[[steps]]\n{bad_step}");
+            assert!(Scenario::parse("f", &text).is_err(), "{bad_step:?}");
+        }
+        // `[[steps]]` inside a multi-line string of the settings is text.
+        let text = format!(
+            "description = \"\"\"\n[[steps]]\nop = \"load\"\nmodel = \"a\"\n\"\"\"\n{base}"
+        );
+        let scenario = Scenario::parse("f", &text).unwrap();
+        assert!(scenario.steps.is_empty());
+        assert!(scenario.description.contains("[[steps]]"));
+        // Steps given twice are the TOML error they are.
+        let twice = format!("steps = []\n{base}[[steps]]\nop = \"load\"\nmodel = \"a\"\n");
+        assert!(Scenario::parse("f", &twice).is_err());
+        // A header spelt with spaces is still a step, for every reader.
+        let spaced = format!("{base}[[ steps ]]\nop = \"load\"\nmodel = \"a\"\n");
+        assert_eq!(Scenario::parse("f", &spaced).unwrap().steps.len(), 1);
+        assert!(looks_like_scenario(&spaced));
+        assert!(looks_like_scenario(&format!(
+            "\u{feff}\"description\" = \"x\"\n{base}"
+        )));
     }
 }

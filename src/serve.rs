@@ -81,8 +81,9 @@ struct Shared {
     /// protection and TTL, the card's device and reserve.
     about: Arc<About>,
     /// Pins set at run time (`/api/models/{id}/pin`), shown for models
-    /// not on the card too.
-    pins: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// not on the card too. An async lock held across the manager's answer,
+    /// so two requests cannot record their pins in the other order.
+    pins: Arc<tokio::sync::Mutex<BTreeMap<String, bool>>>,
     token: Option<Arc<str>>,
     max_body: usize,
     upstream_timeout: Duration,
@@ -418,11 +419,10 @@ async fn unpin(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse
 
 /// `POST /api/models/{id}/pin|unpin` -> `{"model","pinned"}`.
 async fn set_pinned(shared: &Shared, model: String, pinned: bool) -> HttpResponse {
+    let mut pins = shared.pins.lock().await;
     match shared.vram.set_pinned(model.clone(), pinned).await {
         Ok(()) => {
-            if let Ok(mut pins) = shared.pins.lock() {
-                pins.insert(model.clone(), pinned);
-            }
+            pins.insert(model.clone(), pinned);
             HttpResponse::Ok().json(json!({"model": model, "pinned": pinned}))
         }
         Err(e) => vram_error(&e),
@@ -464,7 +464,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         Ok(status) => status,
         Err(e) => return vram_error(&e),
     };
-    let pins = shared.pins.lock().map(|p| p.clone()).unwrap_or_default();
+    let pins = shared.pins.lock().await.clone();
     let models: Vec<Value> = shared
         .specs
         .values()

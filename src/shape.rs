@@ -39,8 +39,8 @@ pub(crate) struct SettingsShape {
 pub(crate) struct ScenarioShape<S> {
     #[serde(default)]
     pub(crate) description: String,
-    #[serde(default = "Vec::new")]
-    pub(crate) steps: Vec<S>,
+    #[serde(default = "none")]
+    pub(crate) steps: Option<Vec<S>>,
     #[serde(default)]
     gpu: Option<Gpu>,
     #[serde(default)]
@@ -53,6 +53,11 @@ pub(crate) struct ScenarioShape<S> {
     kinds: Option<BTreeMap<String, Kind>>,
     #[serde(default)]
     models: Option<Vec<Model>>,
+}
+
+/// No value (a default that asks nothing of the type).
+fn none<T>() -> Option<T> {
+    None
 }
 
 impl<S> ScenarioShape<S> {
@@ -241,7 +246,7 @@ pub(crate) fn read<T: serde::de::DeserializeOwned>(
             .unwrap_or_default();
         let message = inner
             .message()
-            .replace("expected u32", "expected a whole number from 0")
+            .replace("expected u32", "expected a whole number from 0 to 65535")
             .replace("expected u64", "expected a whole number from 0");
         if path == "." || path.is_empty() {
             SettingsError::Shape(format!("{origin}{line}: {message}"))
@@ -258,4 +263,86 @@ fn line_of(text: &str, offset: usize) -> usize {
         .filter(|b| **b == b'\n')
         .count()
         + 1
+}
+
+/// Checks the `VRAM__SECTION__KEY` variables by the same shape as a file:
+/// a value reads as TOML (`64`, `true`, `0.75`) where it can, as text
+/// otherwise, and as text too where the key wants text (`VRAM__GPU__DEVICE=0`
+/// is the device "0"). So `VRAM__KINDS__LLM__PRIORITY=1.9` or
+/// `VRAM__KINDS__LLM__PROTECTED=on` is refused, naming the variable, where
+/// the layering alone would round or guess.
+pub(crate) fn check_environment(variables: &[(String, String)]) -> Result<(), SettingsError> {
+    let ours: Vec<(Vec<String>, &str, &str)> = variables
+        .iter()
+        .filter_map(|(name, value)| {
+            let path = name.strip_prefix("VRAM__")?;
+            let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+            (!keys.iter().any(String::is_empty)).then_some((keys, name.as_str(), value.as_str()))
+        })
+        .collect();
+    if ours.is_empty() {
+        return Ok(());
+    }
+    let mut as_text = vec![false; ours.len()];
+    loop {
+        let mut table = toml::Table::new();
+        for ((keys, _, value), text) in ours.iter().zip(&as_text) {
+            let typed = if *text {
+                None
+            } else {
+                toml::from_str::<toml::Table>(&format!("v = {value}"))
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+            };
+            insert(
+                &mut table,
+                keys,
+                typed.unwrap_or_else(|| toml::Value::String((*value).to_string())),
+            );
+        }
+        let text = toml::to_string(&table).map_err(|e| SettingsError::Shape(e.to_string()))?;
+        let deserializer = toml::Deserializer::parse(&text)
+            .map_err(|e| SettingsError::Shape(format!("VRAM__* variables: {}", e.message())))?;
+        let Err(e) = serde_path_to_error::deserialize::<_, SettingsShape>(deserializer) else {
+            return Ok(());
+        };
+        let path = e.path().to_string();
+        let found = ours.iter().position(|(keys, _, _)| keys.join(".") == path);
+        match found {
+            // Wanted as text, perhaps: try the variable as text once.
+            Some(i) if !as_text[i] => as_text[i] = true,
+            _ => {
+                let name = found.map_or_else(
+                    || format!("VRAM__{}", path.to_uppercase().replace('.', "__")),
+                    |i| ours[i].1.to_string(),
+                );
+                let message = e
+                    .into_inner()
+                    .message()
+                    .replace("expected u32", "expected a whole number from 0 to 65535")
+                    .replace("expected u64", "expected a whole number from 0");
+                return Err(SettingsError::Shape(format!(
+                    "environment variable {name} ({path}): {message}"
+                )));
+            }
+        }
+    }
+}
+
+/// Puts `value` at `keys` in `table`, making the tables on the way.
+fn insert(table: &mut toml::Table, keys: &[String], value: toml::Value) {
+    match keys {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(inner) = entry {
+                insert(inner, rest, value);
+            }
+        }
+    }
 }

@@ -407,3 +407,58 @@ fn a_server_sees_its_card() {
     };
     assert_eq!(b.env["CUDA_VISIBLE_DEVICES"], "3");
 }
+
+#[test]
+fn fractional_sizes_are_exact_to_the_byte() {
+    let s = Settings::parse(
+        "[gpu]\ntotal = \"9007199254740993.0B\"\nreserve = \"0.5KiB\"\nexternal = \"1.25GiB\"\n",
+    )
+    .unwrap();
+    assert_eq!(s.gpu.total, GpuTotal::Bytes(9_007_199_254_740_993));
+    assert_eq!(s.gpu.reserve, 512);
+    assert_eq!(s.gpu.external, GIB + GIB / 4);
+    // The bound is 100 years as humantime counts them: "100y" is fine.
+    let s = Settings::parse("[policy]\nlease_wait = \"100y\"\n").unwrap();
+    assert_eq!(s.policy.lease_wait, vram_manager::config::MAX_DURATION);
+    for bad in [
+        "1e3GiB",
+        "-1GiB",
+        "1.GiB",
+        ".5GiB",
+        "18446744073709551615.6B",
+    ] {
+        let e = error_of(&format!("[gpu]\ntotal = \"{bad}\"\n"));
+        assert!(e.contains("gpu.total"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn environment_variables_are_held_to_the_same_types() {
+    let with = |pairs: &[(&str, &str)]| {
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_layers(None, Some(env))
+    };
+    for (name, value) in [
+        ("VRAM__KINDS__LLM__PRIORITY", "1.9"),
+        ("VRAM__KINDS__LLM__PROTECTED", "on"),
+        ("VRAM__POLICY__MAX_QUEUE", "1.5"),
+    ] {
+        let e = with(&[(name, value)]).unwrap_err().to_string();
+        assert!(e.contains(name), "{name}={value}: {e}");
+    }
+    // Text where the key wants text, numbers and booleans where it wants them.
+    let s = with(&[
+        ("VRAM__GPU__DEVICE", "0"),
+        ("VRAM__POLICY__MAX_QUEUE", "4"),
+        ("VRAM__KINDS__ASR__PROTECTED", "false"),
+        ("VRAM__GPU__RELEASE_FRACTION", "0.5"),
+    ])
+    .unwrap();
+    assert_eq!(s.gpu.device, "0");
+    assert_eq!(s.policy.max_queue, 4);
+    assert!(!s.kinds.get("asr").unwrap().protected);
+    assert_eq!(s.gpu.release_fraction, 0.5);
+}

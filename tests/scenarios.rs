@@ -347,3 +347,19 @@ fn the_most_other_processes_can_hold_does_not_wrap_the_card() {
     assert_eq!(summary["summary"]["overcommitted"], false, "{out}");
     assert_eq!(summary["summary"]["external_peak"], u64::MAX, "{out}");
 }
+
+#[test]
+fn sizes_near_two_to_the_64_add_up_without_a_panic() {
+    // Loading b reserves 10 EiB beside a's 8: the ledger briefly holds more
+    // than 2^64 - 1 bytes, and must not lose count of them.
+    let path = temp_file(
+        "huge.toml",
+        "[gpu]\ntotal = \"18446744073709551615B\"\n\
+         [[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"8EiB\"\n\
+         [[models]]\nid = \"b\"\nkind = \"llm\"\nvram = \"10EiB\"\n\
+         [[steps]]\nop = \"load\"\nmodel = \"a\"\n\
+         [[steps]]\nop = \"load\"\nmodel = \"b\"\nevicted = [\"a\"]\nresident = [\"b\"]\nfree = \"6917529027641081855B\"\n",
+    );
+    let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 0, "{out}\n{err}");
+}

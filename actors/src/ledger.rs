@@ -50,7 +50,8 @@ pub struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ledger {
     capacity: u64,
-    used: u64,
+    /// Wide, so sizes near 2^64 add up without losing bytes.
+    used: u128,
     next_recency: u64,
     entries: BTreeMap<String, Entry>,
 }
@@ -73,12 +74,17 @@ impl Ledger {
 
     /// Bytes charged to models in any state.
     pub fn used(&self) -> u64 {
+        u64::try_from(self.used).unwrap_or(u64::MAX)
+    }
+
+    /// Bytes charged, exactly (beyond 2^64 - 1 when sizes near it add up).
+    pub(crate) fn used_exact(&self) -> u128 {
         self.used
     }
 
     /// Capacity less used bytes (never negative).
     pub fn free(&self) -> u64 {
-        self.capacity.saturating_sub(self.used)
+        u64::try_from(u128::from(self.capacity).saturating_sub(self.used)).unwrap_or(0)
     }
 
     /// The entry of model `id`, if it holds VRAM.
@@ -129,7 +135,7 @@ impl Ledger {
             return;
         }
         let recency = self.next_recency();
-        self.used = self.used.saturating_add(model.bytes);
+        self.used += u128::from(model.bytes);
         self.entries.insert(
             model.id.clone(),
             Entry {
@@ -187,7 +193,7 @@ impl Ledger {
     /// Removes a model and frees its bytes, answering its last entry.
     pub fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.entries.remove(id)?;
-        self.used = self.used.saturating_sub(entry.bytes);
+        self.used = self.used.saturating_sub(u128::from(entry.bytes));
         Some(entry)
     }
 
@@ -249,7 +255,7 @@ impl Ledger {
         match self.entries.get_mut(id) {
             Some(entry) => {
                 let bytes = entry.declared.max(measured);
-                self.used = self.used.saturating_sub(entry.bytes).saturating_add(bytes);
+                self.used = self.used.saturating_sub(u128::from(entry.bytes)) + u128::from(bytes);
                 entry.bytes = bytes;
                 entry.measured = Some(measured);
                 true

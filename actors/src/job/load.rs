@@ -314,8 +314,12 @@ impl LoadJob {
         if let Some(measured) = measured {
             let entry = books.ledger.get(&self.model);
             let (charged, declared) = entry.map_or((0, 0), |e| (e.bytes, e.declared));
-            let would_use = books.ledger.used() - charged + declared.max(measured);
-            if would_use > books.ledger.capacity() {
+            let would_use = books
+                .ledger
+                .used_exact()
+                .saturating_sub(u128::from(charged))
+                + u128::from(declared.max(measured));
+            if would_use > u128::from(books.ledger.capacity()) {
                 return self.make_room(measured, books, out);
             }
         }

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Drives the dashboard in a headless Chromium over the DevTools protocol
-while a scenario runs through the control API (see dashboard-check.sh).
+"""Drives the dashboard in a headless browser while a scenario runs through
+the control API (see dashboard-check.sh): Chromium over its DevTools
+protocol, Firefox over WebDriver BiDi.
 
-    python3 scripts/dashboard_cdp.py CHROMIUM BASE_URL OUT_DIR
+    python3 scripts/dashboard_browser.py chromium|firefox BINARY BASE_URL OUT_DIR
 
-Standard library only (the WebSocket client is the few lines the DevTools
-protocol needs). Exits non-zero, saying why, if the page throws a
-JavaScript error, if its model table does not list the resident models
-after an eviction, or if no event line appears.
+Standard library only (the WebSocket client is the few lines both protocols
+need). Exits non-zero, saying why, if the page throws a JavaScript error,
+if its model table does not list the resident models after an eviction, or
+if no event line appears.
 """
 
 import base64
@@ -28,8 +29,9 @@ def fail(why):
     sys.exit(1)
 
 
-class DevTools:
-    """A WebSocket connection to one page's DevTools endpoint."""
+class Socket:
+    """A WebSocket connection speaking JSON commands (`id`, `method`,
+    `params`) and answers, as both DevTools and WebDriver BiDi do."""
 
     def __init__(self, url):
         host_port, path = url[len("ws://"):].split("/", 1)
@@ -98,27 +100,13 @@ class DevTools:
             message = self._message()
             if message.get("id") == self.next_id:
                 if "error" in message:
-                    fail(f"{method}: {message['error']}")
+                    fail(f"{method}: {message['error']} {message.get('message', '')}")
                 return message.get("result", {})
             self.events.append(message)
 
-    def evaluate(self, expression):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result.get("result", {}).get("value")
 
-    def errors(self):
-        """JavaScript errors seen so far: exceptions and console errors."""
-        found = []
-        for event in self.events:
-            if event.get("method") == "Runtime.exceptionThrown":
-                details = event["params"]["exceptionDetails"]
-                found.append(details.get("exception", {}).get("description") or details.get("text"))
-            if event.get("method") == "Runtime.consoleAPICalled" and event["params"]["type"] == "error":
-                found.append(" ".join(str(a.get("value", a.get("description"))) for a in event["params"]["args"]))
-        count = self.evaluate("document.body ? (document.body.dataset.jsErrors || '0') : '0'")
-        if count not in ("0", None):
-            found.append(self.evaluate("document.getElementById('errors').textContent"))
-        return found
+class Page:
+    """What the check does with a page, whichever the browser."""
 
     def pump(self, seconds):
         """Lets the page run for `seconds`, collecting events."""
@@ -127,11 +115,87 @@ class DevTools:
             self.evaluate("1")
             time.sleep(0.1)
 
+    def page_errors(self):
+        """Errors the page caught itself (window.onerror and rejections)."""
+        count = self.evaluate("document.body ? (document.body.dataset.jsErrors || '0') : '0'")
+        if count not in ("0", None):
+            return [self.evaluate("document.getElementById('errors').textContent")]
+        return []
+
     def screenshot(self, path):
-        data = self.call("Page.captureScreenshot", format="png")["data"]
         with open(path, "wb") as out:
-            out.write(base64.b64decode(data))
+            out.write(base64.b64decode(self.png()))
         print(f"screenshot: {path}")
+
+
+class Chromium(Page):
+    """A Chromium page over the DevTools protocol."""
+
+    def __init__(self, url):
+        self.socket = Socket(url)
+        self.socket.call("Runtime.enable")
+        self.socket.call("Page.enable")
+
+    def navigate(self, url):
+        self.socket.call("Page.navigate", url=url)
+
+    def size(self, width, height, mobile):
+        self.socket.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                         deviceScaleFactor=1, mobile=mobile)
+
+    def evaluate(self, expression):
+        result = self.socket.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result.get("result", {}).get("value")
+
+    def png(self):
+        return self.socket.call("Page.captureScreenshot", format="png")["data"]
+
+    def errors(self):
+        """JavaScript errors seen so far: exceptions and console errors."""
+        found = []
+        for event in self.socket.events:
+            if event.get("method") == "Runtime.exceptionThrown":
+                details = event["params"]["exceptionDetails"]
+                found.append(details.get("exception", {}).get("description") or details.get("text"))
+            if event.get("method") == "Runtime.consoleAPICalled" and event["params"]["type"] == "error":
+                found.append(" ".join(str(a.get("value", a.get("description"))) for a in event["params"]["args"]))
+        return found + self.page_errors()
+
+
+class Firefox(Page):
+    """A Firefox page over WebDriver BiDi."""
+
+    def __init__(self, url):
+        self.socket = Socket(url)
+        self.socket.call("session.new", capabilities={})
+        self.socket.call("session.subscribe", events=["log.entryAdded"])
+        tree = self.socket.call("browsingContext.getTree")
+        self.context = tree["contexts"][0]["context"]
+
+    def navigate(self, url):
+        self.socket.call("browsingContext.navigate", context=self.context, url=url, wait="complete")
+
+    def size(self, width, height, mobile):
+        self.socket.call("browsingContext.setViewport", context=self.context,
+                         viewport={"width": width, "height": height})
+
+    def evaluate(self, expression):
+        # Values come back as JSON text: BiDi's own encoding of arrays and
+        # objects is not worth decoding here.
+        result = self.socket.call("script.evaluate", expression=f"JSON.stringify(({expression}))",
+                                  target={"context": self.context}, awaitPromise=False)
+        if result.get("type") != "success":
+            fail(f"script.evaluate: {result}")
+        value = result["result"].get("value")
+        return None if value is None else json.loads(value)
+
+    def png(self):
+        return self.socket.call("browsingContext.captureScreenshot", context=self.context)["data"]
+
+    def errors(self):
+        found = [event["params"].get("text") for event in self.socket.events
+                 if event.get("method") == "log.entryAdded" and event["params"].get("level") == "error"]
+        return found + self.page_errors()
 
 
 def api(base, path, method="GET"):
@@ -152,41 +216,58 @@ def wait_for(page, expression, what, seconds=15):
     fail(f"the page never showed {what}")
 
 
-def main():
-    chromium, base, out = sys.argv[1], sys.argv[2].rstrip("/"), sys.argv[3]
-    os.makedirs(out, exist_ok=True)
-    profile = tempfile.mkdtemp(prefix="dashboard-check-")
-    port_sock = socket.socket()
-    port_sock.bind(("127.0.0.1", 0))
-    port = port_sock.getsockname()[1]
-    port_sock.close()
-    browser = subprocess.Popen(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "--window-size=1280,720",
-         "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 30
-        targets = None
-        while time.time() < deadline:
-            try:
+def free_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def open_page(kind, binary, profile):
+    """Starts the browser headless; answers (process, page)."""
+    port = free_port()
+    if kind == "chromium":
+        command = [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                   f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "--window-size=1280,720",
+                   "about:blank"]
+    else:
+        command = [binary, "--headless", "--no-remote", "--profile", profile,
+                   "--remote-debugging-port", str(port), "--window-size=1280,720", "about:blank"]
+    browser = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if kind == "chromium":
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as answer:
                     targets = [t for t in json.load(answer) if t.get("type") == "page"]
                 if targets:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        if not targets:
-            fail("Chromium's DevTools never answered")
-        page = DevTools(targets[0]["webSocketDebuggerUrl"])
-        page.call("Runtime.enable")
-        page.call("Page.enable")
-        page.call("Emulation.setDeviceMetricsOverride", width=1280, height=720, deviceScaleFactor=1, mobile=False)
-        page.call("Page.navigate", url=base + "/")
+                    return browser, Chromium(targets[0]["webSocketDebuggerUrl"])
+            else:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                return browser, Firefox(f"ws://127.0.0.1:{port}/session")
+        except OSError:
+            pass
+        time.sleep(0.3)
+    browser.kill()
+    fail(f"{kind} never opened its remote protocol")
 
-        # Before: the first models loaded, the page shows them.
+
+def main():
+    kind, binary, base, out = sys.argv[1], sys.argv[2], sys.argv[3].rstrip("/"), sys.argv[4]
+    out = os.path.join(out, kind)
+    os.makedirs(out, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix=f"dashboard-check-{kind}-")
+    browser, page = open_page(kind, binary, profile)
+    try:
+        page.size(1280, 720, False)
+        page.navigate(base + "/")
+
+        # Before: the first models loaded, the page shows them (from an
+        # empty card, so each browser sees the same scenario).
+        for model in ("qwen-14b", "llama-8b", "kokoro", "whisper"):
+            api(base, f"/api/models/{model}/unpin", "POST")
+            api(base, f"/api/models/{model}/unload", "POST")
         for model in ("whisper", "kokoro", "llama-8b"):
             answer = api(base, f"/api/models/{model}/load", "POST")
             if "error" in answer:
@@ -223,7 +304,7 @@ def main():
         print("ok: the Pin button pinned kokoro")
 
         # A phone-width screen.
-        page.call("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=1, mobile=True)
+        page.size(390, 844, True)
         page.pump(1.5)
         width = page.evaluate("document.documentElement.scrollWidth")
         if width > 420:
@@ -232,8 +313,8 @@ def main():
 
         errors = page.errors()
         if errors:
-            fail(f"JavaScript errors: {errors}")
-        print("ok: no JavaScript error")
+            fail(f"JavaScript errors in {kind}: {errors}")
+        print(f"ok: no JavaScript error in {kind}")
     finally:
         browser.terminate()
         try:
