@@ -174,6 +174,8 @@ struct RawModel {
     stop_timeout: Option<Duration>,
     stop: Option<Vec<String>>,
     proxy: Option<String>,
+    #[serde(default)]
+    files: Vec<String>,
 }
 
 fn default_backend() -> String {
@@ -307,6 +309,9 @@ pub struct ModelSettings {
     /// `proxy`, else (a process model ready on `http://HOST:PORT/...`)
     /// `http://HOST:PORT`; `None`: not served over HTTP.
     pub proxy: Option<String>,
+    /// Its weight files, read into the page cache as soon as a load of it
+    /// is planned (see [`crate::warm`]).
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// The HTTP server of `vram-manager serve`.
@@ -743,11 +748,18 @@ impl RawSettings {
                 },
                 (None, BackendSpec::Sim(_)) => None,
             };
+            if let Some(i) = raw.files.iter().position(|f| f.trim().is_empty()) {
+                return Err(SettingsError::invalid(
+                    format!("{}[{i}]", key("files")),
+                    "must be a path",
+                ));
+            }
             models.push(ModelSettings {
                 spec: ModelSpec::new(raw.id, raw.kind, bytes).pinned(raw.pinned),
                 backend,
                 ttl,
                 proxy,
+                files: raw.files.iter().map(Into::into).collect(),
             });
         }
         let server = ServerSettings {

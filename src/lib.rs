@@ -19,6 +19,7 @@ pub mod manager;
 pub mod scenario;
 pub mod serve;
 mod shape;
+pub mod warm;
 
 #[cfg(feature = "testing")]
 pub mod bench;

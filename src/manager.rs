@@ -152,6 +152,19 @@ impl Manager {
             processes.insert(kind, process);
         }
         let mut actor = VramActor::new(config, backends);
+        let files: HashMap<String, Vec<std::path::PathBuf>> = settings
+            .models
+            .iter()
+            .filter(|m| !m.files.is_empty())
+            .map(|m| (m.spec.id.clone(), m.files.clone()))
+            .collect();
+        if !files.is_empty() {
+            actor = actor.warm_with(move |model| {
+                if let Some(files) = files.get(model) {
+                    crate::warm::warm(model, files);
+                }
+            });
+        }
         if let Some(probe) = probe {
             actor = actor.with_probe(probe);
         }

@@ -188,6 +188,8 @@ struct Model {
     stop: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     proxy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files: Option<Vec<String>>,
 }
 
 /// A size as written: a string such as "3GiB" (checked when it is built);

@@ -88,6 +88,12 @@ impl VramActor {
                 self.wait(id, until, ctx);
                 None
             }
+            Command::Warm(model) => {
+                if let Some(warm) = &self.warm {
+                    warm(&model);
+                }
+                None
+            }
             Command::Reconcile { kind } => {
                 self.queue
                     .push_front(Queued::Restart(RestartJob::reconcile(kind), vec![]));

@@ -42,6 +42,10 @@ use crate::policy::expired;
 use crate::probe::GpuProbe;
 use crate::queue::{LoadWaiter, Queued, refuse_load, shutting_down};
 
+/// Called with a model's id when its load is planned; see
+/// [`VramActor::warm_with`].
+pub type Warmer = Box<dyn Fn(&str)>;
+
 /// Called with the ledger after every job; see [`VramActor::observe_jobs`].
 pub type JobObserver = Box<dyn FnMut(&Ledger)>;
 
@@ -81,6 +85,9 @@ pub struct VramActor {
     me: Option<Recipient<Release>>,
     /// Called with the ledger after every job (tests check invariants).
     observer: Option<JobObserver>,
+    /// Called with a model's id when its load is planned, to warm its
+    /// weight files (see [`VramActor::warm_with`]).
+    pub(crate) warm: Option<Warmer>,
     /// The card, when it can be asked.
     pub(crate) probe: Option<Rc<dyn GpuProbe>>,
     /// Set by `Shutdown`: no more work is taken or started.
@@ -124,6 +131,7 @@ impl VramActor {
             subscribers: Vec::new(),
             me: None,
             observer: None,
+            warm: None,
             probe: None,
             shutting_down: false,
             scratch: Vec::new(),
@@ -544,6 +552,15 @@ impl VramActor {
     /// real footprint.
     pub fn with_probe(mut self, probe: Rc<dyn GpuProbe>) -> Self {
         self.probe = Some(probe);
+        self
+    }
+
+    /// Calls `warm` with a model's id as soon as its load is planned, before
+    /// the victims leave: the embedder starts reading the model's weight
+    /// files into the page cache (in the background; `warm` must return at
+    /// once), so the server finds them in memory.
+    pub fn warm_with(mut self, warm: impl Fn(&str) + 'static) -> Self {
+        self.warm = Some(Box::new(warm));
         self
     }
 

@@ -200,6 +200,8 @@ impl LoadJob {
             books.ledger.begin_unload(&victim);
         }
         books.ledger.reserve(&declared);
+        // The weights can be read while the victims leave.
+        out.push(Command::Warm(declared.id.clone()));
         if charged > declared.bytes {
             books.ledger.calibrate(&self.model, charged);
         }

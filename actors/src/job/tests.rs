@@ -388,7 +388,7 @@ impl World {
                 self.now = until;
                 Event::Deadline
             }
-            Command::Publish(_) | Command::Reconcile { .. } => return Ok(None),
+            Command::Publish(_) | Command::Reconcile { .. } | Command::Warm(_) => return Ok(None),
         }))
     }
 }
