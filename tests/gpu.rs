@@ -390,3 +390,24 @@ async fn a_victim_that_will_not_unload_after_the_load_takes_the_model_off_again(
     assert_eq!(s.used, 6 * GIB);
     assert_eq!(fault.holding(), ["a"]);
 }
+
+#[test]
+fn victims_on_different_backends_leave_at_once() {
+    // An LLM and a TTS must both go, each taking 300 ms to unload: one
+    // after the other that is 600 ms of silence, at once 300.
+    let scenario = Scenario::parse(
+        "parallel.toml",
+        "[gpu]\ntotal = \"16GiB\"\n\
+         [[models]]\nid = \"llm-a\"\nkind = \"llm\"\nvram = \"8GiB\"\nunload_ms = 300\n\
+         [[models]]\nid = \"tts-a\"\nkind = \"tts\"\nvram = \"4GiB\"\nunload_ms = 300\n\
+         [[models]]\nid = \"big\"\nkind = \"llm\"\nvram = \"14GiB\"\n\
+         [[steps]]\nop = \"load\"\nmodel = \"llm-a\"\n\
+         [[steps]]\nop = \"load\"\nmodel = \"tts-a\"\n\
+         [[steps]]\nop = \"load\"\nmodel = \"big\"\nevicted = [\"llm-a\", \"tts-a\"]\nresident = [\"big\"]\n",
+    )
+    .unwrap();
+    let report = scenario::run_paused(&scenario, |_| {}).unwrap();
+    assert_eq!(report.failed(), 0, "{:?}", report.steps);
+    let ms = report.steps[2].ms;
+    assert!((300.0..400.0).contains(&ms), "the swap took {ms} ms");
+}

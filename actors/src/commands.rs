@@ -147,33 +147,45 @@ impl VramActor {
     ) -> Option<Event> {
         let first = models.first().cloned()?;
         let Some(backend) = self.actors.get(&kind).cloned() else {
+            // Answered as a backend would: the first fails, then done.
             let result = Err(no_backend(&kind, &first));
-            return Some(Event::Unloaded {
-                model: first,
-                result,
-            });
+            ctx.spawn(ActorFutureExt::map(
+                fut::ready(()),
+                move |(), act: &mut Self, ctx| {
+                    let unloaded = Event::Unloaded {
+                        model: first,
+                        result,
+                    };
+                    act.feed(id, unloaded, ctx);
+                    act.feed(id, Event::UnloadsDone, ctx);
+                },
+            ));
+            return None;
         };
         ctx.spawn(
             backend
                 .send(UnloadModels(models.clone()))
                 .into_actor(self)
-                .map(move |answer, act, ctx| match answer {
-                    Ok(results) => {
-                        for (model, result) in models.into_iter().zip(results) {
-                            act.feed(id, Event::Unloaded { model, result }, ctx);
+                .map(move |answer, act, ctx| {
+                    match answer {
+                        Ok(results) => {
+                            for (model, result) in models.into_iter().zip(results) {
+                                act.feed(id, Event::Unloaded { model, result }, ctx);
+                            }
+                        }
+                        Err(e) => {
+                            let result = Err(act.backend_lost(&kind, &backend, &first, e, ctx));
+                            act.feed(
+                                id,
+                                Event::Unloaded {
+                                    model: first,
+                                    result,
+                                },
+                                ctx,
+                            );
                         }
                     }
-                    Err(e) => {
-                        let result = Err(act.backend_lost(&kind, &backend, &first, e, ctx));
-                        act.feed(
-                            id,
-                            Event::Unloaded {
-                                model: first,
-                                result,
-                            },
-                            ctx,
-                        );
-                    }
+                    act.feed(id, Event::UnloadsDone, ctx);
                 }),
         );
         None

@@ -12,7 +12,6 @@
 //!                            └─ no room ─▶ [Unload self] ─────────▶ done (insufficient_vram)
 //! ```
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::{Books, Command, Event, Job, after, first_pause, load_failed, next_pause, true_bytes};
@@ -29,12 +28,13 @@ enum Phase {
     Planning,
     /// Waiting for a lease release (or the deadline), to plan again.
     WaitingLeases,
-    /// Unloading the planned victims, in order.
+    /// Unloading the planned victims: each backend its own, in order, all
+    /// backends at once.
     Evicting {
-        /// Victims not asked for yet, with their kinds.
-        victims: VecDeque<(String, String)>,
-        /// Victims asked for and not answered yet.
+        /// Backends whose unloads have not all answered.
         pending: usize,
+        /// The first unload that failed, if one did.
+        failed: Option<VramError>,
         card: Option<GpuMemory>,
         /// Bytes the victims really held.
         back: u64,
@@ -55,10 +55,10 @@ enum Phase {
     /// The model measured larger than planned: evicting to keep
     /// `used <= capacity`.
     MakingRoom {
-        /// Victims not asked for yet, with their kinds.
-        victims: VecDeque<(String, String)>,
-        /// Victims asked for and not answered yet.
+        /// Backends whose unloads have not all answered.
         pending: usize,
+        /// The first unload that failed, if one did.
+        failed: Option<VramError>,
         measured: u64,
     },
     /// No room for the measured size (or a victim would not leave):
@@ -76,6 +76,9 @@ pub(crate) struct LoadJob {
     lease_deadline: Option<Instant>,
     phase: Phase,
     evicted: Vec<String>,
+    /// Every victim planned, in the policy's order: the answer lists the
+    /// evicted in this order, however the backends' answers interleaved.
+    planned: Vec<String>,
     /// How long it waited for evicted memory to come back, if it did.
     release_waited: Option<Duration>,
     outcome: Option<Result<Loaded, VramError>>,
@@ -89,6 +92,7 @@ impl LoadJob {
             lease_deadline: None,
             phase: Phase::Planning,
             evicted: Vec::new(),
+            planned: Vec::new(),
             release_waited: None,
             outcome: None,
         }
@@ -191,11 +195,11 @@ impl LoadJob {
         let ours: u64 = books.ledger.entries().map(true_bytes).sum();
         let others = card.map_or(0, |c| c.used.saturating_sub(ours));
         let mut back: u64 = 0;
-        let mut planned = VecDeque::with_capacity(victims.len());
+        let mut planned = Vec::with_capacity(victims.len());
         for victim in victims {
             if let Some(entry) = books.ledger.get(&victim) {
                 back = back.saturating_add(true_bytes(entry));
-                planned.push_back((victim.clone(), entry.kind.clone()));
+                planned.push((victim.clone(), entry.kind.clone()));
             }
             books.ledger.begin_unload(&victim);
         }
@@ -212,21 +216,25 @@ impl LoadJob {
             bytes: charged,
             victims: planned.iter().map(|(v, _)| v.clone()).collect(),
         }));
+        self.planned
+            .extend(planned.iter().map(|(model, _)| model.clone()));
+        let pending = unload_all(planned, out);
         self.phase = Phase::Evicting {
-            victims: planned,
-            pending: 0,
+            pending,
+            failed: None,
             card,
             back,
             others,
         };
-        self.next_victim(books, now, out);
+        self.evictions_done(books, now, out);
     }
 
-    /// Unloads the next victim, or goes on once all are gone.
-    fn next_victim(&mut self, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
+    /// Goes on once every backend has answered its unloads: aborts if one
+    /// failed, else waits for the card and loads.
+    fn evictions_done(&mut self, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
         let Phase::Evicting {
-            victims,
             pending,
+            failed,
             card,
             back,
             others,
@@ -237,11 +245,8 @@ impl LoadJob {
         if *pending > 0 {
             return;
         }
-        // Victims leave the queue as their unload is asked for.
-        if let Some((command, asked)) = next_batch(victims) {
-            *pending = asked;
-            out.push(command);
-            return;
+        if let Some(error) = failed.take() {
+            return self.abort(error, books, out);
         }
         match *card {
             Some(before) if *back > 0 => {
@@ -289,6 +294,19 @@ impl LoadJob {
         tracing::warn!(model = %self.model, code = error.code(), error = %error, "load failed");
         out.push(load_failed(&self.model, &error));
         self.finish(Err(error));
+    }
+
+    /// The victims that left, in the order they were planned.
+    fn in_plan_order(&mut self) -> Vec<String> {
+        let gone = std::mem::take(&mut self.evicted);
+        if gone.len() < 2 {
+            return gone;
+        }
+        self.planned
+            .iter()
+            .filter(|model| gone.contains(model))
+            .cloned()
+            .collect()
     }
 
     /// The victim `model` left the card for this load.
@@ -353,7 +371,7 @@ impl LoadJob {
         }
         let loaded = Loaded {
             model: self.model.clone(),
-            evicted: std::mem::take(&mut self.evicted),
+            evicted: self.in_plan_order(),
             already_resident: false,
         };
         self.finish(Ok(loaded));
@@ -376,21 +394,19 @@ impl LoadJob {
         match planned {
             Ok(Plan::Load { victims }) if !victims.is_empty() => {
                 tracing::warn!(model = %self.model, measured, victims = ?victims, "measured larger than planned; making room");
-                let mut queue = VecDeque::with_capacity(victims.len());
+                let mut planned = Vec::with_capacity(victims.len());
                 for victim in victims {
                     if let Some(entry) = books.ledger.get(&victim) {
-                        queue.push_back((victim.clone(), entry.kind.clone()));
+                        planned.push((victim.clone(), entry.kind.clone()));
                     }
                     books.ledger.begin_unload(&victim);
                 }
-                let mut pending = 0;
-                if let Some((command, asked)) = next_batch(&mut queue) {
-                    pending = asked;
-                    out.push(command);
-                }
+                self.planned
+                    .extend(planned.iter().map(|(model, _)| model.clone()));
+                let pending = unload_all(planned, out);
                 self.phase = Phase::MakingRoom {
-                    victims: queue,
                     pending,
+                    failed: None,
                     measured,
                 };
             }
@@ -435,13 +451,53 @@ impl LoadJob {
     }
 }
 
-/// The unload of the next victims: the leading run of `victims` of one
-/// kind (one message to their backend), and how many it asks for.
-fn next_batch(victims: &mut VecDeque<(String, String)>) -> Option<(Command, usize)> {
-    let kind = victims.front()?.1.clone();
-    let run = victims.iter().take_while(|(_, k)| *k == kind).count();
-    let models: Vec<String> = victims.drain(..run).map(|(model, _)| model).collect();
-    Some((Command::Unload { kind, models }, run))
+/// Asks every backend at once for its victims (each backend's in the
+/// policy's order, one message); answers how many backends were asked.
+fn unload_all(victims: Vec<(String, String)>, out: &mut Vec<Command>) -> usize {
+    let mut by_kind: Vec<(String, Vec<String>)> = Vec::new();
+    for (model, kind) in victims {
+        match by_kind.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, models)) => models.push(model),
+            None => by_kind.push((kind, vec![model])),
+        }
+    }
+    let asked = by_kind.len();
+    for (kind, models) in by_kind {
+        out.push(Command::Unload { kind, models });
+    }
+    asked
+}
+
+/// One answer about the victims: an unload done (the victim is gone) or
+/// failed (the first failure is kept; its backend is reconciled), or a
+/// backend done with all of its victims.
+fn victim_answer(
+    job: &mut LoadJob,
+    event: Event,
+    books: &mut Books,
+    out: &mut Vec<Command>,
+    pending: &mut usize,
+    failed: &mut Option<VramError>,
+) {
+    match event {
+        Event::Unloaded {
+            model,
+            result: Ok(()),
+        } => job.evicted(&model, books, out),
+        Event::Unloaded {
+            model,
+            result: Err(e),
+        } => {
+            // A failed unload may have half happened: the victim's backend
+            // says what it still holds.
+            if let Some(kind) = books.ledger.get(&model).map(|e| e.kind.clone()) {
+                out.push(Command::Reconcile { kind });
+            }
+            failed.get_or_insert(e);
+        }
+        Event::UnloadsDone => *pending = pending.saturating_sub(1),
+        _ => {}
+    }
 }
 
 /// Victims not unloaded yet are resident again.
@@ -471,25 +527,25 @@ impl Job for LoadJob {
                 self.phase = Phase::Planning;
                 out.push(Command::ReadCard);
             }
-            (mut phase @ Phase::Evicting { .. }, Event::Unloaded { model, result }) => {
-                if let Phase::Evicting { pending, .. } = &mut phase {
-                    *pending = pending.saturating_sub(1);
-                }
-                self.phase = phase;
-                match result {
-                    Ok(()) => {
-                        self.evicted(&model, books, out);
-                        self.next_victim(books, now, out);
-                    }
-                    Err(e) => {
-                        // A failed unload may have half happened: the
-                        // victim's backend says what it still holds.
-                        if let Some(kind) = books.ledger.get(&model).map(|e| e.kind.clone()) {
-                            out.push(Command::Reconcile { kind });
-                        }
-                        self.abort(e, books, out)
-                    }
-                }
+            (
+                Phase::Evicting {
+                    mut pending,
+                    mut failed,
+                    card,
+                    back,
+                    others,
+                },
+                event @ (Event::Unloaded { .. } | Event::UnloadsDone),
+            ) => {
+                victim_answer(self, event, books, out, &mut pending, &mut failed);
+                self.phase = Phase::Evicting {
+                    pending,
+                    failed,
+                    card,
+                    back,
+                    others,
+                };
+                self.evictions_done(books, now, out);
             }
             (
                 Phase::Releasing {
@@ -548,37 +604,22 @@ impl Job for LoadJob {
             }
             (
                 Phase::MakingRoom {
-                    mut victims,
-                    pending,
+                    mut pending,
+                    mut failed,
                     measured,
                 },
-                Event::Unloaded { model, result },
+                event @ (Event::Unloaded { .. } | Event::UnloadsDone),
             ) => {
-                let mut pending = pending.saturating_sub(1);
-                match result {
-                    Ok(()) => {
-                        self.evicted(&model, books, out);
-                        if pending == 0
-                            && let Some((command, asked)) = next_batch(&mut victims)
-                        {
-                            pending = asked;
-                            out.push(command);
+                victim_answer(self, event, books, out, &mut pending, &mut failed);
+                match (pending, failed) {
+                    (0, Some(e)) => self.refuse(e, books, out),
+                    (0, None) => self.resident(Some(measured), books, now, out),
+                    (pending, failed) => {
+                        self.phase = Phase::MakingRoom {
+                            pending,
+                            failed,
+                            measured,
                         }
-                        if pending == 0 {
-                            self.resident(Some(measured), books, now, out);
-                        } else {
-                            self.phase = Phase::MakingRoom {
-                                victims,
-                                pending,
-                                measured,
-                            };
-                        }
-                    }
-                    Err(e) => {
-                        if let Some(kind) = books.ledger.get(&model).map(|e| e.kind.clone()) {
-                            out.push(Command::Reconcile { kind });
-                        }
-                        self.refuse(e, books, out)
                     }
                 }
             }

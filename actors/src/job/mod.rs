@@ -44,6 +44,9 @@ pub(crate) enum Event {
         /// How it went.
         result: Result<(), VramError>,
     },
+    /// A backend answered a whole [`Command::Unload`]: every `Unloaded` of
+    /// it came before this.
+    UnloadsDone,
     /// The backend finished loading the job's model.
     Loaded(Result<(), VramError>),
     /// The backend crashed as asked and restarted.
@@ -64,7 +67,8 @@ pub(crate) enum Command {
     /// Unload `models`, one after the other, on the backend of `kind`
     /// (one message for them all); answer one [`Event::Unloaded`] per
     /// model in order, up to and including the first failure (the models
-    /// after a failure were not touched and get no event).
+    /// after a failure were not touched and get no event), then
+    /// [`Event::UnloadsDone`]. Unloads on different backends run at once.
     Unload {
         /// Their kind (which backend).
         kind: String,

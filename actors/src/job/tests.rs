@@ -258,8 +258,20 @@ impl World {
             if !restarting {
                 self.check("after an event")?;
             }
+            // Each command's answers keep their order; the answers of
+            // different backends' unloads interleave at random, as they do
+            // when backends work at once.
+            let mut streams: Vec<VecDeque<Event>> = Vec::new();
             for command in out {
-                events.extend(self.answers(command, requester)?);
+                streams.push(self.answers(command, requester)?.into());
+            }
+            streams.retain(|s| !s.is_empty());
+            while !streams.is_empty() {
+                let i = self.die() as usize % streams.len();
+                if let Some(event) = streams[i].pop_front() {
+                    events.push_back(event);
+                }
+                streams.retain(|s| !s.is_empty());
             }
         }
     }
@@ -313,7 +325,7 @@ impl World {
         let Command::Unload { kind, models } = command else {
             return Ok(self.answer(command)?.into_iter().collect());
         };
-        let mut events = Vec::with_capacity(models.len());
+        let mut events = Vec::with_capacity(models.len() + 1);
         for model in models {
             let event = self.unload(model, &kind, requester)?;
             let failed = matches!(&event, Event::Unloaded { result: Err(_), .. });
@@ -322,6 +334,7 @@ impl World {
                 break;
             }
         }
+        events.push(Event::UnloadsDone);
         Ok(events)
     }
 
