@@ -364,4 +364,8 @@ impl GpuProbe for SimCard {
         let memory = self.memory_now();
         Box::pin(async move { Ok(memory) })
     }
+
+    fn memory_at_once(&self) -> Option<Result<GpuMemory, ProbeError>> {
+        Some(Ok(self.memory_now()))
+    }
 }

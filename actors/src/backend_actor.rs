@@ -64,12 +64,12 @@ pub struct LoadModel(pub ModelSpec);
 pub struct UnloadModel(pub String);
 
 /// Unload several models through the backend, one after the other, in
-/// order. Answers one result per model it tried: it stops at the first
-/// failure, so the models after it were not touched. One message for all
+/// order. Answers each model it tried with its result: it stops at the
+/// first failure, so the models after it were not touched. One message for all
 /// the victims a load takes from one backend: an eviction of k models costs
 /// one round trip, not k.
 #[derive(Debug, Message)]
-#[rtype(result = "Vec<Result<(), VramError>>")]
+#[rtype(result = "Vec<(String, Result<(), VramError>)>")]
 pub struct UnloadModels(pub Vec<String>);
 
 /// Ask the backend which models it holds.
@@ -156,10 +156,10 @@ impl BackendActor {
         call: impl FnOnce(&dyn Backend) -> BackendFuture<T>,
     ) -> ActorResponse<Self, Result<T, VramError>> {
         match self.begin(timeout, call) {
-            Begun::Ready(outcome) => ActorResponse::reply(self.conclude(model, outcome, ctx)),
+            Begun::Ready(outcome) => ActorResponse::reply(self.conclude(&model, outcome, ctx)),
             Begun::Pending(fut) => ActorResponse::r#async(
                 fut.into_actor(self)
-                    .map(move |outcome, act, ctx| act.conclude(model, outcome, ctx)),
+                    .map(move |outcome, act, ctx| act.conclude(&model, outcome, ctx)),
             ),
         }
     }
@@ -196,16 +196,16 @@ impl BackendActor {
     fn unload_in_order(
         &mut self,
         mut rest: std::vec::IntoIter<String>,
-        mut done: Vec<Result<(), VramError>>,
+        mut done: Unloads,
         ctx: &mut Context<Self>,
     ) -> InOrder {
         let timeout = Some(self.unload_timeout);
         for id in rest.by_ref() {
             match self.begin(timeout, |b| b.unload(&id)) {
                 Begun::Ready(outcome) => {
-                    let result = self.conclude(id, outcome, ctx);
+                    let result = self.conclude(&id, outcome, ctx);
                     let failed = result.is_err();
-                    done.push(result);
+                    done.push((id, result));
                     if failed {
                         return Ok(done);
                     }
@@ -213,9 +213,9 @@ impl BackendActor {
                 Begun::Pending(fut) => {
                     return Err(Box::pin(fut.into_actor(self).then(
                         move |outcome, act, ctx| {
-                            let result = act.conclude(id, outcome, ctx);
+                            let result = act.conclude(&id, outcome, ctx);
                             let failed = result.is_err();
-                            done.push(result);
+                            done.push((id, result));
                             if failed {
                                 return Box::pin(actix::fut::ready(done)) as Pending<_>;
                             }
@@ -233,7 +233,7 @@ impl BackendActor {
 
     fn conclude<T>(
         &mut self,
-        model: String,
+        model: &str,
         outcome: CallEnd<T>,
         ctx: &mut Context<Self>,
     ) -> Result<T, VramError> {
@@ -246,12 +246,12 @@ impl BackendActor {
                 self.consecutive = 0;
                 Err(match e.timed_out_after {
                     Some(after) => VramError::Timeout {
-                        model,
+                        model: model.to_string(),
                         after_ms: after.as_millis() as u64,
                         reason: e.message,
                     },
                     None => VramError::BackendFailed {
-                        model,
+                        model: model.to_string(),
                         reason: e.message,
                     },
                 })
@@ -259,7 +259,7 @@ impl BackendActor {
             CallEnd::TimedOut(limit) => {
                 self.consecutive = 0;
                 Err(VramError::Timeout {
-                    model,
+                    model: model.to_string(),
                     after_ms: limit.as_millis() as u64,
                     reason: String::new(),
                 })
@@ -268,7 +268,7 @@ impl BackendActor {
                 tracing::warn!(kind = %self.kind, model = %model, panic = %text, "backend panicked; restarting it");
                 ctx.stop();
                 Err(VramError::BackendFailed {
-                    model,
+                    model: model.to_string(),
                     reason: format!("backend panicked: {text}"),
                 })
             }
@@ -278,7 +278,10 @@ impl BackendActor {
 
 /// How one backend call ended.
 /// Unloads in order: all results at once, or the rest as a future.
-type InOrder = Result<Vec<Result<(), VramError>>, Pending<Vec<Result<(), VramError>>>>;
+type InOrder = Result<Unloads, Pending<Unloads>>;
+
+/// Each model tried and its result.
+type Unloads = Vec<(String, Result<(), VramError>)>;
 
 /// Work the actor goes on with.
 type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<BackendActor, Output = T>>>;
@@ -376,7 +379,7 @@ impl Handler<UnloadModel> for BackendActor {
 }
 
 impl Handler<UnloadModels> for BackendActor {
-    type Result = ActorResponse<Self, Vec<Result<(), VramError>>>;
+    type Result = ActorResponse<Self, Unloads>;
 
     fn handle(&mut self, msg: UnloadModels, ctx: &mut Context<Self>) -> Self::Result {
         let done = Vec::with_capacity(msg.0.len());
@@ -474,9 +477,9 @@ mod tests {
             let models = ["a", "b", "c"].map(String::from).to_vec();
             let results = actor.send(UnloadModels(models)).await.unwrap();
             assert_eq!(results.len(), 2, "slow: {slow}");
-            assert!(results[0].is_ok());
+            assert!(results[0].0 == "a" && results[0].1.is_ok());
             assert!(
-                matches!(&results[1], Err(VramError::BackendFailed { model, .. }) if model == "b"),
+                matches!(&results[1], (id, Err(VramError::BackendFailed { model, .. })) if id == "b" && model == "b"),
                 "{results:?}"
             );
             assert_eq!(*backend.asked.borrow(), ["a", "b"], "c was never asked");
@@ -495,7 +498,9 @@ mod tests {
             let models = ["c", "a", "b"].map(String::from).to_vec();
             let results = actor.send(UnloadModels(models)).await.unwrap();
             assert_eq!(results.len(), 3);
-            assert!(results.iter().all(Result::is_ok));
+            assert!(results.iter().all(|(_, r)| r.is_ok()));
+            let ids: Vec<&str> = results.iter().map(|(id, _)| id.as_str()).collect();
+            assert_eq!(ids, ["c", "a", "b"]);
             assert_eq!(*backend.asked.borrow(), ["c", "a", "b"]);
         }
     }

@@ -35,6 +35,10 @@ impl VramActor {
                 let Some(probe) = self.probe.clone() else {
                     return Some(Event::Card(None));
                 };
+                if let Some(result) = probe.memory_at_once() {
+                    self.last_card = card(result);
+                    return Some(Event::Card(self.last_card));
+                }
                 let mut read = probe.memory();
                 // A simulated card answers at once: no trip through the
                 // actor's context.
@@ -88,9 +92,12 @@ impl VramActor {
                 self.wait(id, until, ctx);
                 None
             }
-            Command::Warm(model) => {
-                if let Some(warm) = &self.warm {
-                    warm(&model);
+            // No new reading once the manager is stopping.
+            Command::Warm if self.shutting_down => None,
+            Command::Warm => {
+                let model = self.running_model();
+                if let (Some(warm), Some(model)) = (&self.warm, model) {
+                    warm(model);
                 }
                 None
             }
@@ -145,7 +152,9 @@ impl VramActor {
         models: Vec<String>,
         ctx: &mut Context<Self>,
     ) -> Option<Event> {
-        let first = models.first().cloned()?;
+        let Some(first) = models.first().cloned() else {
+            return Some(Event::UnloadsDone);
+        };
         let Some(backend) = self.actors.get(&kind).cloned() else {
             // Answered as a backend would: the first fails, then done.
             let result = Err(no_backend(&kind, &first));
@@ -162,32 +171,29 @@ impl VramActor {
             ));
             return None;
         };
-        ctx.spawn(
-            backend
-                .send(UnloadModels(models.clone()))
-                .into_actor(self)
-                .map(move |answer, act, ctx| {
-                    match answer {
-                        Ok(results) => {
-                            for (model, result) in models.into_iter().zip(results) {
-                                act.feed(id, Event::Unloaded { model, result }, ctx);
-                            }
-                        }
-                        Err(e) => {
-                            let result = Err(act.backend_lost(&kind, &backend, &first, e, ctx));
-                            act.feed(
-                                id,
-                                Event::Unloaded {
-                                    model: first,
-                                    result,
-                                },
-                                ctx,
-                            );
+        ctx.spawn(backend.send(UnloadModels(models)).into_actor(self).map(
+            move |answer, act, ctx| {
+                match answer {
+                    Ok(results) => {
+                        for (model, result) in results {
+                            act.feed(id, Event::Unloaded { model, result }, ctx);
                         }
                     }
-                    act.feed(id, Event::UnloadsDone, ctx);
-                }),
-        );
+                    Err(e) => {
+                        let result = Err(act.backend_lost(&kind, &backend, &first, e, ctx));
+                        act.feed(
+                            id,
+                            Event::Unloaded {
+                                model: first,
+                                result,
+                            },
+                            ctx,
+                        );
+                    }
+                }
+                act.feed(id, Event::UnloadsDone, ctx);
+            },
+        ));
         None
     }
 

@@ -13,6 +13,11 @@ use crate::ledger::{Entry, ModelState};
 
 /// Load a model, evicting lower-priority models if needed. Queued behind
 /// earlier loads and unloads. Answers what was evicted for it.
+///
+/// Victims on different backends are unloaded at once. If one of them
+/// cannot be unloaded the load fails, and the victims not yet unloaded stay;
+/// those another backend unloaded meanwhile are gone all the same (each is
+/// published as an `evicted` event).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Loaded, VramError>")]
 pub struct Load {

@@ -40,6 +40,13 @@ pub trait GpuProbe {
     /// The card's total, used and free bytes now.
     fn memory(&self) -> ProbeFuture<GpuMemory>;
 
+    /// The same, when the probe can answer at once without blocking (a
+    /// simulated card): it spares the future. `None` (the default): ask
+    /// [`memory`](Self::memory).
+    fn memory_at_once(&self) -> Option<Result<GpuMemory, ProbeError>> {
+        None
+    }
+
     /// The processes using the card, if the probe can tell.
     fn processes(&self) -> ProbeFuture<Vec<GpuProcess>> {
         Box::pin(async { Ok(Vec::new()) })

@@ -175,6 +175,11 @@ impl VramActor {
         self.running.is_some() || !self.queue.is_empty()
     }
 
+    /// The model of the running job, if it is about one.
+    pub(crate) fn running_model(&self) -> Option<&str> {
+        self.running.as_ref().and_then(|r| r.job.model())
+    }
+
     /// Whether a job runs now.
     pub(crate) fn is_running(&self) -> bool {
         self.running.is_some()

@@ -205,7 +205,7 @@ impl LoadJob {
         }
         books.ledger.reserve(&declared);
         // The weights can be read while the victims leave.
-        out.push(Command::Warm(declared.id.clone()));
+        out.push(Command::Warm);
         if charged > declared.bytes {
             books.ledger.calibrate(&self.model, charged);
         }
@@ -216,8 +216,7 @@ impl LoadJob {
             bytes: charged,
             victims: planned.iter().map(|(v, _)| v.clone()).collect(),
         }));
-        self.planned
-            .extend(planned.iter().map(|(model, _)| model.clone()));
+        self.note_plan_order(&planned);
         let pending = unload_all(planned, out);
         self.phase = Phase::Evicting {
             pending,
@@ -296,17 +295,36 @@ impl LoadJob {
         self.finish(Err(error));
     }
 
+    /// Keeps the policy's order of `victims` when more than one backend
+    /// gives up some (their answers may interleave); one backend answers
+    /// in that order already.
+    fn note_plan_order(&mut self, victims: &[(String, String)]) {
+        let one_backend = victims.windows(2).all(|w| w[0].1 == w[1].1);
+        if !one_backend || !self.planned.is_empty() {
+            self.planned
+                .extend(victims.iter().map(|(model, _)| model.clone()));
+        }
+    }
+
     /// The victims that left, in the order they were planned.
     fn in_plan_order(&mut self) -> Vec<String> {
         let gone = std::mem::take(&mut self.evicted);
-        if gone.len() < 2 {
+        if gone.len() < 2 || self.planned.is_empty() {
             return gone;
         }
-        self.planned
+        // Victims of a one-backend plan left in order, before any noted.
+        let mut ordered: Vec<String> = gone
             .iter()
-            .filter(|model| gone.contains(model))
+            .filter(|model| !self.planned.contains(model))
             .cloned()
-            .collect()
+            .collect();
+        ordered.extend(
+            self.planned
+                .iter()
+                .filter(|model| gone.contains(model))
+                .cloned(),
+        );
+        ordered
     }
 
     /// The victim `model` left the card for this load.
@@ -340,7 +358,7 @@ impl LoadJob {
                 .saturating_sub(u128::from(charged))
                 + u128::from(declared.max(measured));
             if would_use > u128::from(books.ledger.capacity()) {
-                return self.make_room(measured, books, out);
+                return self.make_room(measured, books, now, out);
             }
         }
         self.resident(measured, books, now, out);
@@ -380,7 +398,13 @@ impl LoadJob {
     /// The model measured more than the card has room for: plan for its
     /// measured size by the same policy (as if it were not there yet), or
     /// unload it again.
-    fn make_room(&mut self, measured: u64, books: &mut Books, out: &mut Vec<Command>) {
+    fn make_room(
+        &mut self,
+        measured: u64,
+        books: &mut Books,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
         books.plan_with(&self.model, measured);
         let mut view = books.ledger.clone();
         view.remove(&self.model);
@@ -401,9 +425,11 @@ impl LoadJob {
                     }
                     books.ledger.begin_unload(&victim);
                 }
-                self.planned
-                    .extend(planned.iter().map(|(model, _)| model.clone()));
+                self.note_plan_order(&planned);
                 let pending = unload_all(planned, out);
+                if pending == 0 {
+                    return self.resident(Some(measured), books, now, out);
+                }
                 self.phase = Phase::MakingRoom {
                     pending,
                     failed: None,

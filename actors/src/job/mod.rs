@@ -103,10 +103,10 @@ pub(crate) enum Command {
     },
     /// Send this event to the subscribers.
     Publish(VramEvent),
-    /// Start reading this model's weight files into the page cache, in
-    /// the background (no answer): a load is planned, and its server will
-    /// find them in memory while the victims leave.
-    Warm(String),
+    /// Start reading the job's model's weight files into the page cache,
+    /// in the background (no answer): its load is planned, and its server
+    /// will find them in memory while the victims leave.
+    Warm,
     /// Make the ledger agree with the backend of `kind` before anything
     /// else runs (a model it was asked to unload may still be there).
     Reconcile {

@@ -401,7 +401,7 @@ impl World {
                 self.now = until;
                 Event::Deadline
             }
-            Command::Publish(_) | Command::Reconcile { .. } | Command::Warm(_) => return Ok(None),
+            Command::Publish(_) | Command::Reconcile { .. } | Command::Warm => return Ok(None),
         }))
     }
 }
