@@ -53,6 +53,15 @@ pub enum SettingsError {
     },
 }
 
+impl From<crate::shape::ShapeError> for SettingsError {
+    fn from(e: crate::shape::ShapeError) -> Self {
+        match e {
+            crate::shape::ShapeError::Toml { origin, message } => Self::Toml { origin, message },
+            crate::shape::ShapeError::Shape(message) => Self::Shape(message),
+        }
+    }
+}
+
 impl SettingsError {
     fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Invalid {

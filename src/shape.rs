@@ -13,7 +13,16 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::SettingsError;
+/// Why a file (or the environment) does not have the right shape; the
+/// settings turn it into their own error (`SettingsError`).
+#[derive(Debug)]
+pub(crate) enum ShapeError {
+    /// Not TOML at all: which file, and the parser's message with line and
+    /// column.
+    Toml { origin: String, message: String },
+    /// TOML of the wrong shape: the message names key path and line.
+    Shape(String),
+}
 
 /// A settings file: every section optional (the defaults fill the rest).
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -62,7 +71,7 @@ fn none<T>() -> Option<T> {
 
 impl<S> ScenarioShape<S> {
     /// The settings part, as TOML text for the layers.
-    pub(crate) fn settings_text(&mut self) -> Result<String, SettingsError> {
+    pub(crate) fn settings_text(&mut self) -> Result<String, ShapeError> {
         let settings = SettingsShape {
             gpu: self.gpu.take(),
             policy: self.policy.take(),
@@ -71,7 +80,7 @@ impl<S> ScenarioShape<S> {
             kinds: self.kinds.take(),
             models: self.models.take(),
         };
-        toml::to_string(&settings).map_err(|e| SettingsError::Shape(e.to_string()))
+        toml::to_string(&settings).map_err(|e| ShapeError::Shape(e.to_string()))
     }
 }
 
@@ -234,8 +243,8 @@ impl<'de> Deserialize<'de> for Size {
 pub(crate) fn read<T: serde::de::DeserializeOwned>(
     origin: &str,
     text: &str,
-) -> Result<T, SettingsError> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|e| SettingsError::Toml {
+) -> Result<T, ShapeError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| ShapeError::Toml {
         origin: origin.to_string(),
         message: e.to_string().trim_end().to_string(),
     })?;
@@ -251,9 +260,9 @@ pub(crate) fn read<T: serde::de::DeserializeOwned>(
             .replace("expected u32", "expected a whole number from 0 to 65535")
             .replace("expected u64", "expected a whole number from 0");
         if path == "." || path.is_empty() {
-            SettingsError::Shape(format!("{origin}{line}: {message}"))
+            ShapeError::Shape(format!("{origin}{line}: {message}"))
         } else {
-            SettingsError::Shape(format!("{origin}: {path}{line}: {message}"))
+            ShapeError::Shape(format!("{origin}: {path}{line}: {message}"))
         }
     })
 }
@@ -273,7 +282,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 /// is the device "0"). So `VRAM__KINDS__LLM__PRIORITY=1.9` or
 /// `VRAM__KINDS__LLM__PROTECTED=on` is refused, naming the variable, where
 /// the layering alone would round or guess.
-pub(crate) fn check_environment(variables: &[(String, String)]) -> Result<(), SettingsError> {
+pub(crate) fn check_environment(variables: &[(String, String)]) -> Result<(), ShapeError> {
     let ours: Vec<(Vec<String>, &str, &str)> = variables
         .iter()
         .filter_map(|(name, value)| {
@@ -302,9 +311,9 @@ pub(crate) fn check_environment(variables: &[(String, String)]) -> Result<(), Se
                 typed.unwrap_or_else(|| toml::Value::String((*value).to_string())),
             );
         }
-        let text = toml::to_string(&table).map_err(|e| SettingsError::Shape(e.to_string()))?;
+        let text = toml::to_string(&table).map_err(|e| ShapeError::Shape(e.to_string()))?;
         let deserializer = toml::Deserializer::parse(&text)
-            .map_err(|e| SettingsError::Shape(format!("VRAM__* variables: {}", e.message())))?;
+            .map_err(|e| ShapeError::Shape(format!("VRAM__* variables: {}", e.message())))?;
         let Err(e) = serde_path_to_error::deserialize::<_, SettingsShape>(deserializer) else {
             return Ok(());
         };
@@ -323,7 +332,7 @@ pub(crate) fn check_environment(variables: &[(String, String)]) -> Result<(), Se
                     .message()
                     .replace("expected u32", "expected a whole number from 0 to 65535")
                     .replace("expected u64", "expected a whole number from 0");
-                return Err(SettingsError::Shape(format!(
+                return Err(ShapeError::Shape(format!(
                     "environment variable {name} ({path}): {message}"
                 )));
             }

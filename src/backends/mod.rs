@@ -9,6 +9,7 @@ pub mod process;
 pub mod router;
 mod server;
 pub mod sim;
+mod spec;
 
 pub use fault::{Fault, FaultBackend, FaultCounts, FaultRates};
 pub use process::{ProcessBackend, ProcessSpec, ReadyCheck};

@@ -28,11 +28,9 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use awc::http::Uri;
 use futures::future::join_all;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -41,6 +39,7 @@ use tokio::time::Instant;
 use vram_actors::{Backend, BackendError, BackendFuture, ExitNotifier, ModelExit, ModelSpec};
 
 use super::server::{Hooks, KEEPER_MARGIN, Server, run_stop_command};
+pub use super::spec::{ProcessSpec, ReadyCheck};
 
 /// How often readiness is checked while a server starts.
 const READY_POLL: Duration = Duration::from_millis(50);
@@ -48,83 +47,6 @@ const READY_POLL: Duration = Duration::from_millis(50);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How much of an HTTP probe's answer is quoted in an error.
 const PROBE_BODY_CHARS: usize = 120;
-
-/// How to tell that a model server is ready.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadyCheck {
-    /// An HTTP GET of this URL answers 2xx.
-    Http(String),
-    /// A TCP connection to this `host:port` is accepted.
-    Tcp(String),
-}
-
-impl ReadyCheck {
-    /// Parses `http://HOST:PORT/PATH` or `tcp://HOST:PORT` (the port is
-    /// required: it is what the server binds and what is checked free).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-        let (Some(host), Some(port)) = (uri.host().filter(|h| !h.is_empty()), uri.port_u16())
-        else {
-            return Err(format!(
-                "{text:?} needs a host and a port, as in http://127.0.0.1:8080/health or tcp://127.0.0.1:8080"
-            ));
-        };
-        match uri.scheme_str() {
-            Some("http") => Ok(Self::Http(text.to_string())),
-            Some("tcp") if uri.path().trim_matches('/').is_empty() => {
-                Ok(Self::Tcp(format!("{host}:{port}")))
-            }
-            Some("tcp") => Err(format!("{text:?} is not tcp://HOST:PORT")),
-            _ => Err(format!(
-                "{text:?} is neither an http:// URL nor tcp://HOST:PORT"
-            )),
-        }
-    }
-
-    /// The `host:port` the server listens on.
-    pub fn address(&self) -> String {
-        match self {
-            Self::Tcp(addr) => addr.clone(),
-            Self::Http(url) => url
-                .parse::<Uri>()
-                .ok()
-                .and_then(|u| Some(format!("{}:{}", u.host()?, u.port_u16()?)))
-                .unwrap_or_default(),
-        }
-    }
-
-    /// The port the server listens on.
-    pub fn port(&self) -> u16 {
-        self.address()
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-/// One process-backed model's command and lifecycle settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessSpec {
-    /// Program and arguments.
-    pub command: Vec<String>,
-    /// A command run before the process tree is stopped, for servers that
-    /// are not descendants of `command` (a container that `docker run`
-    /// only asked a daemon for). Empty: none.
-    pub stop: Vec<String>,
-    /// Extra environment variables.
-    pub env: BTreeMap<String, String>,
-    /// Working directory (the manager's when `None`).
-    pub cwd: Option<PathBuf>,
-    /// How to tell it is ready.
-    pub ready: ReadyCheck,
-    /// How long it may take to become ready.
-    pub ready_timeout: Duration,
-    /// How long its processes may take to exit after SIGTERM before
-    /// SIGKILL; also the bound of the `stop` command.
-    pub stop_timeout: Duration,
-}
 
 #[derive(Default)]
 struct State {

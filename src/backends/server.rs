@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{oneshot, watch};
 use vram_actors::BackendError;
 
-use super::process::ProcessSpec;
+use super::spec::ProcessSpec;
 use crate::keeper::{self, KEEPER_ARG, Report};
 
 /// How many lines of a child's stderr are kept for error messages.
