@@ -273,6 +273,15 @@ impl World {
                 }
                 streams.retain(|s| !s.is_empty());
             }
+            // A job finishes only when nothing it asked for is under way:
+            // all that may still come is the closing `UnloadsDone` of the
+            // unload that finished it.
+            if job.is_done() {
+                prop_assert!(
+                    events.iter().all(|e| matches!(e, Event::UnloadsDone)),
+                    "the job finished with answers still to come: {events:?}"
+                );
+            }
         }
     }
 
