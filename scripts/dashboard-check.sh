@@ -75,13 +75,28 @@ kind = "llm"
 vram = "10GiB"
 load_ms = 500
 TOML
-target/debug/vram-manager serve "$out/serve.toml" --listen "127.0.0.1:$port" 2>"$out/serve.log" &
-serve_pid=$!
-trap 'kill $serve_pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+# `restart.sh` stops serve and starts it again on the same port: the page
+# must notice and reconnect by itself.
+cat >"$out/restart.sh" <<SH
+#!/usr/bin/env bash
+if [[ -f "$out/serve.pid" ]]; then
+    pid=\$(cat "$out/serve.pid")
+    kill \$pid 2>/dev/null || true
+    while kill -0 \$pid 2>/dev/null; do sleep 0.05; done
+fi
+target/debug/vram-manager serve "$out/serve.toml" --listen "127.0.0.1:$port" 2>>"$out/serve.log" &
+echo \$! >"$out/serve.pid"
+for _ in \$(seq 100); do
+    curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && exit 0
     sleep 0.1
 done
+exit 1
+SH
+chmod +x "$out/restart.sh"
+rm -f "$out/serve.pid"
+trap 'kill $(cat "$out/serve.pid" 2>/dev/null) 2>/dev/null || true' EXIT
+"$out/restart.sh" || { cat "$out/serve.log" >&2; echo "serve did not start" >&2; exit 1; }
+export DASHBOARD_RESTART="$out/restart.sh"
 python3 scripts/dashboard_browser.py chromium "$chromium" "http://127.0.0.1:$port" "$out"
 firefox=$(command -v firefox-esr || command -v firefox || true)
 if [[ -n "$firefox" ]]; then

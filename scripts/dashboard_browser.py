@@ -303,6 +303,21 @@ def main():
                  "r.children[7].textContent === 'yes')", "kokoro pinned after its Pin button")
         print("ok: the Pin button pinned kokoro")
 
+        # The server restarts: the page notices and reconnects by itself.
+        restart = os.environ.get("DASHBOARD_RESTART")
+        if restart:
+            if subprocess.run([restart]).returncode != 0:
+                fail("serve did not start again")
+            wait_for(page, "document.getElementById('link').className === 'live' && "
+                     "document.querySelectorAll('#models tr[data-state=resident]').length === 0",
+                     "the restarted (empty) server", seconds=20)
+            api(base, "/api/models/whisper/load", "POST")
+            wait_for(page, "[...document.querySelectorAll('#events li')].some(li => "
+                     "li.dataset.event === 'loaded' && li.textContent.includes('whisper') && "
+                     "li === document.querySelector('#events li'))",
+                     "events after the restart", seconds=20)
+            print("ok: the page reconnected after the server restarted")
+
         # A phone-width screen.
         page.size(390, 844, True)
         page.pump(1.5)
