@@ -38,6 +38,8 @@ fi
 out=target/dashboard-check
 mkdir -p "$out"
 cargo build --quiet --bin vram-manager
+# Wherever cargo builds (CARGO_TARGET_DIR may point elsewhere).
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat >"$out/serve.toml" <<'TOML'
 # A 16 GiB card with 1 GiB kept back; the voice stack plus two LLMs that do
@@ -84,7 +86,7 @@ if [[ -f "$out/serve.pid" ]]; then
     kill \$pid 2>/dev/null || true
     while kill -0 \$pid 2>/dev/null; do sleep 0.05; done
 fi
-target/debug/vram-manager serve "$out/serve.toml" --listen "127.0.0.1:$port" 2>>"$out/serve.log" &
+"$target_dir/debug/vram-manager" serve "$out/serve.toml" --listen "127.0.0.1:$port" 2>>"$out/serve.log" &
 echo \$! >"$out/serve.pid"
 for _ in \$(seq 100); do
     curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && exit 0

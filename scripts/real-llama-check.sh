@@ -46,7 +46,9 @@ fi
 py=$venv/bin/python
 
 cargo build --quiet --bin vram-manager
-manager=target/debug/vram-manager
+# Wherever cargo builds (CARGO_TARGET_DIR may point elsewhere).
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+manager=$target_dir/debug/vram-manager
 
 "$py" scripts/make_tiny_gguf.py "$work/tiny-a.gguf" --seed 1
 "$py" scripts/make_tiny_gguf.py "$work/tiny-b.gguf" --seed 2
