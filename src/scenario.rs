@@ -586,19 +586,16 @@ impl Handler<Drain> for Collector {
 /// completes, and reports every step. SIGINT or SIGTERM ends the run
 /// early (`Report::interrupted`); either way every model server is stopped
 /// before this returns.
-pub fn run(
-    scenario: &Scenario,
-    mut on_step: impl FnMut(&StepReport),
-) -> Result<Report, SettingsError> {
-    run_on(
-        scenario,
-        |step| {
-            on_step(step);
-            ControlFlow::Continue(())
-        },
-        true,
-        false,
-    )
+pub fn run(scenario: &Scenario, on_step: impl FnMut(&StepReport)) -> Result<Report, SettingsError> {
+    run_on(scenario, every_step(on_step), true, false)
+}
+
+/// `on_step` as a step callback that never stops the run.
+fn every_step(mut on_step: impl FnMut(&StepReport)) -> impl FnMut(&StepReport) -> ControlFlow<()> {
+    move |step| {
+        on_step(step);
+        ControlFlow::Continue(())
+    }
 }
 
 /// [`run`] for long scenarios: keeps each step's report only when
@@ -620,17 +617,9 @@ pub fn run_streaming(
 #[cfg(feature = "testing")]
 pub fn run_paused(
     scenario: &Scenario,
-    mut on_step: impl FnMut(&StepReport),
+    on_step: impl FnMut(&StepReport),
 ) -> Result<Report, SettingsError> {
-    run_on(
-        scenario,
-        |step| {
-            on_step(step);
-            ControlFlow::Continue(())
-        },
-        true,
-        true,
-    )
+    run_on(scenario, every_step(on_step), true, true)
 }
 
 /// What the steps gathered, besides their reports.

@@ -185,19 +185,8 @@ impl Serve {
 
     /// POST /api/models/{model}/{what}: status and body.
     async fn post(&self, model: &str, what: &str) -> (u16, Value) {
-        let url = format!("{}/api/models/{model}/{what}", self.base);
-        let mut answer = awc::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .finish()
-            .post(url)
-            .send()
-            .await
-            .unwrap();
-        let body = answer.body().await.unwrap();
-        (
-            answer.status().as_u16(),
-            serde_json::from_slice(&body).unwrap_or(Value::Null),
-        )
+        let (status, body) = post(format!("{}/api/models/{model}/{what}", self.base)).await;
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
     }
 
     async fn status(&self) -> Value {
@@ -221,23 +210,25 @@ fn server(id: &str, gib: u64, ready_ms: u64) -> String {
     )
 }
 
+/// `POST url` with an empty body: status and body text.
+async fn post(url: String) -> (u16, String) {
+    let mut answer = awc::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .finish()
+        .post(url)
+        .send()
+        .await
+        .unwrap();
+    let body = answer.body().await.unwrap();
+    (
+        answer.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
 /// Spawns `POST /api/models/{model}/load`; answers status and body.
 fn spawn_load(base: &str, model: &str) -> actix_rt::task::JoinHandle<(u16, String)> {
-    let url = format!("{base}/api/models/{model}/load");
-    actix_rt::spawn(async move {
-        let mut answer = awc::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .finish()
-            .post(url)
-            .send()
-            .await
-            .unwrap();
-        let body = answer.body().await.unwrap();
-        (
-            answer.status().as_u16(),
-            String::from_utf8_lossy(&body).into_owned(),
-        )
-    })
+    actix_rt::spawn(post(format!("{base}/api/models/{model}/load")))
 }
 
 /// Waits (up to 20 s) until `/api/status` satisfies `done`.
