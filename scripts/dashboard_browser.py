@@ -213,7 +213,9 @@ def wait_for(page, expression, what, seconds=15):
         if page.evaluate(expression):
             return
         time.sleep(0.1)
-    fail(f"the page never showed {what}")
+    state = page.evaluate("[document.getElementById('link').textContent, document.body.dataset.events, "
+                          "document.querySelectorAll('#events li').length]")
+    fail(f"the page never showed {what} (link, events, event lines: {state})")
 
 
 def free_port():
@@ -311,6 +313,9 @@ def main():
             wait_for(page, "document.getElementById('link').className === 'live' && "
                      "document.querySelectorAll('#models tr[data-state=resident]').length === 0",
                      "the restarted (empty) server", seconds=20)
+            # Events are live only, so wait until their stream is back too.
+            wait_for(page, "document.body.dataset.events === 'live'", "the event stream back",
+                     seconds=20)
             api(base, "/api/models/whisper/load", "POST")
             wait_for(page, "[...document.querySelectorAll('#events li')].some(li => "
                      "li.dataset.event === 'loaded' && li.textContent.includes('whisper') && "

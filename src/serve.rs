@@ -582,6 +582,12 @@ async fn events(shared: web::Data<Shared>) -> HttpResponse {
     let closed = async move {
         let _ = closing.wait_for(|c| *c).await;
     };
+    // A comment first, so the headers go out at once: a client knows the
+    // stream is open before the first event (which may be long in coming).
+    let hello = futures::stream::once(async {
+        Ok::<_, std::convert::Infallible>(web::Bytes::from_static(b": connected\n\n"))
+    });
+    let body = futures::StreamExt::chain(hello, body);
     HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
