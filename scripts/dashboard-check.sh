@@ -13,16 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-lenient=false
-[[ "${1:-}" == "--if-possible" ]] && lenient=true
-skip() {
-    if $lenient; then
-        echo "dashboard-check: skipped: $*"
-        exit 0
-    fi
-    echo "dashboard-check: cannot run: $*" >&2
-    exit 1
-}
+source scripts/common.sh dashboard-check "$@"
 
 command -v python3 >/dev/null || skip "python3 is not installed"
 chromium=$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)
@@ -38,8 +29,7 @@ fi
 out=target/dashboard-check
 mkdir -p "$out"
 cargo build --quiet --bin vram-manager
-# Wherever cargo builds (CARGO_TARGET_DIR may point elsewhere).
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+target_dir=$(target_dir)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat >"$out/serve.toml" <<'TOML'
 # A 16 GiB card with 1 GiB kept back; the voice stack plus two LLMs that do

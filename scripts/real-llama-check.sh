@@ -14,17 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-lenient=false
-[[ "${1:-}" == "--if-possible" ]] && lenient=true
-
-skip() {
-    if $lenient; then
-        echo "real-llama-check: skipped: $*"
-        exit 0
-    fi
-    echo "real-llama-check: cannot run: $*" >&2
-    exit 1
-}
+source scripts/common.sh real-llama-check "$@"
 
 command -v python3 >/dev/null || skip "python3 is not installed"
 python3 -c 'import venv, ensurepip' 2>/dev/null || skip "python3 lacks venv/ensurepip"
@@ -46,8 +36,7 @@ fi
 py=$venv/bin/python
 
 cargo build --quiet --bin vram-manager
-# Wherever cargo builds (CARGO_TARGET_DIR may point elsewhere).
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+target_dir=$(target_dir)
 manager=$target_dir/debug/vram-manager
 
 "$py" scripts/make_tiny_gguf.py "$work/tiny-a.gguf" --seed 1

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{GIB, free_port, outcome, temp_file};
+use common::{GIB, free_port, outcome, temp_file, wait_listening};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -167,11 +167,7 @@ impl Serve {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "serve never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, "serve");
         Self {
             child,
             base: format!("http://127.0.0.1:{port}"),

@@ -349,11 +349,7 @@ fn start_scenario(path: &Path, pid_file: &Path, port: u16) -> (Child, i32) {
         .spawn()
         .unwrap();
     let server = pid_in(pid_file);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the server never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_listening(port, "the server");
     (child, server)
 }
 

@@ -36,6 +36,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits (up to 10 s) until something listens on `port` of 127.0.0.1;
+/// fails the test, naming `what`, if nothing does.
+pub fn wait_listening(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The running (not zombie) processes whose environment holds `mark`.
 pub fn marked(mark: &str) -> Vec<i32> {
     let needle = format!("VRAM_TEST_MARK={mark}");
