@@ -221,7 +221,8 @@ pub fn describe_settings(settings: &Settings) -> String {
     let p = &settings.policy;
     let _ = writeln!(
         out,
-        "policy: lease_wait {}, load_timeout {}, unload_timeout {}, max_queue {}",
+        "policy: order {}, lease_wait {}, load_timeout {}, unload_timeout {}, max_queue {}",
+        p.order.as_str(),
         humantime::format_duration(p.lease_wait),
         humantime::format_duration(p.load_timeout),
         humantime::format_duration(p.unload_timeout),

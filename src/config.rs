@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::Deserialize;
-use vram_actors::{Catalog, Kind, Kinds, ModelSpec};
+use vram_actors::{Catalog, Kind, Kinds, ModelSpec, Order};
 
 use crate::backends::{ProcessSpec, ReadyCheck};
 
@@ -103,6 +103,7 @@ struct RawGpu {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
+    order: String,
     #[serde(with = "humantime_serde")]
     lease_wait: Duration,
     #[serde(with = "humantime_serde")]
@@ -265,6 +266,9 @@ impl GpuSettings {
 /// `[policy]`: waiting, timeouts and backpressure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicySettings {
+    /// The order in which eviction candidates are taken: `strict` (tier,
+    /// then least recently used) or `adaptive` (cheapest expected reload).
+    pub order: Order,
     /// How long a load or unload waits for leases to be released.
     pub lease_wait: Duration,
     /// How long a backend may take to load a model.
@@ -569,6 +573,16 @@ impl RawSettings {
             ));
         }
         let external = parse_size("gpu.external", &self.gpu.external)?;
+        let order = match self.policy.order.trim() {
+            "strict" => Order::Strict,
+            "adaptive" => Order::Adaptive,
+            other => {
+                return Err(SettingsError::invalid(
+                    "policy.order",
+                    format!("{other:?} is not an order; use \"strict\" or \"adaptive\""),
+                ));
+            }
+        };
         if self.policy.max_queue == 0 {
             return Err(SettingsError::invalid(
                 "policy.max_queue",
@@ -800,6 +814,7 @@ impl RawSettings {
                 external,
             },
             policy: PolicySettings {
+                order,
                 lease_wait: self.policy.lease_wait,
                 load_timeout: self.policy.load_timeout,
                 unload_timeout: self.policy.unload_timeout,

@@ -50,6 +50,7 @@ impl Manager {
             load_timeout: settings.policy.load_timeout,
             unload_timeout: settings.policy.unload_timeout,
             max_queue: settings.policy.max_queue,
+            order: settings.policy.order,
             restart_backoff: settings.policy.restart_backoff,
             restart_backoff_max: settings.policy.restart_backoff_max,
             reserve: settings.gpu.reserve,

@@ -109,6 +109,8 @@ struct Gpu {
 #[serde(deny_unknown_fields)]
 struct Policy {
     #[serde(skip_serializing_if = "Option::is_none")]
+    order: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     lease_wait: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     load_timeout: Option<String>,

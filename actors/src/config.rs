@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::kind::Kinds;
 use crate::model::Catalog;
+use crate::policy::Order;
 
 /// What a `VramActor` is built from.
 #[derive(Debug, Clone)]
@@ -24,6 +25,8 @@ pub struct ManagerConfig {
     pub load_timeout: Duration,
     /// How long a backend may take to unload.
     pub unload_timeout: Duration,
+    /// The order in which eviction candidates are taken.
+    pub order: Order,
     /// Waiting jobs beyond this are refused with `busy`.
     pub max_queue: usize,
     /// Delay before a restarted backend takes its next message.

@@ -63,6 +63,8 @@ pub enum VramEvent {
         bytes: u64,
         /// The model it made room for.
         for_model: String,
+        /// The eviction order that chose it (`strict` or `adaptive`).
+        order: crate::policy::Order,
     },
     /// A model was unloaded on request.
     Unloaded {

@@ -16,7 +16,7 @@ use crate::messages::{
     Acquire, BackendOf, CrashBackend, Lease, Load, Release, SetPinned, Shutdown, Status,
     StatusReport, Subscribe, Unload,
 };
-use crate::policy::servable;
+use crate::policy::{Order, scores, servable};
 use crate::queue::{LoadWaiter, Queued, shutting_down};
 use crate::vram_actor::{VramActor, now};
 
@@ -51,6 +51,9 @@ impl Handler<Load> for VramActor {
         if let Err(e) = self.servable(&msg.model) {
             return ActorResponse::reply(Err(e));
         }
+        // Every served request counts in the history the adaptive order
+        // predicts from (a counter and two small updates).
+        self.books.ledger.note_request(&msg.model);
         // Already resident and nothing queued or running that could change
         // that first: policy step 2 (touch, nothing else) needs no trip
         // through the queue.
@@ -78,11 +81,13 @@ impl Handler<Acquire> for VramActor {
             return ActorResponse::reply(Err(shutting_down()));
         }
         if self.books.ledger.is_resident(&msg.model) && !self.job_pending_for(&msg.model) {
+            self.books.ledger.note_request(&msg.model);
             return ActorResponse::reply(self.lease(&msg.model, Vec::new()));
         }
         if let Err(e) = self.servable(&msg.model) {
             return ActorResponse::reply(Err(e));
         }
+        self.books.ledger.note_request(&msg.model);
         let (tx, rx) = oneshot::channel();
         match self.submit_load(&msg.model, LoadWaiter::Acquire(tx), ctx) {
             Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model))),
@@ -283,6 +288,11 @@ impl Handler<Status> for VramActor {
                     .collect()
             },
             card: self.last_card,
+            order: self.books.order,
+            scores: match self.books.order {
+                Order::Adaptive => scores(&self.books.ledger),
+                Order::Strict => Vec::new(),
+            },
         })
     }
 }

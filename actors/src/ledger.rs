@@ -5,9 +5,15 @@
 //! (`Unloading` still counts), so the ledger never promises memory that a
 //! backend may still be using.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::model::ModelSpec;
+
+/// How many gaps between its requests a model's history keeps.
+pub const HISTORY_GAPS: usize = 16;
+
+/// Weight of the newest gap between two misses in their moving average.
+const MISS_GAP_BETA: f64 = 0.2;
 
 /// Where a model is in its life on the card.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -46,14 +52,89 @@ pub struct Entry {
     pub recency: u64,
 }
 
+/// When one model was asked for, counted in requests (no clock).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModelHistory {
+    /// The request number of its last request.
+    pub last: u64,
+    /// The last [`HISTORY_GAPS`] gaps between two of its requests, oldest
+    /// first, in requests.
+    pub gaps: VecDeque<u64>,
+}
+
+/// The request history the adaptive eviction order predicts from: a
+/// request counter, each model's last request and recent gaps, and a moving
+/// average of the gap between two misses (requests that needed a load).
+/// Kept for every model ever asked for, resident or not; O(1) per request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct History {
+    requests: u64,
+    models: HashMap<String, ModelHistory>,
+    last_miss: Option<u64>,
+    miss_gap: Option<f64>,
+}
+
+impl History {
+    /// Records one request for `model`; `miss` when it needs a load.
+    pub fn note(&mut self, model: &str, miss: bool) {
+        self.requests += 1;
+        let now = self.requests;
+        match self.models.get_mut(model) {
+            Some(history) => {
+                if history.gaps.len() == HISTORY_GAPS {
+                    history.gaps.pop_front();
+                }
+                history.gaps.push_back(now - history.last);
+                history.last = now;
+            }
+            None => {
+                self.models.insert(
+                    model.to_string(),
+                    ModelHistory {
+                        last: now,
+                        gaps: VecDeque::new(),
+                    },
+                );
+            }
+        }
+        if miss {
+            if let Some(last) = self.last_miss {
+                let gap = (now - last) as f64;
+                self.miss_gap = Some(match self.miss_gap {
+                    Some(average) => average + MISS_GAP_BETA * (gap - average),
+                    None => gap,
+                });
+            }
+            self.last_miss = Some(now);
+        }
+    }
+
+    /// How many requests were recorded.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// The history of `model`, if it was ever asked for.
+    pub fn model(&self, model: &str) -> Option<&ModelHistory> {
+        self.models.get(model)
+    }
+
+    /// The moving average of the gap between two misses, once two misses
+    /// were seen.
+    pub fn miss_gap(&self) -> Option<f64> {
+        self.miss_gap
+    }
+}
+
 /// The record of what is on the card.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Ledger {
     capacity: u64,
     /// Wide, so sizes near 2^64 add up without losing bytes.
     used: u128,
     next_recency: u64,
     entries: BTreeMap<String, Entry>,
+    history: History,
 }
 
 impl Ledger {
@@ -64,7 +145,24 @@ impl Ledger {
             used: 0,
             next_recency: 0,
             entries: BTreeMap::new(),
+            history: History::default(),
         }
+    }
+
+    /// Records a request for `model` in the history (a miss when it has no
+    /// entry or is leaving: the request needs a load). Plans under the
+    /// strict order never read it.
+    pub fn note_request(&mut self, model: &str) {
+        let miss = self
+            .entries
+            .get(model)
+            .is_none_or(|e| e.state == ModelState::Unloading);
+        self.history.note(model, miss);
+    }
+
+    /// The request history the adaptive order predicts from.
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     /// Usable bytes of the card (its total less the reserve).
@@ -322,6 +420,30 @@ mod tests {
         assert!(ledger.release("m"));
         assert!(!ledger.release("m"));
         assert_eq!(ledger.get("m").unwrap().leases, 0);
+    }
+
+    #[test]
+    fn history_keeps_the_last_gaps_and_averages_the_miss_gap() {
+        let mut ledger = Ledger::new(16 * GIB);
+        ledger.note_request("a"); // 1, miss
+        ledger.insert_resident(&ModelSpec::new("a", "llm", GIB));
+        ledger.note_request("b"); // 2, miss: gap 1
+        ledger.note_request("a"); // 3, hit
+        let a = ledger.history().model("a").unwrap();
+        assert_eq!(
+            (a.last, a.gaps.iter().copied().collect::<Vec<_>>()),
+            (3, vec![2])
+        );
+        assert_eq!(ledger.history().miss_gap(), Some(1.0));
+        ledger.note_request("c"); // 4, miss: gap 2 -> 1 + 0.2 * (2 - 1)
+        assert!((ledger.history().miss_gap().unwrap() - 1.2).abs() < 1e-12);
+        for _ in 0..40 {
+            ledger.note_request("a");
+        }
+        let a = ledger.history().model("a").unwrap();
+        assert_eq!(a.gaps.len(), HISTORY_GAPS, "only the last gaps are kept");
+        assert!(a.gaps.iter().all(|&g| g == 1));
+        assert_eq!(ledger.history().requests(), 44);
     }
 
     #[test]

@@ -43,12 +43,12 @@ pub use events::{Loaded, Unloaded, VramEvent};
 pub use handle::VramHandle;
 pub use handlers::StopManager;
 pub use kind::{Kind, Kinds};
-pub use ledger::{Entry, Ledger, ModelState};
+pub use ledger::{Entry, HISTORY_GAPS, History, Ledger, ModelHistory, ModelState};
 pub use messages::{
     Acquire, BackendOf, CrashBackend, Lease, Load, Release, SetPinned, Shutdown, Status,
     StatusReport, Subscribe, Unload,
 };
 pub use model::{Catalog, ModelSpec};
-pub use policy::{Plan, expired, is_expired, plan, servable};
+pub use policy::{Order, Plan, Score, expired, is_expired, plan, plan_in_order, scores, servable};
 pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
 pub use vram_actor::{JobObserver, VramActor};

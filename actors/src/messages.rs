@@ -147,7 +147,7 @@ impl Drop for Lease {
 pub struct Status;
 
 /// A snapshot of the ledger.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StatusReport {
     /// Usable bytes of the card.
     pub capacity: u64,
@@ -166,6 +166,11 @@ pub struct StatusReport {
     pub idle_ms: std::collections::BTreeMap<String, u64>,
     /// The card as last read (by a load), when a probe is present.
     pub card: Option<crate::probe::GpuMemory>,
+    /// The order in which eviction candidates are taken.
+    pub order: crate::policy::Order,
+    /// Under the adaptive order, how it ranks each resident model now (by
+    /// id): cheaper `value` leaves first. Empty under the strict order.
+    pub scores: Vec<crate::policy::Score>,
 }
 
 impl StatusReport {

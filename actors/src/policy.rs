@@ -17,13 +17,18 @@
 //! 6. trim: from the last chosen back to the first, spare every victim whose
 //!    eviction is not needed for the request to fit;
 //! 7. the caller unloads the victims in order, then loads.
+//!
+//! Step 4's order is a value the planner takes ([`Order`]): `strict` (the
+//! default: tier, then least recently used) or `adaptive` (what a reload
+//! would cost, weighed by how soon each candidate is likely to be asked for
+//! again; see [`plan_in_order`]). Everything else is the same under both.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::error::VramError;
 use crate::kind::{Kind, Kinds};
-use crate::ledger::{Entry, Ledger, ModelState};
+use crate::ledger::{Entry, History, Ledger, ModelState};
 use crate::model::{Catalog, ModelSpec};
 
 /// What the planner decided for a request that can be served.
@@ -47,6 +52,95 @@ impl Plan {
             Plan::Load { victims } => victims,
         }
     }
+}
+
+/// The order in which eviction candidates are taken (policy step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Lowest tier first, then least recently used.
+    #[default]
+    Strict,
+    /// Cheapest expected reload first: each candidate's reload cost (its
+    /// bytes) weighed by the chance it is asked for again soon, predicted
+    /// from the request history kept in the ledger.
+    Adaptive,
+}
+
+impl Order {
+    /// The name used in settings and outputs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Order::Strict => "strict",
+            Order::Adaptive => "adaptive",
+        }
+    }
+}
+
+/// How the adaptive order ranks one resident model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Score {
+    /// The model.
+    pub id: String,
+    /// The predicted chance (0..1) it is asked for within the horizon.
+    pub p_soon: f64,
+    /// Its reload cost (bytes) times `p_soon`: what evicting it is
+    /// expected to cost. Cheaper candidates leave first.
+    pub value: f64,
+}
+
+/// Candidates whose recent gaps do not reach past "now" are assumed to come
+/// back this many requests after one more.
+const UNSEEN_GAP: f64 = 8.0;
+
+/// The horizon (in requests) within which a return counts as "soon":
+/// twice the moving gap between misses, at least 8.
+fn horizon(history: &History) -> f64 {
+    (2.0 * history.miss_gap().unwrap_or(0.0)).max(8.0)
+}
+
+/// The chance (0..1) `model` is asked for soon, from its gaps: each recent
+/// gap longer than the time since its last request is one way it may come
+/// back (after the difference); with none, one more mean gap.
+fn p_soon(history: &History, model: &str, horizon: f64) -> f64 {
+    let now = history.requests();
+    let Some(own) = history.model(model) else {
+        return (-(now as f64 + 1.0 + UNSEEN_GAP) / horizon).exp();
+    };
+    let ago = now.saturating_sub(own.last);
+    if own.gaps.is_empty() {
+        return (-(ago as f64 + 1.0 + UNSEEN_GAP) / horizon).exp();
+    }
+    let (mut sum, mut count) = (0.0, 0u32);
+    for &gap in &own.gaps {
+        if gap > ago {
+            sum += (-((gap - ago) as f64) / horizon).exp();
+            count += 1;
+        }
+    }
+    if count > 0 {
+        return sum / f64::from(count);
+    }
+    let mean = own.gaps.iter().sum::<u64>() as f64 / own.gaps.len() as f64;
+    (-(ago as f64 + 1.0 + mean) / horizon).exp()
+}
+
+/// How the adaptive order ranks each resident model of `ledger` now, by
+/// id: what `Status` shows so a user can see why a model was chosen.
+pub fn scores(ledger: &Ledger) -> Vec<Score> {
+    let horizon = horizon(ledger.history());
+    ledger
+        .entries()
+        .filter(|e| e.state == ModelState::Resident)
+        .map(|e| {
+            let p = p_soon(ledger.history(), &e.id, horizon);
+            Score {
+                id: e.id.clone(),
+                p_soon: p,
+                value: e.bytes as f64 * (p + 1e-9),
+            }
+        })
+        .collect()
 }
 
 /// Plans a load of `model` with `free` bytes available (the ledger's free
@@ -77,6 +171,28 @@ pub fn plan(
     model: &str,
     free: u64,
 ) -> Result<Plan, VramError> {
+    plan_in_order(ledger, kinds, catalog, model, free, Order::Strict)
+}
+
+/// [`plan`] with the candidates taken in `order`. Steps 1-3, the
+/// candidates themselves, the refusal and the trim are the same under
+/// every order; only which sufficient set of candidates leaves differs.
+///
+/// Under [`Order::Adaptive`]: protected candidates first (one can only
+/// leave at a request of its own tier, so an idle one locks its bytes) —
+/// if they alone cover the need, the shortest prefix of them by (p_soon,
+/// recency, id); otherwise all of them plus the set of the others with the
+/// least total value that covers the rest (an exact 0/1 cover over a
+/// Pareto front of (bytes freed, value), capped at 256 entries), sorted by
+/// (value, recency, id). Then the usual trim.
+pub fn plan_in_order(
+    ledger: &Ledger,
+    kinds: &Kinds,
+    catalog: &Catalog,
+    model: &str,
+    free: u64,
+    order: Order,
+) -> Result<Plan, VramError> {
     // Step 1: requests that no eviction can serve.
     let spec = servable(catalog, ledger.capacity(), model)?;
     let unknown = || VramError::UnknownModel {
@@ -99,7 +215,15 @@ pub fn plan(
     // Step 4: who may go, lowest tier and least recently used first. Leased
     // models are set aside (counted, so a caller can wait for them). The
     // few kinds are resolved once, not once per model.
-    let (candidates, leased) = candidates(ledger, kinds, requester, model);
+    let (mut candidates, leased) = candidates(ledger, kinds, requester, model);
+    if order == Order::Adaptive {
+        let total = candidates
+            .iter()
+            .fold(0u64, |sum, c| sum.saturating_add(c.1));
+        if total >= shortfall {
+            candidates = adaptive_order(ledger, kinds, candidates, shortfall);
+        }
+    }
 
     // Step 5: the shortest sufficient prefix, or refuse with nothing evicted.
     let mut freed = 0u64;
@@ -134,6 +258,115 @@ pub fn plan(
         .map(|((_, _, entry), _)| entry.id.clone())
         .collect();
     Ok(Plan::Load { victims })
+}
+
+/// A candidate as policy step 4 lists it: (sort key, bytes, entry).
+type Candidate<'a> = (u128, u64, &'a Entry);
+
+/// The adaptive order: the candidates that should leave, in the order they
+/// leave, for `shortfall` bytes (which all of them together cover). Step
+/// 5's prefix then takes exactly these, and step 6 trims them.
+fn adaptive_order<'a>(
+    ledger: &Ledger,
+    kinds: &Kinds,
+    candidates: Vec<Candidate<'a>>,
+    shortfall: u64,
+) -> Vec<Candidate<'a>> {
+    let history = ledger.history();
+    let horizon = horizon(history);
+    // (p_soon, value, candidate)
+    let (mut protected, mut others): (Vec<_>, Vec<_>) = candidates
+        .into_iter()
+        .map(|c| {
+            let p = p_soon(history, &c.2.id, horizon);
+            (p, c.1 as f64 * (p + 1e-9), c)
+        })
+        .partition(|(_, _, c)| kinds.get(&c.2.kind).is_some_and(|k| k.protected));
+    let by = |a: f64, b: f64, x: &Entry, y: &Entry| {
+        a.total_cmp(&b)
+            .then(x.recency.cmp(&y.recency))
+            .then_with(|| x.id.cmp(&y.id))
+    };
+    protected.sort_by(|a, b| by(a.0, b.0, a.2.2, b.2.2));
+    let protected_bytes = protected
+        .iter()
+        .fold(0u64, |sum, c| sum.saturating_add(c.2.1));
+    if protected_bytes >= shortfall {
+        return protected.into_iter().map(|(_, _, c)| c).collect();
+    }
+    let items: Vec<(u64, f64)> = others.iter().map(|(_, v, c)| (c.1, *v)).collect();
+    let chosen = cheapest_cover(&items, shortfall - protected_bytes);
+    let mut taken: Vec<_> = protected;
+    let mut index = 0;
+    others.retain(|_| {
+        let keep = chosen[index];
+        index += 1;
+        keep
+    });
+    taken.extend(others);
+    taken.sort_by(|a, b| by(a.1, b.1, a.2.2, b.2.2));
+    taken.into_iter().map(|(_, _, c)| c).collect()
+}
+
+/// The most entries the cover's Pareto front keeps.
+const FRONT_CAP: usize = 256;
+
+/// Which `items` (bytes, value) to take so their bytes reach `need` at the
+/// least total value: exact 0/1 minimum-cost cover over a Pareto front of
+/// partial sets (more bytes for less value), pruned against the best cover
+/// found so far and capped at [`FRONT_CAP`] entries. The items together
+/// must reach `need`; should the cap lose every cover, all are taken.
+fn cheapest_cover(items: &[(u64, f64)], need: u64) -> Vec<bool> {
+    // Partial sets as linked lists in one arena: (item, previous node).
+    let mut arena: Vec<(usize, Option<usize>)> = Vec::new();
+    // (bytes freed, value, last node)
+    let mut front: Vec<(u64, f64, Option<usize>)> = vec![(0, 0.0, None)];
+    let mut best: Option<(f64, Option<usize>)> = None;
+    for (i, &(bytes, value)) in items.iter().enumerate() {
+        let mut grown = Vec::with_capacity(front.len());
+        for &(freed, total, node) in &front {
+            let total = total + value;
+            if best.is_some_and(|(b, _)| total >= b) {
+                continue;
+            }
+            arena.push((i, node));
+            let node = Some(arena.len() - 1);
+            let freed = freed.saturating_add(bytes);
+            if freed >= need {
+                best = Some((total, node));
+            } else {
+                grown.push((freed, total, node));
+            }
+        }
+        front.extend(grown);
+        // Keep the Pareto front: by bytes freed, most first, each kept
+        // entry must cost less than every one freeing more.
+        front.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.total_cmp(&b.1)));
+        let mut cheapest = f64::INFINITY;
+        front.retain(|&(_, total, _)| {
+            let keep = total < cheapest && best.is_none_or(|(b, _)| total < b);
+            if keep {
+                cheapest = total;
+            }
+            keep
+        });
+        if front.len() > FRONT_CAP {
+            // Keep the partial sets that free the most per unit of value.
+            front.sort_by(|a, b| {
+                let ratio = |f: &(u64, f64, Option<usize>)| f.1 / (f.0 as f64 + 1.0);
+                ratio(a).total_cmp(&ratio(b))
+            });
+            front.truncate(FRONT_CAP);
+        }
+    }
+    let mut taken = vec![best.is_none(); items.len()];
+    if let Some((_, mut node)) = best {
+        while let Some(n) = node {
+            taken[arena[n].0] = true;
+            node = arena[n].1;
+        }
+    }
+    taken
 }
 
 /// Policy step 4: the resident models a request for `model` (of kind
@@ -244,6 +477,7 @@ mod tests {
         ledger: Ledger,
         kinds: Kinds,
         catalog: Catalog,
+        order: Order,
     }
 
     impl Card {
@@ -261,21 +495,24 @@ mod tests {
                     .iter()
                     .map(|&(id, kind, gib)| ModelSpec::new(id, kind, gib * GIB))
                     .collect(),
+                order: Order::Strict,
             }
         }
 
         fn plan(&self, id: &str) -> Result<Plan, VramError> {
-            plan(
+            plan_in_order(
                 &self.ledger,
                 &self.kinds,
                 &self.catalog,
                 id,
                 self.ledger.free(),
+                self.order,
             )
         }
 
         /// Plans and carries out a load; answers the victims.
         fn load(&mut self, id: &str) -> Result<Vec<String>, VramError> {
+            self.ledger.note_request(id);
             let plan = self.plan(id)?;
             if plan == Plan::Resident {
                 self.ledger.touch(id);
@@ -351,7 +588,8 @@ mod tests {
         // here a request that cannot fit evicts nothing.
         let mut card = Card::new(&[("asr1", "asr", 10), ("llm1", "llm", 4), ("llm2", "llm", 7)]);
         loaded(&mut card, &["asr1", "llm1"]);
-        let before = card.ledger.clone();
+        let mut before = card.ledger.clone();
+        before.note_request("llm2"); // the request itself is history
         let err = card.load("llm2").unwrap_err();
         assert_eq!(err.code(), "insufficient_vram");
         assert_eq!(
@@ -594,5 +832,121 @@ mod tests {
         // "high" is the least recently used, but its tier is higher.
         loaded(&mut card, &["high", "low"]);
         assert_eq!(card.plan("x").unwrap().victims(), ["low"]);
+    }
+
+    // ---- The adaptive order ----
+
+    /// The voice-assistant turn of the README's example: ASR, the big LLM,
+    /// then one of two voices; only one voice fits beside the LLM.
+    fn voice_turns(order: Order, turns: usize) -> (Card, Vec<Vec<String>>) {
+        let mut card = Card::new(&[
+            ("asr", "asr", 1),
+            ("llm", "llm", 12),
+            ("tts-a", "tts", 2),
+            ("tts-b", "tts", 2),
+        ]);
+        card.order = order;
+        let mut evictions = Vec::new();
+        for turn in 0..turns {
+            let voice = if turn % 2 == 0 { "tts-a" } else { "tts-b" };
+            for id in ["asr", "llm", voice] {
+                evictions.push(card.load(id).unwrap());
+            }
+        }
+        (card, evictions)
+    }
+
+    #[test]
+    fn strict_evicts_the_big_llm_for_every_voice_switch() {
+        let (_, evictions) = voice_turns(Order::Strict, 6);
+        let llm_reloads = evictions.iter().filter(|v| v.contains(&"llm".to_string()));
+        assert_eq!(llm_reloads.count(), 5, "{evictions:?}");
+    }
+
+    #[test]
+    fn adaptive_keeps_the_big_llm_and_swaps_the_small_voice() {
+        let (card, evictions) = voice_turns(Order::Adaptive, 6);
+        let victims: Vec<_> = evictions.into_iter().flatten().collect();
+        assert!(!victims.contains(&"llm".to_string()), "{victims:?}");
+        assert_eq!(victims.len(), 5, "one voice leaves per switch: {victims:?}");
+        assert!(card.ledger.is_resident("llm"));
+    }
+
+    #[test]
+    fn adaptive_takes_idle_protected_models_first() {
+        // Two ASR models (protected); an ASR request may replace the idle
+        // one, which frees enough: it goes although the LLM is cheaper.
+        let mut card = Card::new(&[("asr-a", "asr", 4), ("asr-b", "asr", 6), ("llm", "llm", 8)]);
+        card.order = Order::Adaptive;
+        loaded(&mut card, &["asr-a", "llm"]);
+        assert_eq!(card.load("asr-b").unwrap(), ["asr-a"]);
+        // The strict order takes the lowest tier instead.
+        let mut strict = Card::new(&[("asr-a", "asr", 4), ("asr-b", "asr", 6), ("llm", "llm", 8)]);
+        loaded(&mut strict, &["asr-a", "llm"]);
+        assert_eq!(strict.load("asr-b").unwrap(), ["llm"]);
+    }
+
+    #[test]
+    fn adaptive_refuses_and_spares_exactly_as_strict() {
+        let mut card = Card::new(&[("asr1", "asr", 10), ("llm1", "llm", 4), ("llm2", "llm", 7)]);
+        card.order = Order::Adaptive;
+        loaded(&mut card, &["asr1", "llm1"]);
+        let mut before = card.ledger.clone();
+        before.note_request("llm2");
+        assert_eq!(card.load("llm2").unwrap_err().code(), "insufficient_vram");
+        assert_eq!(card.ledger, before, "a refusal evicts nothing");
+        // Fits: nothing leaves, whatever the order.
+        assert_eq!(card.load("llm1").unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_cover_is_the_cheapest_of_all_sets() {
+        // Against every subset, on small random instances.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..300 {
+            let n = 1 + next(9) as usize;
+            let items: Vec<(u64, f64)> = (0..n)
+                .map(|_| (1 + next(10), (1 + next(1000)) as f64 / 7.0))
+                .collect();
+            let total: u64 = items.iter().map(|i| i.0).sum();
+            let need = 1 + next(total);
+            let taken = cheapest_cover(&items, need);
+            let cost = |mask: &dyn Fn(usize) -> bool| -> (u64, f64) {
+                (0..n)
+                    .filter(|&i| mask(i))
+                    .fold((0, 0.0), |(b, v), i| (b + items[i].0, v + items[i].1))
+            };
+            let (bytes, value) = cost(&|i| taken[i]);
+            assert!(bytes >= need, "the cover must reach the need");
+            let best = (0u32..1 << n)
+                .map(|m| cost(&|i| m >> i & 1 == 1))
+                .filter(|&(b, _)| b >= need)
+                .map(|(_, v)| v)
+                .fold(f64::INFINITY, f64::min);
+            assert!(
+                (value - best).abs() < 1e-9,
+                "{items:?} need {need}: {value} vs {best}"
+            );
+        }
+    }
+
+    #[test]
+    fn scores_follow_the_request_history() {
+        let (card, _) = voice_turns(Order::Adaptive, 4);
+        let scores = scores(&card.ledger);
+        let p = |id: &str| scores.iter().find(|s| s.id == id).unwrap().p_soon;
+        // The last turn used tts-b; tts-a is next, the LLM comes every turn.
+        assert!(p("llm") > 0.5 && p("asr") > 0.5, "{scores:?}");
+        for s in &scores {
+            assert!((0.0..=1.0).contains(&s.p_soon));
+            let bytes = card.ledger.get(&s.id).unwrap().bytes as f64;
+            assert!((s.value - bytes * (s.p_soon + 1e-9)).abs() <= bytes * 1e-12);
+        }
     }
 }

@@ -111,6 +111,7 @@ impl VramActor {
             ttl: config.ttl.clone(),
             reserve: config.reserve,
             lease_wait: config.lease_wait,
+            order: config.order,
             release: ReleaseWait {
                 fraction: config.release_fraction,
                 poll: config.release_poll,

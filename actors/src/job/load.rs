@@ -18,7 +18,7 @@ use super::{Books, Command, Event, Job, after, first_pause, load_failed, next_pa
 use crate::error::VramError;
 use crate::events::{Loaded, VramEvent};
 use crate::ledger::{Ledger, ModelState};
-use crate::policy::{Plan, candidates, plan};
+use crate::policy::{Plan, candidates, plan_in_order};
 use crate::probe::GpuMemory;
 
 /// Where a load is.
@@ -132,12 +132,13 @@ impl LoadJob {
                 .min(card.free.saturating_sub(books.reserve)),
             None => books.ledger.free(),
         };
-        match plan(
+        match plan_in_order(
             &books.ledger,
             &books.kinds,
             &books.planned,
             &self.model,
             free,
+            books.order,
         ) {
             Ok(Plan::Resident) => {
                 books.touch(&self.model, now);
@@ -336,6 +337,7 @@ impl LoadJob {
                 kind: entry.kind,
                 bytes: entry.bytes,
                 for_model: self.model.clone(),
+                order: books.order,
             }));
         }
         self.evicted.push(model.to_string());
@@ -408,12 +410,13 @@ impl LoadJob {
         books.plan_with(&self.model, measured);
         let mut view = books.ledger.clone();
         view.remove(&self.model);
-        let planned = plan(
+        let planned = plan_in_order(
             &view,
             &books.kinds,
             &books.planned,
             &self.model,
             view.free(),
+            books.order,
         );
         match planned {
             Ok(Plan::Load { victims }) if !victims.is_empty() => {

@@ -28,6 +28,7 @@ use crate::events::VramEvent;
 use crate::kind::Kinds;
 use crate::ledger::{Entry, Ledger};
 use crate::model::{Catalog, ModelSpec};
+use crate::policy::Order;
 use crate::probe::GpuMemory;
 
 /// What happened, fed to the running job.
@@ -186,6 +187,8 @@ pub(crate) struct Books {
     pub(crate) lease_wait: Duration,
     /// How a load waits for evicted memory.
     pub(crate) release: ReleaseWait,
+    /// The order in which eviction candidates are taken.
+    pub(crate) order: Order,
 }
 
 impl Books {

@@ -20,6 +20,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::kind::Kind;
 use crate::ledger::ModelState;
+use crate::policy::Order;
 
 const GIB: u64 = 1 << 30;
 const CAPACITY: u64 = 16 * GIB;
@@ -60,6 +61,7 @@ fn books() -> Books {
             .collect(),
         reserve: 0,
         lease_wait: Duration::from_secs(2),
+        order: Order::Strict,
         release: ReleaseWait {
             fraction: 0.75,
             poll: Duration::from_millis(250),
@@ -426,13 +428,18 @@ proptest! {
     fn every_interleaving_keeps_the_invariants(
         reqs in proptest::collection::vec(req(), 1..40),
         dice in proptest::collection::vec(any::<u8>(), 1..64),
+        adaptive in any::<bool>(),
     ) {
         let mut world = World::new(dice);
+        if adaptive {
+            world.books.order = Order::Adaptive;
+        }
         for req in reqs {
             world.now += Duration::from_secs(1);
             match req {
                 Req::Load(i) => {
                     let model = name(i);
+                    world.books.ledger.note_request(model);
                     let result = world.run(LoadJob::new(model), Some(model))?;
                     let entry = world.books.ledger.get(model);
                     match &result {
