@@ -101,6 +101,17 @@ fn planning(c: &mut Criterion) {
         });
     }
     group.finish();
+    // The adaptive order on the same fixtures (with their request
+    // history): p_soon per candidate plus the capped cover.
+    let mut group = c.benchmark_group("plan_adaptive");
+    for n in [10usize, 100, 1_000] {
+        let fixture = bench::plan_fixture(n);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &fixture, |b, fixture| {
+            b.iter(|| bench::plan_once_in(fixture, vram_manager::Order::Adaptive))
+        });
+    }
+    group.finish();
 }
 
 fn throughput(c: &mut Criterion) {

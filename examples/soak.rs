@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use vram_manager::Order;
 use vram_manager::soak::{self, SoakOptions};
 
 /// Soak the manager with faulty backends.
@@ -27,6 +28,17 @@ struct Args {
     /// Backend timeout in milliseconds (injected hangs run into it).
     #[arg(long, default_value_t = 5)]
     timeout_ms: u64,
+    /// The eviction order: strict or adaptive.
+    #[arg(long, default_value = "strict", value_parser = parse_order)]
+    order: Order,
+}
+
+fn parse_order(text: &str) -> Result<Order, String> {
+    match text {
+        "strict" => Ok(Order::Strict),
+        "adaptive" => Ok(Order::Adaptive),
+        other => Err(format!("{other:?} is not an order; use strict or adaptive")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -39,6 +51,7 @@ fn main() -> ExitCode {
         fault_rate: args.fault_rate,
         seed: args.seed,
         timeout: Duration::from_millis(args.timeout_ms),
+        order: args.order,
         ..SoakOptions::default()
     }) {
         Ok(report) => report,

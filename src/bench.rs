@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use vram_actors::{
-    Acquire, Catalog, Kinds, Ledger, Load, ModelSpec, Status, Unload, VramActor, VramError, plan,
+    Acquire, Catalog, Kinds, Ledger, Load, ModelSpec, Order, Status, Unload, VramActor, VramError,
+    plan_in_order,
 };
 
 use crate::config::Settings;
@@ -246,6 +247,11 @@ pub fn plan_fixture(n: usize) -> (Ledger, Kinds, Catalog) {
         let spec = &specs[(j * 7919) % n];
         ledger.insert_resident(spec);
     }
+    // A request history for the adaptive order (the strict one ignores
+    // it): every model asked for several times, at uneven gaps.
+    for j in 0..n * 4 {
+        ledger.note_request(&specs[(j * j + 7 * j) % n].id);
+    }
     let kinds = Settings::defaults()
         .map(|s| s.kinds)
         .expect("the compiled-in defaults are valid");
@@ -254,8 +260,13 @@ pub fn plan_fixture(n: usize) -> (Ledger, Kinds, Catalog) {
 
 /// Plans "request" against `fixture`, answering the number of victims.
 pub fn plan_once(fixture: &(Ledger, Kinds, Catalog)) -> usize {
+    plan_once_in(fixture, Order::Strict)
+}
+
+/// [`plan_once`] with the candidates taken in `order`.
+pub fn plan_once_in(fixture: &(Ledger, Kinds, Catalog), order: Order) -> usize {
     let (ledger, kinds, catalog) = fixture;
-    match plan(ledger, kinds, catalog, "request", ledger.free()) {
+    match plan_in_order(ledger, kinds, catalog, "request", ledger.free(), order) {
         Ok(plan) => plan.victims().len(),
         Err(_) => 0,
     }

@@ -25,6 +25,8 @@ pub mod warm;
 pub mod bench;
 #[cfg(feature = "testing")]
 pub mod soak;
+#[cfg(feature = "testing")]
+pub mod study;
 
 pub use manager::Manager;
 pub use vram_actors::*;

@@ -503,6 +503,16 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
                 model["protected"] = json!(protected);
                 model["ttl_s"] = json!(ttl);
             }
+            // Under the adaptive order: why a resident model would leave
+            // (cheaper value first).
+            if let Some(score) = status
+                .scores
+                .iter()
+                .find(|s| model["id"].as_str() == Some(s.id.as_str()))
+            {
+                model["p_soon"] = json!(score.p_soon);
+                model["value"] = json!(score.value);
+            }
             model
         })
         .collect();
@@ -517,6 +527,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         "idle_ms": status.idle_ms,
         "device": shared.about.device,
         "reserve": shared.about.reserve,
+        "order": status.order,
     }))
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use vram_actors::{
     Acquire, Backend, Catalog, Kinds, Lease, Ledger, Load, ManagerConfig, ModelSpec, ModelState,
-    Status, Subscribe, Unload, VramActor, VramEvent,
+    Order, Status, Subscribe, Unload, VramActor, VramEvent,
 };
 
 use crate::backends::{FaultBackend, FaultRates};
@@ -45,6 +45,8 @@ pub struct SoakOptions {
     pub timeout: Duration,
     /// How long a load waits for leases before it fails.
     pub lease_wait: Duration,
+    /// The eviction order under test.
+    pub order: Order,
 }
 
 impl Default for SoakOptions {
@@ -56,6 +58,7 @@ impl Default for SoakOptions {
             seed: 1,
             timeout: Duration::from_millis(5),
             lease_wait: Duration::from_millis(2),
+            order: Order::Strict,
         }
     }
 }
@@ -206,6 +209,7 @@ async fn soak(options: SoakOptions, base: ManagerConfig) -> SoakReport {
 
     let config = ManagerConfig {
         lease_wait: options.lease_wait,
+        order: options.order,
         load_timeout: options.timeout,
         unload_timeout: options.timeout,
         restart_backoff: Duration::from_millis(1),

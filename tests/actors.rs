@@ -475,3 +475,53 @@ async fn pinning_at_run_time_spares_a_model_until_it_is_unpinned() {
         "unknown_model"
     );
 }
+
+#[actix_rt::test]
+async fn the_adaptive_order_shows_its_scores_and_names_itself_in_evictions() {
+    let models = [
+        model("asr", "asr", 2, ""),
+        model("llm", "llm", 12, ""),
+        model("voice-a", "tts", 1, ""),
+        model("voice-b", "tts", 1, ""),
+    ]
+    .concat();
+    let m = start(&format!(
+        "[policy]\norder = \"adaptive\"\n[gpu]\ntotal = \"15GiB\"\n{models}"
+    ));
+    let mut events = Events::subscribe(&m.addr).await;
+    for id in ["asr", "llm", "voice-a", "asr", "llm"] {
+        assert_eq!(load(&m, id).await, Ok(vec![]), "{id}");
+    }
+    let report = status(&m).await;
+    assert_eq!(report.order, vram_manager::Order::Adaptive);
+    let ids: Vec<&str> = report.scores.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["asr", "llm", "voice-a"]);
+    let score = |id: &str| report.scores.iter().find(|s| s.id == id).unwrap().clone();
+    // The LLM comes every turn; voice-a was asked for once, long ago.
+    assert!(
+        score("llm").p_soon > score("voice-a").p_soon,
+        "{:?}",
+        report.scores
+    );
+    // A voice switch: voice-a is the cheaper candidate, the LLM stays.
+    assert_eq!(load(&m, "voice-b").await, Ok(vec!["voice-a".to_string()]));
+    let evicted: Vec<serde_json::Value> = events
+        .drain()
+        .await
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .filter(|v| v["event"] == "evicted")
+        .collect();
+    assert_eq!(evicted.len(), 1);
+    assert_eq!(evicted[0]["model"], "voice-a");
+    assert_eq!(evicted[0]["order"], "adaptive");
+}
+
+#[actix_rt::test]
+async fn the_strict_order_shows_no_scores() {
+    let m = start(&model("a", "llm", 1, ""));
+    load(&m, "a").await.unwrap();
+    let report = status(&m).await;
+    assert_eq!(report.order, vram_manager::Order::Strict);
+    assert!(report.scores.is_empty());
+}

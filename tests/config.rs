@@ -29,6 +29,19 @@ fn defaults_are_the_voice_assistant_on_16_gib() {
 }
 
 #[test]
+fn the_eviction_order_is_strict_unless_set() {
+    assert_eq!(
+        Settings::parse("").unwrap().policy.order,
+        vram_manager::Order::Strict
+    );
+    let s = Settings::parse("[policy]\norder = \"adaptive\"\n").unwrap();
+    assert_eq!(s.policy.order, vram_manager::Order::Adaptive);
+    let e = error_of("[policy]\norder = \"lru\"\n");
+    assert!(e.contains("policy.order") && e.contains("\"lru\""), "{e}");
+    assert!(e.contains("strict") && e.contains("adaptive"), "{e}");
+}
+
+#[test]
 fn a_file_layers_over_the_defaults() {
     let s = Settings::parse(
         r#"

@@ -51,6 +51,40 @@ fn a_short_soak_finds_no_violation() {
 }
 
 #[test]
+fn a_short_soak_under_the_adaptive_order_finds_no_violation() {
+    let out = run(
+        "soak",
+        &["--ops", "3000", "--order", "adaptive", "--seed", "5"],
+    );
+    assert!(out.contains("violations     0"), "{out}");
+    assert!(!out.contains("checks         0\n"), "{out}");
+}
+
+#[test]
+fn the_quick_policy_study_puts_adaptive_nearest_the_optimum() {
+    let out = run("policy_study", &["--quick"]);
+    let mean = |policy: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(policy) && l.contains("mean over all"))
+            .unwrap_or_else(|| panic!("a mean for {policy}: {out}"));
+        let figure = line.split(": ").nth(1).and_then(|f| f.split('x').next());
+        figure
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    let (strict, lru, adaptive) = (mean("strict"), mean("lru"), mean("adaptive"));
+    // Seeded traces: these figures are the same on every machine.
+    assert!(adaptive >= 1.0 && strict >= 1.0 && lru >= 1.0, "{out}");
+    assert!(adaptive < lru && adaptive < strict, "{out}");
+    assert!(
+        adaptive <= 1.10,
+        "adaptive {adaptive} over its target: {out}"
+    );
+    assert!(out.contains("refused requests: 0"), "{out}");
+}
+
+#[test]
 fn the_quick_bench_prints_its_figures() {
     let out = run("bench", &["--quick", "--json"]);
     let figures: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");

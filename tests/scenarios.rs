@@ -135,6 +135,25 @@ fn a_failed_expectation_exits_1_naming_the_step() {
 }
 
 #[test]
+fn the_adaptive_scenario_fails_under_the_strict_order() {
+    // The same day under the strict order evicts the LLM for the voice:
+    // the adaptive scenario's expectations are not met.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/scenarios/adaptive.toml")).unwrap();
+    assert!(text.contains("order = \"adaptive\""));
+    let strict = text.replace("order = \"adaptive\"", "order = \"strict\"");
+    let path = temp_file("adaptive-as-strict.toml", &strict);
+    let (code, out, err) = outcome(&run_cli(
+        &["scenario", path.to_str().unwrap(), "--json"],
+        &[],
+    ));
+    assert_eq!(code, 1, "{out}\n{err}");
+    let step6: serde_json::Value = serde_json::from_str(out.lines().nth(5).unwrap()).unwrap();
+    assert_eq!(step6["model"], "voice-b");
+    assert_eq!(step6["evicted"], serde_json::json!(["qwen2.5-14b"]));
+}
+
+#[test]
 fn a_wrong_expected_code_fails_the_step() {
     let text = "[[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"1GiB\"\n[[steps]]\nop = \"load\"\nmodel = \"a\"\nexpect = \"insufficient_vram\"\n";
     let path = temp_file("wrong-code.toml", text);

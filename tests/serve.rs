@@ -196,6 +196,11 @@ async fn the_control_api_and_the_proxy_answer_as_documented() {
     assert!(report["idle_ms"]["llm-b"].as_u64().is_some(), "{report}");
     assert!(llm_b["idle_s"].as_f64().is_some(), "{report}");
     assert!(report["card"].is_null(), "no probe, no card view: {report}");
+    assert_eq!(report["order"], "strict", "{report}");
+    assert!(
+        llm_b.get("p_soon").is_none(),
+        "scores only under adaptive: {report}"
+    );
     // Every configured model is listed, those not on the card as unloaded.
     let listed: Vec<(&str, &str)> = report["models"]
         .as_array()
@@ -675,4 +680,33 @@ async fn the_dashboard_is_served_and_uses_only_this_server() {
         (code, error["error"]["code"].as_str()),
         (404, Some("unknown_model"))
     );
+}
+
+#[actix_rt::test]
+async fn status_shows_the_adaptive_scores() {
+    let s = start("adaptive", "[policy]\norder = \"adaptive\"");
+    let base = &s.base;
+    let (code, _) = call(
+        "POST",
+        &format!("{base}/api/models/whisper/load"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (_, report) = call("GET", &format!("{base}/api/status"), None, None).await;
+    assert_eq!(report["order"], "adaptive", "{report}");
+    let models = report["models"].as_array().unwrap();
+    let whisper = models.iter().find(|m| m["id"] == "whisper").unwrap();
+    let p = whisper["p_soon"]
+        .as_f64()
+        .expect("a resident model has p_soon");
+    assert!((0.0..=1.0).contains(&p), "{report}");
+    let value = whisper["value"].as_f64().unwrap();
+    assert!(
+        (value - 3.0 * (1u64 << 30) as f64 * (p + 1e-9)).abs() < 1.0,
+        "{report}"
+    );
+    let unloaded = models.iter().find(|m| m["id"] == "llm-a").unwrap();
+    assert!(unloaded.get("p_soon").is_none(), "{report}");
 }

@@ -322,6 +322,11 @@ fn cheapest_cover(items: &[(u64, f64)], need: u64) -> Vec<bool> {
     // (bytes freed, value, last node)
     let mut front: Vec<(u64, f64, Option<usize>)> = vec![(0, 0.0, None)];
     let mut best: Option<(f64, Option<usize>)> = None;
+    // The front stays sorted by bytes freed, most first; on a Pareto front
+    // the value then falls too. Adding an item shifts every entry alike, so
+    // the grown entries come out sorted and a merge keeps the order: no
+    // sort per item.
+    let mut merged = Vec::new();
     for (i, &(bytes, value)) in items.iter().enumerate() {
         let mut grown = Vec::with_capacity(front.len());
         for &(freed, total, node) in &front {
@@ -338,25 +343,42 @@ fn cheapest_cover(items: &[(u64, f64)], need: u64) -> Vec<bool> {
                 grown.push((freed, total, node));
             }
         }
-        front.extend(grown);
-        // Keep the Pareto front: by bytes freed, most first, each kept
-        // entry must cost less than every one freeing more.
-        front.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.total_cmp(&b.1)));
-        let mut cheapest = f64::INFINITY;
-        front.retain(|&(_, total, _)| {
-            let keep = total < cheapest && best.is_none_or(|(b, _)| total < b);
-            if keep {
-                cheapest = total;
+        merged.clear();
+        let (mut a, mut b) = (front.iter().peekable(), grown.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) => {
+                    if (y.0, -y.1) > (x.0, -x.1) {
+                        b.next()
+                    } else {
+                        a.next()
+                    }
+                }
+                (Some(_), None) => a.next(),
+                (None, Some(_)) => b.next(),
+                (None, None) => break,
+            };
+            if let Some(&entry) = next {
+                merged.push(entry);
             }
-            keep
-        });
+        }
+        // Keep the Pareto front: each kept entry costs less than every one
+        // freeing more, and less than the best cover found.
+        let mut cheapest = best.map_or(f64::INFINITY, |(b, _)| b);
+        front.clear();
+        for &(freed, total, node) in &merged {
+            if total < cheapest {
+                cheapest = total;
+                front.push((freed, total, node));
+            }
+        }
         if front.len() > FRONT_CAP {
-            // Keep the partial sets that free the most per unit of value.
-            front.sort_by(|a, b| {
-                let ratio = |f: &(u64, f64, Option<usize>)| f.1 / (f.0 as f64 + 1.0);
-                ratio(a).total_cmp(&ratio(b))
-            });
-            front.truncate(FRONT_CAP);
+            // Thin it evenly, keeping both ends.
+            let len = front.len();
+            let keep: Vec<_> = (0..FRONT_CAP)
+                .map(|k| front[k * (len - 1) / (FRONT_CAP - 1)])
+                .collect();
+            front = keep;
         }
     }
     let mut taken = vec![best.is_none(); items.len()];
