@@ -100,6 +100,12 @@ fn planning(c: &mut Criterion) {
             b.iter(|| bench::plan_once(fixture))
         });
     }
+    // Placement over 8 cards holding 64 models: an eviction planned on
+    // every card, the cheapest chosen.
+    let fixture = bench::place_fixture();
+    group.bench_function("place_8_cards_64_models", |b| {
+        b.iter(|| bench::place_once(&fixture, vram_manager::Order::Strict))
+    });
     group.finish();
     // The adaptive order on the same fixtures (with their request
     // history): p_soon per candidate plus the capped cover.

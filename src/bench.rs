@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use vram_actors::{
-    Acquire, Catalog, Kinds, Ledger, Load, ModelSpec, Order, Status, Unload, VramActor, VramError,
-    plan_in_order,
+    Acquire, CardView, Catalog, Kinds, Ledger, Load, ModelSpec, Order, Status, Unload, VramActor,
+    VramError, place, plan_in_order,
 };
 
 use crate::config::Settings;
@@ -258,6 +258,48 @@ pub fn plan_fixture(n: usize) -> (Ledger, Kinds, Catalog) {
     (ledger, kinds, catalog)
 }
 
+/// Eight full 16 GiB cards holding 64 models between them (8 each, of
+/// every kind, 1-3 GiB) and a 6 GiB "request" that fits none of them:
+/// placement has to plan an eviction on every card and compare the plans.
+pub fn place_fixture() -> (Vec<Ledger>, Kinds, Catalog) {
+    let mut catalog = Catalog::new();
+    let mut cards = Vec::new();
+    for c in 0..8 {
+        let mut ledger = Ledger::new(16 * GIB);
+        for j in 0..8 {
+            let i = c * 8 + j;
+            let kind = ["llm", "tts", "asr", "llm"][i % 4];
+            let bytes = (1 + (i as u64 * 7919) % 3) * GIB;
+            let spec = ModelSpec::new(format!("m{i:03}"), kind, bytes);
+            catalog.insert(spec.clone());
+            ledger.insert_resident(&spec);
+        }
+        // Fill the rest so nothing fits without eviction.
+        let filler = ModelSpec::new(format!("fill{c}"), "llm", ledger.free());
+        catalog.insert(filler.clone());
+        ledger.insert_resident(&filler);
+        cards.push(ledger);
+    }
+    catalog.insert(ModelSpec::new("request", "tts", 6 * GIB));
+    let kinds = Settings::defaults()
+        .map(|s| s.kinds)
+        .expect("the compiled-in defaults are valid");
+    (cards, kinds, catalog)
+}
+
+/// Places "request" on the cards of `fixture`; answers the card.
+pub fn place_once(fixture: &(Vec<Ledger>, Kinds, Catalog), order: Order) -> usize {
+    let (cards, kinds, catalog) = fixture;
+    let views: Vec<CardView<'_>> = cards
+        .iter()
+        .map(|ledger| CardView {
+            ledger,
+            free: ledger.free(),
+        })
+        .collect();
+    place(&views, kinds, catalog, "request", None, order).map_or(usize::MAX, |p| p.card)
+}
+
 /// Plans "request" against `fixture`, answering the number of victims.
 pub fn plan_once(fixture: &(Ledger, Kinds, Catalog)) -> usize {
     plan_once_in(fixture, Order::Strict)
@@ -316,4 +358,19 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort_unstable();
     let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
     samples[rank.clamp(1, samples.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_placement_fixture_needs_an_eviction_and_gets_one() {
+        let fixture = place_fixture();
+        assert_eq!(fixture.0.len(), 8);
+        assert_eq!(fixture.0.iter().map(Ledger::len).sum::<usize>(), 64 + 8);
+        assert!(fixture.0.iter().all(|card| card.free() == 0));
+        let card = place_once(&fixture, Order::Strict);
+        assert!(card < 8, "placed, not refused");
+    }
 }

@@ -486,6 +486,62 @@ mod tests {
         }
     }
 
+    /// Every way of serving `trace` from `set` (a bit mask): at each miss,
+    /// every minimal set of candidates, exactly as the planner may choose.
+    fn brute_force(trace: &[usize], set: u32, card_gib: u64) -> u64 {
+        let Some((&m, rest)) = trace.split_first() else {
+            return 0;
+        };
+        let sizes = sizes(card_gib);
+        let kinds = kinds();
+        let tier = |i: usize| kinds.get(MODELS[i].1).unwrap();
+        if set >> m & 1 == 1 {
+            return brute_force(rest, set, card_gib);
+        }
+        let held: u64 = (0..MODELS.len())
+            .filter(|i| set >> i & 1 == 1)
+            .map(|i| sizes[i])
+            .sum();
+        let capacity = card_gib * GIB;
+        if held + sizes[m] <= capacity {
+            return 1 + brute_force(rest, set | 1 << m, card_gib);
+        }
+        let shortfall = held + sizes[m] - capacity;
+        let mut best = u64::MAX;
+        for victims in 1u32..1 << MODELS.len() {
+            let chosen: Vec<usize> = (0..MODELS.len())
+                .filter(|i| victims >> i & 1 == 1)
+                .collect();
+            let legal = chosen
+                .iter()
+                .all(|&j| set >> j & 1 == 1 && tier(j).evictable_by(tier(m)));
+            let freed: u64 = chosen.iter().map(|&j| sizes[j]).sum();
+            let minimal = chosen.iter().all(|&j| freed - sizes[j] < shortfall);
+            if legal && freed >= shortfall && minimal {
+                best = best.min(1 + brute_force(rest, (set & !victims) | 1 << m, card_gib));
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn the_optimum_equals_a_brute_force_search_on_short_traces() {
+        for family in Family::ALL {
+            for &card in CARDS_GIB {
+                for seed in 0..3 {
+                    let mut trace = family.trace(9, seed);
+                    trace.truncate(9);
+                    let exact = brute_force(&trace, 0, card);
+                    assert_eq!(
+                        optimum(&trace, card, |_| 1.0),
+                        exact as f64,
+                        "{family:?}/{card}: {trace:?}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_optimum_of_a_small_trace_is_the_hand_count() {
         // 12 GiB: asr (1.5) + llm-main (9.36) leave 1.14 GiB, too little for

@@ -11,7 +11,6 @@ use crate::backend_actor::{BackendActor, BackendRestarted, ModelExited};
 use crate::error::VramError;
 use crate::events::{Loaded, Unloaded, VramEvent};
 use crate::job::{RestartJob, UnloadJob};
-use crate::ledger::Ledger;
 use crate::messages::{
     Acquire, BackendOf, CrashBackend, Lease, Load, Release, SetPinned, Shutdown, Status,
     StatusReport, Subscribe, Unload,
@@ -51,13 +50,13 @@ impl Handler<Load> for VramActor {
         if let Err(e) = self.servable(&msg.model) {
             return ActorResponse::reply(Err(e));
         }
-        // Every served request counts in the history the adaptive order
-        // predicts from (a counter and two small updates).
-        self.books.ledger.note_request(&msg.model);
         // Already resident and nothing queued or running that could change
         // that first: policy step 2 (touch, nothing else) needs no trip
         // through the queue.
         if self.books.ledger.is_resident(&msg.model) && !self.is_busy() {
+            // Every accepted request counts in the history the adaptive
+            // order predicts from (a counter and two small updates).
+            self.books.ledger.note_request_as(&msg.model, false);
             self.books.touch(&msg.model, now());
             return ActorResponse::reply(Ok(Loaded {
                 model: msg.model,
@@ -65,9 +64,13 @@ impl Handler<Load> for VramActor {
                 already_resident: true,
             }));
         }
+        let miss = self.needs_load(&msg.model);
         let (tx, rx) = oneshot::channel();
         match self.submit_load(&msg.model, LoadWaiter::Load(tx), ctx) {
-            Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model))),
+            Ok(()) => {
+                self.books.ledger.note_request_as(&msg.model, miss);
+                ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model)))
+            }
             Err(e) => ActorResponse::reply(Err(e)),
         }
     }
@@ -81,16 +84,19 @@ impl Handler<Acquire> for VramActor {
             return ActorResponse::reply(Err(shutting_down()));
         }
         if self.books.ledger.is_resident(&msg.model) && !self.job_pending_for(&msg.model) {
-            self.books.ledger.note_request(&msg.model);
+            self.books.ledger.note_request_as(&msg.model, false);
             return ActorResponse::reply(self.lease(&msg.model, Vec::new()));
         }
         if let Err(e) = self.servable(&msg.model) {
             return ActorResponse::reply(Err(e));
         }
-        self.books.ledger.note_request(&msg.model);
+        let miss = self.needs_load(&msg.model);
         let (tx, rx) = oneshot::channel();
         match self.submit_load(&msg.model, LoadWaiter::Acquire(tx), ctx) {
-            Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model))),
+            Ok(()) => {
+                self.books.ledger.note_request_as(&msg.model, miss);
+                ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model)))
+            }
             Err(e) => ActorResponse::reply(Err(e)),
         }
     }
@@ -257,7 +263,7 @@ impl Handler<Shutdown> for VramActor {
                     for (_, (_, valid)) in act.books.leases.drain() {
                         valid.store(false, std::sync::atomic::Ordering::Relaxed);
                     }
-                    act.books.ledger = Ledger::new(act.config.capacity);
+                    act.books.ledger.clear();
                     act.books.last_used.clear();
                     tracing::info!("shut down");
                 }),

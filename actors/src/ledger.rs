@@ -160,6 +160,21 @@ impl Ledger {
         self.history.note(model, miss);
     }
 
+    /// Records a request for `model`, the caller saying whether it needs a
+    /// load of its own (a request that joins a load already queued does
+    /// not).
+    pub fn note_request_as(&mut self, model: &str, miss: bool) {
+        self.history.note(model, miss);
+    }
+
+    /// Forgets every model (the card was emptied or is being rebuilt) but
+    /// keeps the request history and the recency counter: what users ask
+    /// for does not change when the manager restarts.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.used = 0;
+    }
+
     /// The request history the adaptive order predicts from.
     pub fn history(&self) -> &History {
         &self.history

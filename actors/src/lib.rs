@@ -27,6 +27,7 @@ mod kind;
 mod ledger;
 mod messages;
 mod model;
+mod placement;
 mod policy;
 mod probe;
 mod queue;
@@ -49,6 +50,7 @@ pub use messages::{
     StatusReport, Subscribe, Unload,
 };
 pub use model::{Catalog, ModelSpec};
+pub use placement::{CardView, Placement, place};
 pub use policy::{Order, Plan, Score, expired, is_expired, plan, plan_in_order, scores, servable};
 pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
 pub use vram_actor::{JobObserver, VramActor};

@@ -179,11 +179,13 @@ pub fn plan(
 /// every order; only which sufficient set of candidates leaves differs.
 ///
 /// Under [`Order::Adaptive`]: protected candidates first (one can only
-/// leave at a request of its own tier, so an idle one locks its bytes) —
+/// leave at a request of its own tier or above, so an idle one locks its
+/// bytes against every lower tier) —
 /// if they alone cover the need, the shortest prefix of them by (p_soon,
 /// recency, id); otherwise all of them plus the set of the others with the
-/// least total value that covers the rest (an exact 0/1 cover over a
-/// Pareto front of (bytes freed, value), capped at 256 entries), sorted by
+/// least total value that covers the rest (a 0/1 cover over a Pareto
+/// front of (bytes freed, value): exact while the front holds at most 256
+/// entries, thinned evenly beyond that), sorted by
 /// (value, recency, id). Then the usual trim.
 pub fn plan_in_order(
     ledger: &Ledger,
@@ -312,10 +314,12 @@ fn adaptive_order<'a>(
 const FRONT_CAP: usize = 256;
 
 /// Which `items` (bytes, value) to take so their bytes reach `need` at the
-/// least total value: exact 0/1 minimum-cost cover over a Pareto front of
+/// least total value: a 0/1 minimum-cost cover over a Pareto front of
 /// partial sets (more bytes for less value), pruned against the best cover
-/// found so far and capped at [`FRONT_CAP`] entries. The items together
-/// must reach `need`; should the cap lose every cover, all are taken.
+/// found so far; exact while the front holds at most [`FRONT_CAP`]
+/// entries, thinned evenly (both ends kept) beyond. The items together
+/// must reach `need`; the entry freeing the most always survives, so a
+/// cover is found (were none, all would be taken).
 fn cheapest_cover(items: &[(u64, f64)], need: u64) -> Vec<bool> {
     // Partial sets as linked lists in one arena: (item, previous node).
     let mut arena: Vec<(usize, Option<usize>)> = Vec::new();
@@ -918,7 +922,9 @@ mod tests {
         assert_eq!(card.load("llm2").unwrap_err().code(), "insufficient_vram");
         assert_eq!(card.ledger, before, "a refusal evicts nothing");
         // Fits: nothing leaves, whatever the order.
-        assert_eq!(card.load("llm1").unwrap(), Vec::<String>::new());
+        card.catalog.insert(ModelSpec::new("small", "llm", GIB));
+        assert_eq!(card.load("small").unwrap(), Vec::<String>::new());
+        assert!(card.ledger.is_resident("llm1"));
     }
 
     #[test]
@@ -955,6 +961,43 @@ mod tests {
                 (value - best).abs() < 1e-9,
                 "{items:?} need {need}: {value} vs {best}"
             );
+        }
+    }
+
+    #[test]
+    fn a_capped_cover_still_covers_and_stays_near_the_best() {
+        // GiB-sized items, up to 16 of them: the front reaches its cap.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..40 {
+            let n = 12 + next(5) as usize;
+            let items: Vec<(u64, f64)> = (0..n)
+                .map(|_| {
+                    let bytes = (1 + next(16 * 1024)) << 20;
+                    (bytes, bytes as f64 * (next(1000) as f64 / 1000.0 + 1e-9))
+                })
+                .collect();
+            let total: u64 = items.iter().map(|i| i.0).sum();
+            let need = 1 + next(total);
+            let taken = cheapest_cover(&items, need);
+            let pick = |mask: &dyn Fn(usize) -> bool| -> (u64, f64) {
+                (0..n)
+                    .filter(|&i| mask(i))
+                    .fold((0, 0.0), |(b, v), i| (b + items[i].0, v + items[i].1))
+            };
+            let (bytes, value) = pick(&|i| taken[i]);
+            assert!(bytes >= need, "the cover must reach the need");
+            let best = (0u32..1 << n)
+                .map(|m| pick(&|i| m >> i & 1 == 1))
+                .filter(|&(b, _)| b >= need)
+                .map(|(_, v)| v)
+                .fold(f64::INFINITY, f64::min);
+            assert!(value <= best * 1.01 + 1e-6, "{value} vs the best {best}");
         }
     }
 

@@ -171,6 +171,23 @@ impl VramActor {
             .any(|j| j.may_change(model, kind))
     }
 
+    /// Whether a request for `model` needs a load of its own: it holds no
+    /// VRAM (or is leaving) and no load of it is queued or running to join.
+    pub(crate) fn needs_load(&self, model: &str) -> bool {
+        let live = self
+            .books
+            .ledger
+            .get(model)
+            .is_some_and(|e| e.state != crate::ledger::ModelState::Unloading);
+        let joins = self
+            .running
+            .iter()
+            .map(|r| &r.job)
+            .chain(&self.queue)
+            .any(|j| matches!(j, Queued::Load(job, _) if job.model() == model));
+        !live && !joins
+    }
+
     /// Whether any job runs or waits.
     pub(crate) fn is_busy(&self) -> bool {
         self.running.is_some() || !self.queue.is_empty()
@@ -491,7 +508,7 @@ impl Supervised for VramActor {
         self.running = None;
         self.waits_release = false;
         self.wait_token += 1;
-        self.books.ledger = Ledger::new(self.config.capacity);
+        self.books.ledger.clear();
         self.refuse_queued_with(|| VramError::Unavailable {
             reason: "the manager restarted".to_string(),
         });
