@@ -299,7 +299,8 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         Ok(s) => s,
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
-    let capacity = scenario.settings.capacity().unwrap_or(0);
+    let capacity = scenario.settings.total_capacity().unwrap_or(0);
+    let cards = scenario.settings.gpus.len();
     let simulated_card = scenario
         .settings
         .models
@@ -311,10 +312,25 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
     let mut out = Output::stdout();
     if !json {
         out.line(format_args!("{name}: {}", scenario.description));
-        out.line(format_args!(
-            "capacity {} ({capacity} bytes)",
-            ByteSize(capacity)
-        ));
+        if cards > 1 {
+            let each: Vec<String> = scenario
+                .settings
+                .gpus
+                .iter()
+                .enumerate()
+                .map(|(i, g)| format!("gpu {i} {}", ByteSize(g.capacity().unwrap_or(0))))
+                .collect();
+            out.line(format_args!(
+                "capacity {} ({capacity} bytes) on {cards} cards: {}",
+                ByteSize(capacity),
+                each.join(", ")
+            ));
+        } else {
+            out.line(format_args!(
+                "capacity {} ({capacity} bytes)",
+                ByteSize(capacity)
+            ));
+        }
     }
     let mut text = Vec::new();
     let report = scenario::run_streaming(&scenario, plot.is_some(), |step| {
@@ -526,6 +542,12 @@ pub fn timeline_line(step: &StepReport, capacity: u64, simulated_card: bool) -> 
     );
     if simulated_card && step.card_free != step.free {
         line.push_str(&format!("  card {} free", ByteSize(step.card_free)));
+    }
+    // With several cards: the card the step's model is on.
+    if step.gpus.len() > 1
+        && let Some(gpu) = step.gpu
+    {
+        line.push_str(&format!("  gpu {gpu}"));
     }
     if !step.evicted.is_empty() {
         line.push_str(&format!("  evicted {}", step.evicted.join(", ")));

@@ -77,6 +77,8 @@ impl SettingsError {
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     gpu: RawGpu,
+    #[serde(default)]
+    gpus: Vec<RawCard>,
     policy: RawPolicy,
     process: RawProcess,
     server: RawServer,
@@ -98,6 +100,16 @@ struct RawGpu {
     #[serde(with = "humantime_serde")]
     release_timeout: Duration,
     external: String,
+}
+
+/// One `[[gpus]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCard {
+    device: Option<String>,
+    total: String,
+    reserve: Option<String>,
+    external: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +198,7 @@ struct RawModel {
     proxy: Option<String>,
     #[serde(default)]
     files: Vec<String>,
+    gpus: Option<Vec<usize>>,
 }
 
 fn default_backend() -> String {
@@ -197,8 +210,13 @@ fn default_backend() -> String {
 /// Validated settings: everything a manager needs, sizes in bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    /// The card and how to ask it.
+    /// The card and how to ask it. With `[[gpus]]`, its `device`, `total`,
+    /// `reserve` and `external` are the first card's; the rest (probe,
+    /// release wait) applies to every card.
     pub gpu: GpuSettings,
+    /// Every card, in list order: the `[[gpus]]` entries, or the one card
+    /// `[gpu]` describes.
+    pub gpus: Vec<CardSettings>,
     /// The HTTP server of `vram-manager serve`.
     pub server: ServerSettings,
     /// Waiting, timeouts and backpressure.
@@ -250,6 +268,30 @@ pub struct GpuSettings {
     pub release_timeout: Duration,
     /// Simulated card only: bytes used by other processes.
     pub external: u64,
+}
+
+/// One card: a `[[gpus]]` entry (or `[gpu]` when there is none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardSettings {
+    /// Which card: an index ("0") or a UUID ("GPU-...").
+    pub device: String,
+    /// Its total memory.
+    pub total: GpuTotal,
+    /// Bytes never handed to models.
+    pub reserve: u64,
+    /// Simulated card only: bytes used by other processes.
+    pub external: u64,
+}
+
+impl CardSettings {
+    /// Usable bytes (total less reserve), when the total is known without
+    /// asking the card.
+    pub fn capacity(&self) -> Option<u64> {
+        match self.total {
+            GpuTotal::Bytes(total) => Some(total.saturating_sub(self.reserve)),
+            GpuTotal::Auto => None,
+        }
+    }
 }
 
 impl GpuSettings {
@@ -325,6 +367,9 @@ pub struct ModelSettings {
     /// Its weight files, read into the page cache as soon as a load of it
     /// is planned (see [`crate::warm`]).
     pub files: Vec<std::path::PathBuf>,
+    /// The cards it may go to, as positions in [`Settings::gpus`]
+    /// (`None`: any).
+    pub gpus: Option<Vec<usize>>,
 }
 
 /// The HTTP server of `vram-manager serve`.
@@ -398,9 +443,21 @@ impl Settings {
         raw.validate()
     }
 
-    /// Usable bytes when the total is configured (not "auto").
+    /// Usable bytes of the first card when its total is configured (not
+    /// "auto").
     pub fn capacity(&self) -> Option<u64> {
-        self.gpu.capacity()
+        self.gpus
+            .first()
+            .map_or_else(|| self.gpu.capacity(), CardSettings::capacity)
+    }
+
+    /// Usable bytes of every card whose total is configured, summed; `None`
+    /// when one is "auto".
+    pub fn total_capacity(&self) -> Option<u64> {
+        self.gpus
+            .iter()
+            .map(CardSettings::capacity)
+            .try_fold(0u64, |sum, c| c.map(|c| sum.saturating_add(c)))
     }
 
     /// The models as a planner catalog.
@@ -507,6 +564,31 @@ fn bounded(key: &str, duration: Duration) -> Result<Duration, SettingsError> {
     Ok(duration)
 }
 
+/// A card's total: a size, or "auto" (ask NVML).
+fn parse_total(key: &str, text: &str) -> Result<GpuTotal, SettingsError> {
+    match text.trim() {
+        "auto" => Ok(GpuTotal::Auto),
+        text => match parse_size(key, text)? {
+            0 => Err(SettingsError::invalid(key, "must be more than 0 bytes")),
+            bytes => Ok(GpuTotal::Bytes(bytes)),
+        },
+    }
+}
+
+/// A card's reserve, which must leave something of a known total.
+fn parse_reserve(key: &str, text: &str, total: GpuTotal) -> Result<u64, SettingsError> {
+    let reserve = parse_size(key, text)?;
+    if let GpuTotal::Bytes(total) = total
+        && reserve >= total
+    {
+        return Err(SettingsError::invalid(
+            key,
+            format!("reserve {reserve} bytes leaves nothing of a {total}-byte card"),
+        ));
+    }
+    Ok(reserve)
+}
+
 impl RawSettings {
     fn validate(self) -> Result<Settings, SettingsError> {
         let probe = match self.gpu.probe.as_str() {
@@ -520,18 +602,7 @@ impl RawSettings {
                 ));
             }
         };
-        let total = match self.gpu.total.trim() {
-            "auto" => GpuTotal::Auto,
-            text => match parse_size("gpu.total", text)? {
-                0 => {
-                    return Err(SettingsError::invalid(
-                        "gpu.total",
-                        "must be more than 0 bytes",
-                    ));
-                }
-                bytes => GpuTotal::Bytes(bytes),
-            },
-        };
+        let total = parse_total("gpu.total", &self.gpu.total)?;
         for (key, duration) in [
             ("gpu.release_poll", self.gpu.release_poll),
             ("gpu.release_timeout", self.gpu.release_timeout),
@@ -557,15 +628,7 @@ impl RawSettings {
                 "must be at least 1ms (a shorter pause would keep a core busy asking the card)",
             ));
         }
-        let reserve = parse_size("gpu.reserve", &self.gpu.reserve)?;
-        if let GpuTotal::Bytes(total) = total
-            && reserve >= total
-        {
-            return Err(SettingsError::invalid(
-                "gpu.reserve",
-                format!("reserve {reserve} bytes leaves nothing of a {total}-byte card"),
-            ));
-        }
+        let reserve = parse_reserve("gpu.reserve", &self.gpu.reserve, total)?;
         if !(0.0..=1.0).contains(&self.gpu.release_fraction) {
             return Err(SettingsError::invalid(
                 "gpu.release_fraction",
@@ -573,6 +636,45 @@ impl RawSettings {
             ));
         }
         let external = parse_size("gpu.external", &self.gpu.external)?;
+        let gpus = if self.gpus.is_empty() {
+            vec![CardSettings {
+                device: self.gpu.device.clone(),
+                total,
+                reserve,
+                external,
+            }]
+        } else {
+            let mut gpus = Vec::with_capacity(self.gpus.len());
+            let mut devices = HashSet::new();
+            for (i, raw) in self.gpus.iter().enumerate() {
+                let key = |field: &str| format!("gpus[{i}].{field}");
+                let device = raw.device.clone().unwrap_or_else(|| i.to_string());
+                if device.trim().is_empty() {
+                    return Err(SettingsError::invalid(key("device"), "must name a card"));
+                }
+                if !devices.insert(device.trim().to_string()) {
+                    return Err(SettingsError::invalid(
+                        key("device"),
+                        format!("card {device:?} is listed twice"),
+                    ));
+                }
+                let total = parse_total(&key("total"), &raw.total)?;
+                let reserve = parse_reserve(
+                    &key("reserve"),
+                    raw.reserve.as_deref().unwrap_or("0B"),
+                    total,
+                )?;
+                let external =
+                    parse_size(&key("external"), raw.external.as_deref().unwrap_or("0B"))?;
+                gpus.push(CardSettings {
+                    device,
+                    total,
+                    reserve,
+                    external,
+                });
+            }
+            gpus
+        };
         let order = match self.policy.order.trim() {
             "strict" => Order::Strict,
             "adaptive" => Order::Adaptive,
@@ -726,20 +828,14 @@ impl RawSettings {
                             "`stop` must be a non-empty array such as [\"docker\", \"stop\", \"whisper\"]",
                         ));
                     }
-                    // The server sees its card: `{gpu}` in its command,
-                    // stop command, environment and cwd is the card's
-                    // device, and CUDA_VISIBLE_DEVICES names it unless the
-                    // model sets it itself.
-                    let card = |text: &String| text.replace("{gpu}", &self.gpu.device);
-                    let mut env: BTreeMap<String, String> =
-                        raw.env.iter().map(|(k, v)| (k.clone(), card(v))).collect();
-                    env.entry("CUDA_VISIBLE_DEVICES".to_string())
-                        .or_insert_with(|| self.gpu.device.clone());
+                    // As written: `{gpu}` is replaced by the card's device
+                    // when the manager starts the model on a card
+                    // (`ProcessSpec::on_device`).
                     BackendSpec::Process(ProcessSpec {
-                        command: command.iter().map(card).collect(),
-                        stop: stop.iter().map(card).collect(),
-                        env,
-                        cwd: raw.cwd.as_ref().map(|c| card(c).into()),
+                        command,
+                        stop,
+                        env: raw.env.clone(),
+                        cwd: raw.cwd.as_ref().map(Into::into),
                         ready: ReadyCheck::parse(ready)
                             .map_err(|m| SettingsError::invalid(key("ready"), m))?,
                         ready_timeout,
@@ -777,7 +873,28 @@ impl RawSettings {
                     "must be a path",
                 ));
             }
+            if let Some(list) = &raw.gpus {
+                if list.is_empty() {
+                    return Err(SettingsError::invalid(
+                        key("gpus"),
+                        "must name at least one card (leave it out for any card)",
+                    ));
+                }
+                if let Some(&bad) = list.iter().find(|&&g| g >= gpus.len()) {
+                    return Err(SettingsError::invalid(
+                        key("gpus"),
+                        format!(
+                            "{bad} is not a card: there {} (positions from 0)",
+                            match gpus.len() {
+                                1 => "is 1 card".to_string(),
+                                n => format!("are {n} cards"),
+                            }
+                        ),
+                    ));
+                }
+            }
             models.push(ModelSettings {
+                gpus: raw.gpus.clone(),
                 spec: ModelSpec::new(raw.id, raw.kind, bytes).pinned(raw.pinned),
                 backend,
                 ttl,
@@ -802,6 +919,7 @@ impl RawSettings {
             max_lease_ttl: self.server.max_lease_ttl,
         };
         Ok(Settings {
+            gpus,
             server,
             gpu: GpuSettings {
                 probe,

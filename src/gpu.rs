@@ -170,10 +170,33 @@ pub struct GpuChoice {
 /// loads and otherwise the configured total (saying so in one info line);
 /// `probe = "nvml"` and `total = "auto"` need NVML and fail without it.
 pub fn resolve(settings: &Settings) -> Result<GpuChoice, SettingsError> {
-    let gpu = &settings.gpu;
-    let opened = match gpu.probe {
+    resolve_card(settings, 0)
+}
+
+/// [`resolve`] for card `index` of [`Settings::gpus`]: its device, total
+/// and reserve, with `gpu.probe`'s choice. Errors name `gpus[i].total`
+/// when the cards come from `[[gpus]]`.
+pub fn resolve_card(settings: &Settings, index: usize) -> Result<GpuChoice, SettingsError> {
+    let probe_choice = settings.gpu.probe;
+    let card = settings
+        .gpus
+        .get(index)
+        .cloned()
+        .unwrap_or_else(|| crate::config::CardSettings {
+            device: settings.gpu.device.clone(),
+            total: settings.gpu.total,
+            reserve: settings.gpu.reserve,
+            external: settings.gpu.external,
+        });
+    let listed = settings.gpus.len() > 1;
+    let total_key = if listed {
+        format!("gpus[{index}].total")
+    } else {
+        "gpu.total".to_string()
+    };
+    let opened = match probe_choice {
         ProbeChoice::None => Err(ProbeError("gpu.probe is \"none\"".to_string())),
-        ProbeChoice::Auto | ProbeChoice::Nvml => NvmlProbe::open(&gpu.device),
+        ProbeChoice::Auto | ProbeChoice::Nvml => NvmlProbe::open(&card.device),
     };
     let invalid = |key: &str, message: String| SettingsError::Invalid {
         key: key.to_string(),
@@ -181,32 +204,32 @@ pub fn resolve(settings: &Settings) -> Result<GpuChoice, SettingsError> {
     };
     match opened {
         Ok(probe) => {
-            let total = match gpu.total {
+            let total = match card.total {
                 GpuTotal::Bytes(b) => b,
-                GpuTotal::Auto => probe.total_now().map_err(|e| invalid("gpu.total", e.0))?,
+                GpuTotal::Auto => probe.total_now().map_err(|e| invalid(&total_key, e.0))?,
             };
             Ok(GpuChoice {
                 nvml: Some(probe),
-                capacity: total.saturating_sub(gpu.reserve),
+                capacity: total.saturating_sub(card.reserve),
                 fallback: None,
             })
         }
-        Err(e) if gpu.probe == ProbeChoice::Nvml => Err(invalid(
+        Err(e) if probe_choice == ProbeChoice::Nvml => Err(invalid(
             "gpu.probe",
             format!(
                 "\"nvml\" needs the NVIDIA driver's NVML library, which could not be used: {e}"
             ),
         )),
         Err(e) => {
-            let GpuTotal::Bytes(total) = gpu.total else {
+            let GpuTotal::Bytes(total) = card.total else {
                 return Err(invalid(
-                    "gpu.total",
+                    &total_key,
                     format!(
                         "\"auto\" needs NVML to read the card's total, which could not be used: {e}"
                     ),
                 ));
             };
-            let reason = if gpu.probe == ProbeChoice::None {
+            let reason = if probe_choice == ProbeChoice::None {
                 e.0
             } else {
                 format!("no NVIDIA driver found ({e})")
@@ -214,7 +237,7 @@ pub fn resolve(settings: &Settings) -> Result<GpuChoice, SettingsError> {
             tracing::info!(reason = %reason, total, "not asking the card; using the configured total");
             Ok(GpuChoice {
                 nvml: None,
-                capacity: total.saturating_sub(gpu.reserve),
+                capacity: total.saturating_sub(card.reserve),
                 fallback: Some(reason),
             })
         }

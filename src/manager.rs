@@ -1,36 +1,52 @@
-//! Starting a manager from settings: one backend per kind, the
-//! `VramActor` over them, on the current actix arbiter. Simulated backends
-//! run on a simulated card sized by `gpu.total`, which is also the
-//! manager's probe, so plans, waits and calibration behave as on a real
-//! card.
+//! Starting a manager from settings: per card, one backend per kind and
+//! the `VramActor` over them, on the current actix arbiter; with several
+//! cards (`[[gpus]]`), a `Fleet` in front that places each request.
+//! Simulated backends run on a simulated card per card, sized by its
+//! total, which is also that card's probe, so plans, waits and calibration
+//! behave as on a real card.
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use actix::prelude::*;
 use vram_actors::{
-    Backend, GpuProbe, Lease, Loaded, ManagerConfig, Shutdown, VramActor, VramError, VramHandle,
+    Backend, Fleet, GpuProbe, Lease, Loaded, ManagerConfig, Shutdown, VramActor, VramError,
+    VramHandle,
 };
 
 use crate::backends::{ProcessBackend, Router, SimBackend};
 use crate::config::{BackendSpec, Settings, SettingsError};
 use crate::gpu::{self, SimCard};
 
-/// A running manager and handles on its simulated backends and card.
+/// A running manager and handles on its simulated backends and cards.
 #[derive(Debug, Clone)]
 pub struct Manager {
-    /// The manager's address: send it `Load`, `Acquire`, `Status`, ...
+    /// The first card's manager: send it `Load`, `Acquire`, `Status`, ...
+    /// With several cards, send those to [`Manager::handle`] (or `fleet`)
+    /// instead, which places each request on a card.
     pub addr: Addr<VramActor>,
-    /// The simulated backend of each kind, for inspection.
+    /// Every card's manager, in list order.
+    pub cards: Vec<Addr<VramActor>>,
+    /// With several cards, the fleet that places requests on them.
+    pub fleet: Option<Addr<Fleet>>,
+    /// The simulated backend of each kind on the first card, for
+    /// inspection.
     pub sims: BTreeMap<String, SimBackend>,
-    /// The process backend of each kind, for inspection (child pids).
+    /// The process backend of each kind on the first card, for inspection
+    /// (child pids).
     pub processes: BTreeMap<String, ProcessBackend>,
-    /// The simulated card the simulated backends allocate on.
+    /// The first simulated card.
     pub card: SimCard,
+    /// Every simulated card, in list order.
+    pub sim_cards: Vec<SimCard>,
+    /// The simulated backends of each card, by kind.
+    pub card_sims: Vec<BTreeMap<String, SimBackend>>,
+    /// The process backends of each card, by kind.
+    pub card_processes: Vec<BTreeMap<String, ProcessBackend>>,
 }
 
 impl Manager {
-    /// The actor configuration these settings describe.
+    /// The actor configuration these settings describe (the first card's).
     pub fn config(settings: &Settings) -> Result<ManagerConfig, SettingsError> {
         let capacity = settings.capacity().ok_or_else(|| SettingsError::Invalid {
             key: "gpu.total".to_string(),
@@ -44,6 +60,7 @@ impl Manager {
     fn config_with(settings: &Settings, capacity: u64) -> ManagerConfig {
         ManagerConfig {
             capacity,
+            gpu: 0,
             kinds: settings.kinds.clone(),
             catalog: settings.catalog(),
             lease_wait: settings.policy.lease_wait,
@@ -68,7 +85,7 @@ impl Manager {
     /// Starts a manager on the current arbiter (call inside a running
     /// actix `System`).
     ///
-    /// With only simulated models, the manager's probe is the simulated
+    /// With only simulated models, each card's probe is its simulated
     /// card. With process-backed models it is the real card through NVML
     /// when `gpu.probe` finds one (see [`crate::gpu::resolve`]), else none.
     pub fn start(settings: &Settings) -> Result<Self, SettingsError> {
@@ -76,12 +93,12 @@ impl Manager {
     }
 
     /// Starts a manager whose kinds named in `custom` use those backends
-    /// (an application's own `Backend`) instead of the simulated and
-    /// process backends the settings describe; everything else is as
-    /// [`Manager::start`].
+    /// (an application's own `Backend`, shared by every card) instead of
+    /// the simulated and process backends the settings describe;
+    /// everything else is as [`Manager::start`].
     pub fn start_with(
         settings: &Settings,
-        mut custom: BTreeMap<String, Rc<dyn Backend>>,
+        custom: BTreeMap<String, Rc<dyn Backend>>,
     ) -> Result<Self, SettingsError> {
         if let Some(kind) = custom.keys().find(|k| settings.kinds.get(k).is_none()) {
             return Err(SettingsError::Invalid {
@@ -89,31 +106,100 @@ impl Manager {
                 message: "a custom backend names a kind the settings do not have".to_string(),
             });
         }
-        let any_process = settings
-            .models
+        let files: Rc<HashMap<String, Vec<std::path::PathBuf>>> = Rc::new(
+            settings
+                .models
+                .iter()
+                .filter(|m| !m.files.is_empty())
+                .map(|m| (m.spec.id.clone(), m.files.clone()))
+                .collect(),
+        );
+        let mut cards = Vec::new();
+        let mut sim_cards = Vec::new();
+        let mut card_sims = Vec::new();
+        let mut card_processes = Vec::new();
+        for index in 0..settings.gpus.len().max(1) {
+            let built = Self::start_card(settings, index, &custom, &files)?;
+            cards.push(built.addr);
+            sim_cards.push(built.card);
+            card_sims.push(built.sims);
+            card_processes.push(built.processes);
+        }
+        let fleet = (cards.len() > 1).then(|| {
+            let allowed = settings
+                .models
+                .iter()
+                .filter_map(|m| m.gpus.clone().map(|g| (m.spec.id.clone(), g)))
+                .collect();
+            Fleet::new(
+                cards.clone(),
+                settings.kinds.clone(),
+                settings.catalog(),
+                allowed,
+                settings.policy.order,
+            )
+            .start()
+        });
+        Ok(Self {
+            addr: cards[0].clone(),
+            cards,
+            fleet,
+            sims: card_sims[0].clone(),
+            processes: card_processes[0].clone(),
+            card: sim_cards[0].clone(),
+            sim_cards,
+            card_sims,
+            card_processes,
+        })
+    }
+
+    /// Starts the manager of card `index` of `settings.gpus`: its models
+    /// (those allowed on it), its simulated card, its backends (process
+    /// servers started on its device) and its probe.
+    fn start_card(
+        settings: &Settings,
+        index: usize,
+        custom: &BTreeMap<String, Rc<dyn Backend>>,
+        files: &Rc<HashMap<String, Vec<std::path::PathBuf>>>,
+    ) -> Result<Card, SettingsError> {
+        let card_settings = &settings.gpus[index];
+        let allowed = |m: &&crate::config::ModelSettings| {
+            m.gpus.as_ref().is_none_or(|list| list.contains(&index))
+        };
+        let models: Vec<&crate::config::ModelSettings> =
+            settings.models.iter().filter(allowed).collect();
+        let any_process = models
             .iter()
             .any(|m| matches!(m.backend, BackendSpec::Process(_)));
         // The real card is asked for process-backed models, and for its
         // total when the settings say "auto".
-        let choice = if any_process || settings.capacity().is_none() {
-            Some(gpu::resolve(settings)?)
+        let known = card_settings.capacity();
+        let choice = if any_process || known.is_none() {
+            Some(gpu::resolve_card(settings, index)?)
         } else {
             None
         };
-        let config = match (settings.capacity(), &choice) {
-            (Some(capacity), _) => Self::config_with(settings, capacity),
-            (None, Some(choice)) => Self::config_with(settings, choice.capacity),
-            (None, None) => Self::config(settings)?,
+        let capacity = match (known, &choice) {
+            (Some(capacity), _) => capacity,
+            (None, Some(choice)) => choice.capacity,
+            (None, None) => unreachable!("an unknown total was resolved above"),
         };
-        let total = config.capacity.saturating_add(settings.gpu.reserve);
-        let card = SimCard::new(total, settings.gpu.external);
+        let mut config = Self::config_with(settings, capacity);
+        config.gpu = index;
+        config.reserve = card_settings.reserve;
+        config.catalog = models.iter().map(|m| m.spec.clone()).collect();
+        config
+            .ttl
+            .retain(|id, _| models.iter().any(|m| m.spec.id == *id));
+        let total = config.capacity.saturating_add(card_settings.reserve);
+        let card = SimCard::new(total, card_settings.external);
         let mut sim_options: BTreeMap<String, HashMap<_, _>> = BTreeMap::new();
         let mut process_specs: BTreeMap<String, HashMap<_, _>> = BTreeMap::new();
         for kind in settings.kinds.iter() {
             sim_options.entry(kind.name.clone()).or_default();
             process_specs.entry(kind.name.clone()).or_default();
         }
-        for model in &settings.models {
+        for model in &models {
             let (id, kind) = (model.spec.id.clone(), model.spec.kind.clone());
             match &model.backend {
                 BackendSpec::Sim(sim) => {
@@ -123,7 +209,7 @@ impl Manager {
                     process_specs
                         .entry(kind)
                         .or_default()
-                        .insert(id, spec.clone());
+                        .insert(id, spec.on_device(&card_settings.device));
                 }
             }
         }
@@ -144,8 +230,8 @@ impl Manager {
                 sim: sim.clone(),
                 process: process.clone(),
             };
-            let backend: Rc<dyn Backend> = match custom.remove(&kind) {
-                Some(backend) => backend,
+            let backend: Rc<dyn Backend> = match custom.get(&kind) {
+                Some(backend) => backend.clone(),
                 None => Rc::new(router),
             };
             backends.insert(kind.clone(), backend);
@@ -153,13 +239,8 @@ impl Manager {
             processes.insert(kind, process);
         }
         let mut actor = VramActor::new(config, backends);
-        let files: HashMap<String, Vec<std::path::PathBuf>> = settings
-            .models
-            .iter()
-            .filter(|m| !m.files.is_empty())
-            .map(|m| (m.spec.id.clone(), m.files.clone()))
-            .collect();
         if !files.is_empty() {
+            let files = files.clone();
             actor = actor.warm_with(move |model| {
                 if let Some(files) = files.get(model) {
                     crate::warm::warm(model, files);
@@ -169,11 +250,11 @@ impl Manager {
         if let Some(probe) = probe {
             actor = actor.with_probe(probe);
         }
-        Ok(Self {
+        Ok(Card {
             addr: actor.start(),
+            card,
             sims,
             processes,
-            card,
         })
     }
 
@@ -181,7 +262,10 @@ impl Manager {
     /// (`handle.load("x").await?`), for actix-web's `web::Data` and the
     /// like.
     pub fn handle(&self) -> VramHandle {
-        VramHandle::new(self.addr.clone())
+        match &self.fleet {
+            Some(fleet) => VramHandle::fleet(fleet.clone()),
+            None => VramHandle::new(self.addr.clone()),
+        }
     }
 
     /// Loads `model`; see [`VramHandle::load`].
@@ -199,13 +283,23 @@ impl Manager {
     /// `unavailable`; answers once every backend has unloaded what it
     /// held. A manager that is already gone has nothing left to stop.
     pub async fn shutdown(&self) {
-        let _ = self.addr.send(Shutdown).await;
-        // A backstop when the manager itself is gone: its model servers
-        // must still stop (a no-op for those already stopped).
-        for process in self.processes.values() {
+        for card in &self.cards {
+            let _ = card.send(Shutdown).await;
+        }
+        // A backstop when a card's manager itself is gone: its model
+        // servers must still stop (a no-op for those already stopped).
+        for process in self.card_processes.iter().flat_map(BTreeMap::values) {
             if let Err(e) = process.shutdown_all().await {
                 tracing::error!(error = %e, "model server did not stop");
             }
         }
     }
+}
+
+/// One card's manager as started, with its simulated card and backends.
+struct Card {
+    addr: Addr<VramActor>,
+    card: SimCard,
+    sims: BTreeMap<String, SimBackend>,
+    processes: BTreeMap<String, ProcessBackend>,
 }

@@ -1,6 +1,7 @@
 //! A picture of a scenario run: VRAM use over the steps as one stacked band
 //! per model, coloured by kind, with the capacity as a line and evictions
-//! and failures marked and labelled. Written as SVG with plotters.
+//! and failures marked and labelled; one panel per card. Written as SVG
+//! with plotters.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -81,25 +82,64 @@ pub fn draw(
         })
         .collect();
 
-    let steps = report.steps.len().max(1);
-    let capacity = report.capacity as f64 / GIB;
-    let peak = report.steps.iter().map(|s| s.used).max().unwrap_or(0) as f64 / GIB;
-    let top = capacity.max(peak) * 1.25 + 0.5;
-
     let title: String = if title.chars().count() > 120 {
         title.chars().take(117).chain("...".chars()).collect()
     } else {
         title.to_string()
     };
-    let root = SVGBackend::new(path, (1200, 640)).into_drawing_area();
+    let cards = report.capacities.len().max(1);
+    let height = if cards == 1 { 640 } else { 440 * cards as u32 };
+    let root = SVGBackend::new(path, (1200, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
-    let mut chart = ChartBuilder::on(&root)
+    let panels = root.split_evenly((cards, 1));
+    for (card, area) in panels.iter().enumerate() {
+        let caption = if cards == 1 {
+            title.clone()
+        } else {
+            format!("{title} (gpu {card})")
+        };
+        panel(area, report, &models, &colours, card, cards, &caption).map_err(|e| fail(&e))?;
+    }
+    root.present().map_err(|e| fail(&e))?;
+    Ok(())
+}
+
+/// One card's panel: its bands, its capacity, and the marks of the steps
+/// whose model is on it.
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    report: &Report,
+    models: &[(&str, &str, u32)],
+    colours: &[RGBColor],
+    card: usize,
+    cards: usize,
+    title: &str,
+) -> Result<(), String> {
+    let steps = report.steps.len().max(1);
+    let capacity = if cards == 1 {
+        report.capacity
+    } else {
+        report.capacities.get(card).copied().unwrap_or(0)
+    } as f64
+        / GIB;
+    // This card's use after each step.
+    let used_on = |step: &vram_manager::scenario::StepReport| {
+        if cards == 1 {
+            step.used
+        } else {
+            step.gpus.get(card).map_or(0, |g| g.used)
+        }
+    };
+    let peak = report.steps.iter().map(used_on).max().unwrap_or(0) as f64 / GIB;
+    let top = capacity.max(peak) * 1.25 + 0.5;
+
+    let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 16))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(56)
         .build_cartesian_2d(0.5f64..steps as f64 + 0.5, 0f64..top)
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -108,16 +148,20 @@ pub fn draw(
         .x_labels(steps.min(40))
         .x_label_formatter(&|x| format!("{}", x.round() as i64))
         .draw()
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| e.to_string())?;
 
     // One band per model: a rectangle per step it is resident in, stacked
     // in the fixed order above.
-    for ((id, _, _), colour) in models.iter().zip(&colours) {
+    for ((id, _, _), colour) in models.iter().zip(colours) {
         let mut rects = Vec::new();
         for (i, step) in report.steps.iter().enumerate() {
             let mut below = 0u64;
-            for (other, _, _) in &models {
-                let Some((_, bytes)) = step.charged.iter().find(|(m, _)| m == other) else {
+            for (other, _, _) in models {
+                let Some((_, bytes, _)) = step
+                    .charged
+                    .iter()
+                    .find(|(m, _, gpu)| m == other && (cards == 1 || *gpu == card))
+                else {
                     continue;
                 };
                 if other == id {
@@ -133,7 +177,7 @@ pub fn draw(
         let colour = *colour;
         chart
             .draw_series(rects)
-            .map_err(|e| fail(&e))?
+            .map_err(|e| e.to_string())?
             .label(*id)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
     }
@@ -145,31 +189,36 @@ pub fn draw(
             [(0.5, capacity), (steps as f64 + 0.5, capacity)],
             red.stroke_width(2),
         ))
-        .map_err(|e| fail(&e))?
+        .map_err(|e| e.to_string())?
         .label(format!("capacity {:.1} GiB", capacity))
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], red.stroke_width(2)));
 
     // Evictions and failures, marked above the bars and labelled.
     for (i, step) in report.steps.iter().enumerate() {
+        // A step's marks go on the panel of its model's card (the first
+        // when it is on none).
+        if cards > 1 && step.gpu.unwrap_or(0) != card {
+            continue;
+        }
         let x = i as f64 + 1.0;
-        let y = step.used as f64 / GIB;
+        let y = used_on(step) as f64 / GIB;
         if !step.evicted.is_empty() {
             let label = format!("evicted {}", step.evicted.join(", "));
             chart
                 .draw_series([TriangleMarker::new((x, y + 0.35), 6, BLACK.filled())])
-                .map_err(|e| fail(&e))?;
+                .map_err(|e| e.to_string())?;
             chart
                 .draw_series([Text::new(
                     label,
                     (x - 0.45, y + 0.9 + 0.45 * (i % 2) as f64),
                     ("sans-serif", 11),
                 )])
-                .map_err(|e| fail(&e))?;
+                .map_err(|e| e.to_string())?;
         }
         if step.result != "ok" {
             chart
                 .draw_series([Cross::new((x, y + 0.35), 6, red.stroke_width(2))])
-                .map_err(|e| fail(&e))?;
+                .map_err(|e| e.to_string())?;
             let label = format!(
                 "{} {}",
                 step.model.as_deref().unwrap_or(step.op),
@@ -181,7 +230,7 @@ pub fn draw(
                     (x - 0.45, y + 1.35 + 0.45 * (i % 2) as f64),
                     ("sans-serif", 11).into_font().color(&red),
                 )])
-                .map_err(|e| fail(&e))?;
+                .map_err(|e| e.to_string())?;
         }
     }
 
@@ -192,7 +241,6 @@ pub fn draw(
         .border_style(BLACK)
         .label_font(("sans-serif", 12))
         .draw()
-        .map_err(|e| fail(&e))?;
-    root.present().map_err(|e| fail(&e))?;
+        .map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -18,11 +18,10 @@ use tokio::time::Instant;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
-use vram_actors::{
-    Acquire, CrashBackend, Lease, Load, ModelState, Status, Subscribe, Unload, VramError, VramEvent,
-};
+use vram_actors::{Lease, ModelState, VramError, VramEvent};
 
 use crate::config::{MAX_DURATION, Settings, SettingsError, parse_size, read_file};
+use crate::gpu::SimCard;
 use crate::manager::Manager;
 
 /// The scenario `cargo run` runs when given no arguments.
@@ -52,6 +51,9 @@ pub struct Step {
     pub free: Option<u64>,
     /// If given, exactly these models evicted for this step, in order.
     pub evicted: Option<Vec<String>>,
+    /// If given, the step's model must be on this card (its position in
+    /// the list of cards) afterwards.
+    pub gpu: Option<usize>,
 }
 
 /// What a step does.
@@ -106,6 +108,7 @@ struct RawStep {
     resident: Option<Vec<String>>,
     free: Option<String>,
     evicted: Option<Vec<String>>,
+    gpu: Option<usize>,
 }
 
 impl RawStep {
@@ -127,6 +130,7 @@ impl RawStep {
             resident: None,
             free: None,
             evicted: None,
+            gpu: None,
         };
         let mut has_op = false;
         for line in text.lines() {
@@ -457,6 +461,7 @@ impl RawStep {
             resident: self.resident.map(|r| r.into_iter().collect()),
             free,
             evicted: self.evicted,
+            gpu: self.gpu,
         })
     }
 }
@@ -482,21 +487,38 @@ pub struct StepReport {
     pub free: u64,
     /// The step's wall time in milliseconds.
     pub ms: f64,
-    /// The simulated card's free bytes after the step.
+    /// The simulated cards' free bytes after the step (all cards).
     pub card_free: u64,
+    /// The card the step's model is on after the step (its position in
+    /// the list of cards), if it is on one.
+    pub gpu: Option<usize>,
+    /// Each card's used and free bytes after the step, in list order.
+    pub gpus: Vec<GpuUse>,
     /// Expectations that did not hold.
     #[serde(skip)]
     pub failures: Vec<String>,
-    /// Each resident model and the bytes charged to it (for plots).
+    /// Each resident model, the bytes charged to it and its card (for
+    /// plots).
     #[serde(skip)]
-    pub charged: Vec<(String, u64)>,
+    pub charged: Vec<(String, u64, usize)>,
+}
+
+/// One card's use after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GpuUse {
+    /// Bytes charged to models on it.
+    pub used: u64,
+    /// Its capacity less used.
+    pub free: u64,
 }
 
 /// The whole run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
-    /// Usable bytes of the card.
+    /// Usable bytes of the cards, all together.
     pub capacity: u64,
+    /// Usable bytes of each card, in list order.
+    pub capacities: Vec<u64>,
     /// One report per step, when the run keeps them (see [`run_streaming`]).
     pub steps: Vec<StepReport>,
     /// Steps run.
@@ -637,8 +659,14 @@ fn run_on(
     keep_steps: bool,
     paused: bool,
 ) -> Result<Report, SettingsError> {
-    let manager_config = Manager::config(&scenario.settings)?;
-    let capacity = manager_config.capacity;
+    Manager::config(&scenario.settings)?;
+    let capacities: Vec<u64> = scenario
+        .settings
+        .gpus
+        .iter()
+        .map(|g| g.capacity().unwrap_or(0))
+        .collect();
+    let capacity = capacities.iter().fold(0u64, |a, b| a.saturating_add(*b));
     let simulated = scenario
         .settings
         .models
@@ -659,23 +687,25 @@ fn run_on(
             signal = shutdown_signal() => Some(signal),
         };
         manager.shutdown().await;
-        Ok::<_, SettingsError>((steps, tally, manager.card.clone(), interrupted))
+        Ok::<_, SettingsError>((steps, tally, manager.sim_cards.clone(), interrupted))
     })?;
     // Without the simulated card (process-backed models) the ledger is
-    // the record of what the card held.
+    // the record of what the card held. With several cards: the highest
+    // of any one card.
     let peak = if simulated {
-        card.peak()
+        card.iter().map(SimCard::peak).max().unwrap_or(0)
     } else {
         tally.used_peak
     };
     Ok(Report {
         capacity,
+        capacities,
         steps,
         count: tally.count,
         failures: tally.failures,
         peak,
-        overcommitted: card.overcommitted(),
-        external_peak: card.external_peak(),
+        overcommitted: card.iter().any(SimCard::overcommitted),
+        external_peak: card.iter().map(SimCard::external_peak).max().unwrap_or(0),
         interrupted,
         stopped: tally.stopped,
     })
@@ -718,11 +748,11 @@ async fn run_steps(
 ) -> Result<(), SettingsError> {
     let collector = Collector(Vec::new()).start();
     let mailbox = |e: MailboxError| SettingsError::Shape(format!("the manager stopped: {e}"));
-    manager
-        .addr
-        .send(Subscribe(collector.clone().recipient()))
+    let stopped = |e: VramError| SettingsError::Shape(format!("the manager stopped: {e}"));
+    let vram = manager.handle();
+    vram.subscribe(collector.clone().recipient())
         .await
-        .map_err(mailbox)?;
+        .map_err(stopped)?;
     let mut leases: HashMap<String, Lease> = HashMap::new();
     let mut lease_models: HashMap<String, String> = HashMap::new();
     for (i, step) in scenario.steps.iter().enumerate() {
@@ -733,28 +763,11 @@ async fn run_steps(
         let (model, result): (Option<String>, Result<Vec<String>, VramError>) = match &step.op {
             Op::Load(m) => (
                 Some(m.clone()),
-                manager
-                    .addr
-                    .send(Load::new(m))
-                    .await
-                    .map_err(mailbox)?
-                    .map(|loaded| loaded.evicted),
+                vram.load(m).await.map(|loaded| loaded.evicted),
             ),
-            Op::Unload(m) => (
-                Some(m.clone()),
-                manager
-                    .addr
-                    .send(Unload::new(m))
-                    .await
-                    .map_err(mailbox)?
-                    .map(|_| vec![]),
-            ),
+            Op::Unload(m) => (Some(m.clone()), vram.unload(m).await.map(|_| vec![])),
             Op::Acquire { model, lease } => {
-                let acquired = manager
-                    .addr
-                    .send(Acquire::new(model))
-                    .await
-                    .map_err(mailbox)?;
+                let acquired = vram.acquire(model).await;
                 lease_models.insert(lease.clone(), model.clone());
                 (
                     Some(model.clone()),
@@ -771,15 +784,7 @@ async fn run_steps(
                 leases.remove(lease);
                 (lease_models.get(lease).cloned(), Ok(vec![]))
             }
-            Op::Crash(kind) => (
-                None,
-                manager
-                    .addr
-                    .send(CrashBackend { kind: kind.clone() })
-                    .await
-                    .map_err(mailbox)?
-                    .map(|()| vec![]),
-            ),
+            Op::Crash(kind) => (None, vram.crash_backend(kind).await.map(|()| vec![])),
             Op::Sleep(d) => {
                 actix::clock::sleep(*d).await;
                 (None, Ok(vec![]))
@@ -790,7 +795,7 @@ async fn run_steps(
             }
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let status = manager.addr.send(Status).await.map_err(mailbox)?;
+        let status = vram.status().await.map_err(stopped)?;
         let (evicted, result) = match result {
             Ok(evicted) => (evicted, Ok(())),
             // A failed load may have evicted before it failed: its events
@@ -812,6 +817,11 @@ async fn run_steps(
                 (evicted, Err(e))
             }
         };
+        let gpu = status
+            .models
+            .iter()
+            .find(|m| Some(&m.id) == model.as_ref())
+            .map(|m| m.gpu);
         let mut report = StepReport {
             step: i + 1,
             op: step.op.name(),
@@ -825,13 +835,25 @@ async fn run_steps(
             used: status.used,
             free: status.free,
             ms: (ms * 1000.0).round() / 1000.0,
-            card_free: manager.card.memory_now().free,
+            card_free: manager
+                .sim_cards
+                .iter()
+                .fold(0u64, |sum, c| sum.saturating_add(c.memory_now().free)),
+            gpu,
+            gpus: status
+                .gpus
+                .iter()
+                .map(|g| GpuUse {
+                    used: g.used,
+                    free: g.free,
+                })
+                .collect(),
             failures: vec![],
             charged: status
                 .models
                 .iter()
                 .filter(|m| m.state == ModelState::Resident)
-                .map(|m| (m.id.clone(), m.bytes))
+                .map(|m| (m.id.clone(), m.bytes, m.gpu))
                 .collect(),
         };
         report.failures = check(step, &report, result.err());
@@ -888,6 +910,14 @@ fn check(step: &Step, report: &StepReport, error: Option<VramError>) -> Vec<Stri
             "expected evicted {expected:?}, got {:?}",
             report.evicted
         ));
+    }
+    if let Some(expected) = step.gpu
+        && Some(expected) != report.gpu
+    {
+        let actual = report
+            .gpu
+            .map_or_else(|| "on no card".to_string(), |g| format!("on gpu {g}"));
+        failures.push(format!("expected on gpu {expected}, got {actual}"));
     }
     failures
 }

@@ -31,6 +31,8 @@ pub(crate) struct SettingsShape {
     #[serde(skip_serializing_if = "Option::is_none")]
     gpu: Option<Gpu>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    gpus: Option<Vec<Card>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<Policy>,
     #[serde(skip_serializing_if = "Option::is_none")]
     server: Option<Server>,
@@ -53,6 +55,8 @@ pub(crate) struct ScenarioShape<S> {
     #[serde(default)]
     gpu: Option<Gpu>,
     #[serde(default)]
+    gpus: Option<Vec<Card>>,
+    #[serde(default)]
     policy: Option<Policy>,
     #[serde(default)]
     server: Option<Server>,
@@ -74,6 +78,7 @@ impl<S> ScenarioShape<S> {
     pub(crate) fn settings_text(&mut self) -> Result<String, ShapeError> {
         let settings = SettingsShape {
             gpu: self.gpu.take(),
+            gpus: self.gpus.take(),
             policy: self.policy.take(),
             server: self.server.take(),
             process: self.process.take(),
@@ -101,6 +106,18 @@ struct Gpu {
     release_poll: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     release_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external: Option<Size>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Card {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    total: Size,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserve: Option<Size>,
     #[serde(skip_serializing_if = "Option::is_none")]
     external: Option<Size>,
 }
@@ -201,6 +218,8 @@ struct Model {
     proxy: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     files: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpus: Option<Vec<u64>>,
 }
 
 /// A size as written: a string such as "3GiB" (checked when it is built);

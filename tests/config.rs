@@ -406,6 +406,10 @@ fn a_server_sees_its_card() {
     let BackendSpec::Process(a) = &s.models[0].backend else {
         panic!("a process model");
     };
+    // As written until it is started on a card.
+    assert_eq!(a.command, ["server", "--device", "{gpu}"]);
+    assert!(!a.env.contains_key("CUDA_VISIBLE_DEVICES"));
+    let a = a.on_device(&s.gpus[0].device);
     assert_eq!(a.command, ["server", "--device", "GPU-1234"]);
     assert_eq!(a.stop, ["stop-on", "GPU-1234"]);
     assert_eq!(
@@ -418,7 +422,7 @@ fn a_server_sees_its_card() {
     let BackendSpec::Process(b) = &s.models[1].backend else {
         panic!("a process model");
     };
-    assert_eq!(b.env["CUDA_VISIBLE_DEVICES"], "3");
+    assert_eq!(b.on_device("GPU-1234").env["CUDA_VISIBLE_DEVICES"], "3");
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use common::{outcome, run_cli, temp_file};
 
-const STEP_KEYS: [&str; 10] = [
+const STEP_KEYS: [&str; 12] = [
     "step",
     "op",
     "model",
@@ -17,6 +17,8 @@ const STEP_KEYS: [&str; 10] = [
     "free",
     "ms",
     "card_free",
+    "gpu",
+    "gpus",
 ];
 
 fn scenario_files() -> Vec<std::path::PathBuf> {

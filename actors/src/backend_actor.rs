@@ -515,6 +515,7 @@ mod tests {
             unload_timeout: Duration::from_secs(1),
             max_queue: 1,
             order: Default::default(),
+            gpu: 0,
             restart_backoff: Duration::from_millis(10),
             restart_backoff_max: Duration::from_millis(100),
             reserve: 0,

@@ -15,6 +15,9 @@ use crate::policy::Order;
 pub struct ManagerConfig {
     /// Usable bytes of the card (total less reserve).
     pub capacity: u64,
+    /// Which card this manager keeps the books of (its position in the
+    /// list of cards; 0 with one): events and ledger entries carry it.
+    pub gpu: usize,
     /// Eviction tiers.
     pub kinds: Kinds,
     /// Every model that may be loaded.

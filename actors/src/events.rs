@@ -35,6 +35,8 @@ pub enum VramEvent {
         model: String,
         /// Its kind.
         kind: String,
+        /// The card it is on (position in the list of cards; 0 with one).
+        gpu: usize,
         /// Bytes reserved.
         bytes: u64,
         /// Models that will be evicted for it, in order.
@@ -46,6 +48,8 @@ pub enum VramEvent {
         model: String,
         /// Its kind.
         kind: String,
+        /// The card it is on (position in the list of cards; 0 with one).
+        gpu: usize,
         /// Bytes charged: the larger of declared and measured.
         bytes: u64,
         /// Bytes its settings declare.
@@ -59,6 +63,8 @@ pub enum VramEvent {
         model: String,
         /// Its kind.
         kind: String,
+        /// The card it is on (position in the list of cards; 0 with one).
+        gpu: usize,
         /// Bytes freed.
         bytes: u64,
         /// The model it made room for.
@@ -72,6 +78,8 @@ pub enum VramEvent {
         model: String,
         /// Its kind.
         kind: String,
+        /// The card it is on (position in the list of cards; 0 with one).
+        gpu: usize,
         /// Bytes freed.
         bytes: u64,
     },
@@ -81,6 +89,8 @@ pub enum VramEvent {
         model: String,
         /// Its kind.
         kind: String,
+        /// The card it is on (position in the list of cards; 0 with one).
+        gpu: usize,
         /// Bytes freed.
         bytes: u64,
     },

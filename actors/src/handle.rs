@@ -7,8 +7,10 @@ use actix::prelude::*;
 
 use crate::error::VramError;
 use crate::events::{Loaded, Unloaded, VramEvent};
+use crate::fleet::Fleet;
 use crate::messages::{
-    Acquire, Lease, Load, SetPinned, Shutdown, Status, StatusReport, Subscribe, Unload,
+    Acquire, CrashBackend, Lease, Load, SetPinned, Shutdown, Status, StatusReport, Subscribe,
+    Unload,
 };
 use crate::vram_actor::VramActor;
 
@@ -24,7 +26,24 @@ use crate::vram_actor::VramActor;
 /// ```
 #[derive(Debug, Clone)]
 pub struct VramHandle {
-    addr: Addr<VramActor>,
+    target: Target,
+}
+
+/// One card's manager, or several cards behind a [`Fleet`].
+#[derive(Debug, Clone)]
+enum Target {
+    Card(Addr<VramActor>),
+    Fleet(Addr<Fleet>),
+}
+
+/// Sends `$msg` to whichever actor the handle holds.
+macro_rules! send {
+    ($self:expr, $msg:expr) => {
+        match &$self.target {
+            Target::Card(addr) => addr.send($msg).await,
+            Target::Fleet(addr) => addr.send($msg).await,
+        }
+    };
 }
 
 fn gone(error: MailboxError) -> VramError {
@@ -34,30 +53,43 @@ fn gone(error: MailboxError) -> VramError {
 }
 
 impl VramHandle {
-    /// A handle on the manager at `addr`.
+    /// A handle on the manager of one card at `addr`.
     pub fn new(addr: Addr<VramActor>) -> Self {
-        Self { addr }
+        Self {
+            target: Target::Card(addr),
+        }
     }
 
-    /// The manager's address, for messages the handle has no method for.
-    pub fn addr(&self) -> &Addr<VramActor> {
-        &self.addr
+    /// A handle on several cards behind the fleet at `addr`.
+    pub fn fleet(addr: Addr<Fleet>) -> Self {
+        Self {
+            target: Target::Fleet(addr),
+        }
+    }
+
+    /// The manager's address when it manages one card, for messages the
+    /// handle has no method for (`None` behind a fleet).
+    pub fn addr(&self) -> Option<&Addr<VramActor>> {
+        match &self.target {
+            Target::Card(addr) => Some(addr),
+            Target::Fleet(_) => None,
+        }
     }
 
     /// Loads `model` (evicting by the policy if needed); see [`Load`].
     pub async fn load(&self, model: impl Into<String>) -> Result<Loaded, VramError> {
-        self.addr.send(Load::new(model)).await.map_err(gone)?
+        send!(self, Load::new(model)).map_err(gone)?
     }
 
     /// Loads `model` if needed and holds it until the lease is dropped;
     /// see [`Acquire`].
     pub async fn acquire(&self, model: impl Into<String>) -> Result<Lease, VramError> {
-        self.addr.send(Acquire::new(model)).await.map_err(gone)?
+        send!(self, Acquire::new(model)).map_err(gone)?
     }
 
     /// Unloads `model`; see [`Unload`].
     pub async fn unload(&self, model: impl Into<String>) -> Result<Unloaded, VramError> {
-        self.addr.send(Unload::new(model)).await.map_err(gone)?
+        send!(self, Unload::new(model)).map_err(gone)?
     }
 
     /// Pins or unpins `model`; see [`SetPinned`].
@@ -70,23 +102,29 @@ impl VramHandle {
             model: model.into(),
             pinned,
         };
-        self.addr.send(msg).await.map_err(gone)?
+        send!(self, msg).map_err(gone)?
     }
 
     /// A snapshot of the ledger (answered at once, even during a load).
     pub async fn status(&self) -> Result<StatusReport, VramError> {
-        self.addr.send(Status).await.map_err(gone)
+        send!(self, Status).map_err(gone)
     }
 
     /// Sends every [`VramEvent`] from now on to `to`.
     pub async fn subscribe(&self, to: Recipient<VramEvent>) -> Result<(), VramError> {
-        self.addr.send(Subscribe(to)).await.map_err(gone)
+        send!(self, Subscribe(to)).map_err(gone)
+    }
+
+    /// Makes the backend of `kind` crash and restart (on every card), then
+    /// waits until the ledger agrees with it again; see [`CrashBackend`].
+    pub async fn crash_backend(&self, kind: impl Into<String>) -> Result<(), VramError> {
+        send!(self, CrashBackend { kind: kind.into() }).map_err(gone)?
     }
 
     /// Stops taking work and stops every model server; see [`Shutdown`].
     /// A manager that is already gone has nothing left to stop.
     pub async fn shutdown(&self) {
-        let _ = self.addr.send(Shutdown).await;
+        let _ = send!(self, Shutdown);
     }
 }
 

@@ -12,8 +12,8 @@ use crate::error::VramError;
 use crate::events::{Loaded, Unloaded, VramEvent};
 use crate::job::{RestartJob, UnloadJob};
 use crate::messages::{
-    Acquire, BackendOf, CrashBackend, Lease, Load, Release, SetPinned, Shutdown, Status,
-    StatusReport, Subscribe, Unload,
+    Acquire, BackendOf, CardSnapshot, CardStatus, CrashBackend, Lease, Load, Release, SetPinned,
+    Shutdown, Snapshot, Status, StatusReport, Subscribe, Unload,
 };
 use crate::policy::{Order, scores, servable};
 use crate::queue::{LoadWaiter, Queued, shutting_down};
@@ -299,7 +299,25 @@ impl Handler<Status> for VramActor {
                 Order::Adaptive => scores(&self.books.ledger),
                 Order::Strict => Vec::new(),
             },
+            gpus: vec![CardStatus {
+                gpu: self.books.ledger.gpu(),
+                capacity: self.books.ledger.capacity(),
+                used: self.books.ledger.used(),
+                free: self.books.ledger.free(),
+                card: self.last_card,
+            }],
         })
+    }
+}
+
+impl Handler<Snapshot> for VramActor {
+    type Result = CardSnapshot;
+
+    fn handle(&mut self, _msg: Snapshot, _ctx: &mut Context<Self>) -> CardSnapshot {
+        CardSnapshot {
+            ledger: self.books.ledger.clone(),
+            pending: self.pending_loads(),
+        }
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Entry {
     pub id: String,
     /// The model's kind name.
     pub kind: String,
+    /// The card it is on (position in the list of cards; 0 with one).
+    pub gpu: usize,
     /// Bytes charged to this model: the larger of declared and measured.
     pub bytes: u64,
     /// Bytes the model's settings declare.
@@ -130,6 +132,8 @@ impl History {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ledger {
     capacity: u64,
+    /// Which card (position in the list; 0 with one).
+    gpu: usize,
     /// Wide, so sizes near 2^64 add up without losing bytes.
     used: u128,
     next_recency: u64,
@@ -140,7 +144,14 @@ pub struct Ledger {
 impl Ledger {
     /// An empty ledger for a card with `capacity` usable bytes.
     pub fn new(capacity: u64) -> Self {
+        Self::on_card(capacity, 0)
+    }
+
+    /// An empty ledger for card `gpu` (its position in the list of cards)
+    /// with `capacity` usable bytes.
+    pub fn on_card(capacity: u64, gpu: usize) -> Self {
         Self {
+            gpu,
             capacity,
             used: 0,
             next_recency: 0,
@@ -178,6 +189,11 @@ impl Ledger {
     /// The request history the adaptive order predicts from.
     pub fn history(&self) -> &History {
         &self.history
+    }
+
+    /// The card's position in the list of cards (0 with one).
+    pub fn gpu(&self) -> usize {
+        self.gpu
     }
 
     /// Usable bytes of the card (its total less the reserve).
@@ -254,6 +270,7 @@ impl Ledger {
             Entry {
                 id: model.id.clone(),
                 kind: model.kind.clone(),
+                gpu: self.gpu,
                 bytes: model.bytes,
                 declared: model.bytes,
                 measured: None,

@@ -20,6 +20,7 @@ mod commands;
 mod config;
 mod error;
 mod events;
+mod fleet;
 mod handle;
 mod handlers;
 mod job;
@@ -41,13 +42,14 @@ pub use backend_actor::{
 pub use config::ManagerConfig;
 pub use error::VramError;
 pub use events::{Loaded, Unloaded, VramEvent};
+pub use fleet::Fleet;
 pub use handle::VramHandle;
 pub use handlers::StopManager;
 pub use kind::{Kind, Kinds};
 pub use ledger::{Entry, HISTORY_GAPS, History, Ledger, ModelHistory, ModelState};
 pub use messages::{
-    Acquire, BackendOf, CrashBackend, Lease, Load, Release, SetPinned, Shutdown, Status,
-    StatusReport, Subscribe, Unload,
+    Acquire, BackendOf, CardStatus, CrashBackend, Lease, Load, Release, SetPinned, Shutdown,
+    Status, StatusReport, Subscribe, Unload,
 };
 pub use model::{Catalog, ModelSpec};
 pub use placement::{CardView, Placement, place};

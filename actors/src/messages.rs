@@ -171,6 +171,38 @@ pub struct StatusReport {
     /// Under the adaptive order, how it ranks each resident model now (by
     /// id): cheaper `value` leaves first. Empty under the strict order.
     pub scores: Vec<crate::policy::Score>,
+    /// Each card (one entry with one card); the fields above are totals
+    /// over them.
+    pub gpus: Vec<CardStatus>,
+}
+
+/// One card in a [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CardStatus {
+    /// Its position in the list of cards.
+    pub gpu: usize,
+    /// Its usable bytes.
+    pub capacity: u64,
+    /// Bytes charged to models on it.
+    pub used: u64,
+    /// Capacity less used.
+    pub free: u64,
+    /// The card as last read, when a probe is present.
+    pub card: Option<crate::probe::GpuMemory>,
+}
+
+/// What a card's books hold now, for placement across cards: its ledger
+/// and the loads queued or running on it (which hold no bytes until they
+/// start). Answered at once, even during a load.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "CardSnapshot")]
+pub(crate) struct Snapshot;
+
+/// The answer to [`Snapshot`].
+#[derive(Debug, Clone, MessageResponse)]
+pub(crate) struct CardSnapshot {
+    pub(crate) ledger: crate::ledger::Ledger,
+    pub(crate) pending: Vec<String>,
 }
 
 impl StatusReport {

@@ -102,7 +102,7 @@ impl VramActor {
     /// A manager over `backends`, one per kind name.
     pub fn new(config: ManagerConfig, backends: BTreeMap<String, Rc<dyn Backend>>) -> Self {
         let books = Books {
-            ledger: Ledger::new(config.capacity),
+            ledger: Ledger::on_card(config.capacity, config.gpu),
             kinds: config.kinds.clone(),
             declared: config.catalog.clone(),
             planned: config.catalog.clone(),
@@ -186,6 +186,22 @@ impl VramActor {
             .chain(&self.queue)
             .any(|j| matches!(j, Queued::Load(job, _) if job.model() == model));
         !live && !joins
+    }
+
+    /// The models of the loads queued or running that hold no ledger
+    /// entry yet.
+    pub(crate) fn pending_loads(&self) -> Vec<String> {
+        self.running
+            .iter()
+            .map(|r| &r.job)
+            .chain(&self.queue)
+            .filter_map(|j| match j {
+                Queued::Load(job, _) if self.books.ledger.get(job.model()).is_none() => {
+                    Some(job.model().to_string())
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Whether any job runs or waits.

@@ -84,3 +84,28 @@ pub struct ProcessSpec {
     /// SIGKILL; also the bound of the `stop` command.
     pub stop_timeout: Duration,
 }
+
+impl ProcessSpec {
+    /// The spec as started on the card `device`: `{gpu}` in its command,
+    /// stop command, environment values and cwd becomes the device, and
+    /// `CUDA_VISIBLE_DEVICES` names it unless the model sets it itself.
+    pub fn on_device(&self, device: &str) -> ProcessSpec {
+        let card = |text: &String| text.replace("{gpu}", device);
+        let mut env: BTreeMap<String, String> =
+            self.env.iter().map(|(k, v)| (k.clone(), card(v))).collect();
+        env.entry("CUDA_VISIBLE_DEVICES".to_string())
+            .or_insert_with(|| device.to_string());
+        ProcessSpec {
+            command: self.command.iter().map(card).collect(),
+            stop: self.stop.iter().map(card).collect(),
+            env,
+            cwd: self
+                .cwd
+                .as_ref()
+                .map(|c| card(&c.to_string_lossy().into_owned()).into()),
+            ready: self.ready.clone(),
+            ready_timeout: self.ready_timeout,
+            stop_timeout: self.stop_timeout,
+        }
+    }
+}

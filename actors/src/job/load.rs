@@ -214,6 +214,7 @@ impl LoadJob {
         out.push(Command::Publish(VramEvent::Loading {
             model: declared.id.clone(),
             kind: declared.kind.clone(),
+            gpu: books.ledger.gpu(),
             bytes: charged,
             victims: planned.iter().map(|(v, _)| v.clone()).collect(),
         }));
@@ -335,6 +336,7 @@ impl LoadJob {
             out.push(Command::Publish(VramEvent::Evicted {
                 model: entry.id,
                 kind: entry.kind,
+                gpu: entry.gpu,
                 bytes: entry.bytes,
                 for_model: self.model.clone(),
                 order: books.order,
@@ -384,6 +386,7 @@ impl LoadJob {
             out.push(Command::Publish(VramEvent::Loaded {
                 model: entry.id.clone(),
                 kind: entry.kind.clone(),
+                gpu: entry.gpu,
                 bytes: entry.bytes,
                 declared: entry.declared,
                 measured: entry.measured,

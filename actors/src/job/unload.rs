@@ -111,13 +111,23 @@ impl Job for UnloadJob {
             }
             (Phase::Unloading, Event::Unloaded { result: Ok(()), .. }) => {
                 if let Some(entry) = books.forget(&self.model) {
-                    let (model, kind, bytes) = (entry.id, entry.kind, entry.bytes);
+                    let (model, kind, gpu, bytes) = (entry.id, entry.kind, entry.gpu, entry.bytes);
                     let event = if self.expiry {
-                        tracing::info!(model = %model, kind = %kind, bytes, "expired");
-                        VramEvent::Expired { model, kind, bytes }
+                        tracing::info!(model = %model, kind = %kind, gpu, bytes, "expired");
+                        VramEvent::Expired {
+                            model,
+                            kind,
+                            gpu,
+                            bytes,
+                        }
                     } else {
-                        tracing::info!(model = %model, kind = %kind, bytes, "unloaded");
-                        VramEvent::Unloaded { model, kind, bytes }
+                        tracing::info!(model = %model, kind = %kind, gpu, bytes, "unloaded");
+                        VramEvent::Unloaded {
+                            model,
+                            kind,
+                            gpu,
+                            bytes,
+                        }
                     };
                     out.push(Command::Publish(event));
                 }
