@@ -50,25 +50,35 @@ pub fn check_config(file: Option<&Path>) -> Outcome {
             Err(e) => return Outcome::BadInput(e.to_string()),
         }
     };
-    let choice = match gpu::resolve(&settings) {
-        Ok(choice) => choice,
-        Err(e) => return Outcome::BadInput(e.to_string()),
-    };
+    let mut choices = Vec::with_capacity(settings.gpus.len());
+    for index in 0..settings.gpus.len() {
+        match gpu::resolve_card(&settings, index) {
+            Ok(choice) => choices.push(choice),
+            Err(e) => return Outcome::BadInput(e.to_string()),
+        }
+    }
     let mut text = describe_settings(&settings);
-    match &choice.fallback {
-        Some(reason) => out!(
-            text,
-            "card: not asked ({reason}); capacity {} ({} bytes)",
-            ByteSize(choice.capacity),
-            choice.capacity
-        ),
-        None => out!(
-            text,
-            "card: NVML device {}; capacity {} ({} bytes)",
-            settings.gpu.device,
-            ByteSize(choice.capacity),
-            choice.capacity
-        ),
+    for (index, choice) in choices.iter().enumerate() {
+        let name = if choices.len() == 1 {
+            "card".to_string()
+        } else {
+            format!("card {index}")
+        };
+        match &choice.fallback {
+            Some(reason) => out!(
+                text,
+                "{name}: not asked ({reason}); capacity {} ({} bytes)",
+                ByteSize(choice.capacity),
+                choice.capacity
+            ),
+            None => out!(
+                text,
+                "{name}: NVML device {}; capacity {} ({} bytes)",
+                settings.gpus[index].device,
+                ByteSize(choice.capacity),
+                choice.capacity
+            ),
+        }
     }
     if let Some(steps) = steps {
         out!(text, "scenario: {steps} steps, all valid");
@@ -202,20 +212,37 @@ pub fn describe_settings(settings: &Settings) -> String {
         GpuTotal::Bytes(b) => format!("{} ({b} bytes)", ByteSize(b)),
         GpuTotal::Auto => "auto (the card's own total)".to_string(),
     };
-    let _ = writeln!(out, "gpu: probe {probe}, device {}", gpu.device);
-    let _ = writeln!(out, "  total    {total}");
-    let _ = writeln!(
-        out,
-        "  reserve  {} ({} bytes)",
-        ByteSize(gpu.reserve),
-        gpu.reserve
-    );
-    match settings.capacity() {
-        Some(c) => {
-            let _ = writeln!(out, "  capacity {} ({c} bytes)", ByteSize(c));
+    if settings.gpus.len() > 1 {
+        let _ = writeln!(out, "gpu: probe {probe}");
+        let _ = writeln!(out, "gpus: {} cards ([[gpus]])", settings.gpus.len());
+        for (i, card) in settings.gpus.iter().enumerate() {
+            let total = match card.total {
+                GpuTotal::Bytes(b) => format!("{} ({b} bytes)", ByteSize(b)),
+                GpuTotal::Auto => "auto".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "  gpu {i}: device {}, total {total}, reserve {}",
+                card.device,
+                ByteSize(card.reserve)
+            );
         }
-        None => {
-            let _ = writeln!(out, "  capacity the card's total less the reserve");
+    } else {
+        let _ = writeln!(out, "gpu: probe {probe}, device {}", gpu.device);
+        let _ = writeln!(out, "  total    {total}");
+        let _ = writeln!(
+            out,
+            "  reserve  {} ({} bytes)",
+            ByteSize(gpu.reserve),
+            gpu.reserve
+        );
+        match settings.capacity() {
+            Some(c) => {
+                let _ = writeln!(out, "  capacity {} ({c} bytes)", ByteSize(c));
+            }
+            None => {
+                let _ = writeln!(out, "  capacity the card's total less the reserve");
+            }
         }
     }
     let p = &settings.policy;
@@ -246,9 +273,13 @@ pub fn describe_settings(settings: &Settings) -> String {
             BackendSpec::Process(_) => "process",
         };
         let pinned = if m.spec.pinned { "  pinned" } else { "" };
+        let cards = m.gpus.as_ref().map_or(String::new(), |g| {
+            let list: Vec<String> = g.iter().map(ToString::to_string).collect();
+            format!("  gpus {}", list.join(", "))
+        });
         let _ = writeln!(
             out,
-            "  {:<24} {:<5} {:>10}  {backend}{pinned}",
+            "  {:<24} {:<5} {:>10}  {backend}{pinned}{cards}",
             m.spec.id,
             m.spec.kind,
             ByteSize(m.spec.bytes).to_string()

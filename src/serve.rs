@@ -284,6 +284,18 @@ async fn metrics_text(shared: web::Data<Shared>) -> HttpResponse {
     if let Some(card) = status.card {
         metrics::gauge!("vram_manager_card_free_bytes").set(card.free as f64);
     }
+    // Each card, labelled with its position in the list.
+    for gpu in &status.gpus {
+        let label = gpu.gpu.to_string();
+        metrics::gauge!("vram_manager_gpu_capacity_bytes", "gpu" => label.clone())
+            .set(gpu.capacity as f64);
+        metrics::gauge!("vram_manager_gpu_used_bytes", "gpu" => label.clone()).set(gpu.used as f64);
+        metrics::gauge!("vram_manager_gpu_free_bytes", "gpu" => label.clone()).set(gpu.free as f64);
+        if let Some(card) = gpu.card {
+            metrics::gauge!("vram_manager_gpu_card_free_bytes", "gpu" => label)
+                .set(card.free as f64);
+        }
+    }
     for (id, (kind, _)) in shared.models.iter() {
         let entry = status.models.iter().find(|m| &m.id == id);
         let resident = entry.is_some_and(|m| m.state == ModelState::Resident);
@@ -291,6 +303,11 @@ async fn metrics_text(shared: web::Data<Shared>) -> HttpResponse {
             .set(if resident { 1.0 } else { 0.0 });
         metrics::gauge!("vram_manager_model_leases", "model" => id.clone())
             .set(entry.map_or(0.0, |m| f64::from(m.leases)));
+        for gpu in &status.gpus {
+            let here = entry.is_some_and(|m| m.gpu == gpu.gpu);
+            metrics::gauge!("vram_manager_model_on_gpu", "model" => id.clone(), "gpu" => gpu.gpu.to_string())
+                .set(if here { 1.0 } else { 0.0 });
+        }
         if let Some(entry) = entry {
             metrics::gauge!("vram_manager_model_size_bytes", "model" => id.clone(), "source" => "declared")
                 .set(entry.declared as f64);
@@ -473,6 +490,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
                 Some(entry) => json!({
                     "id": entry.id,
                     "kind": entry.kind,
+                    "gpu": entry.gpu,
                     "state": entry.state,
                     "bytes": entry.bytes,
                     "declared": entry.declared,
@@ -484,6 +502,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
                 None => json!({
                     "id": spec.id,
                     "kind": spec.kind,
+                    "gpu": null,
                     "state": "unloaded",
                     "bytes": spec.bytes,
                     "declared": spec.bytes,
@@ -528,6 +547,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         "device": shared.about.device,
         "reserve": shared.about.reserve,
         "order": status.order,
+        "gpus": status.gpus,
     }))
 }
 

@@ -202,6 +202,17 @@ impl Events {
         Self { rx, forward }
     }
 
+    /// Subscribes through `handle` (one card or several) from now on.
+    pub async fn subscribe_handle(handle: &vram_manager::VramHandle) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let forward = Forward(tx).start();
+        handle
+            .subscribe(forward.clone().recipient())
+            .await
+            .expect("manager answers");
+        Self { rx, forward }
+    }
+
     /// Every event published before this call (events are sent before the
     /// answer of the request that caused them).
     pub async fn drain(&mut self) -> Vec<VramEvent> {
