@@ -3,8 +3,8 @@
 //! loaded by `nvml-wrapper` through `LD_LIBRARY_PATH`, exactly as the
 //! driver's library is. Checked: the device list, `probe = "nvml"`,
 //! `total = "auto"`, a device by UUID, other processes' use respected in
-//! planning, memory coming back after an eviction, and a card that fails
-//! mid-run.
+//! planning, memory coming back after an eviction, a card that fails
+//! mid-run, and two cards placed by what each shows.
 
 mod common;
 
@@ -348,4 +348,65 @@ async fn a_load_waits_until_the_card_shows_the_evicted_memory_back() {
     assert_eq!(code, 200, "{body}");
     let log = serve.log();
     assert!(!log.contains("not returned in time"), "{log}");
+}
+
+#[actix_rt::test]
+async fn two_cards_each_read_through_nvml() {
+    // Card 0 by index (16 GiB, another process holds 12), card 1 by UUID
+    // (24 GiB, free). Both totals come from NVML.
+    let state = temp_file("nvml-two-cards.json", "");
+    script(
+        &state,
+        &[
+            card(
+                "Stub A",
+                "GPU-aaaa",
+                16 * GIB,
+                12 * GIB,
+                json!([{"pid": 4242, "used": 12 * GIB}]),
+            ),
+            card("Stub B", "GPU-bbbb", 24 * GIB, 0, json!([])),
+        ],
+    );
+    let cards = "[gpu]\nprobe = \"nvml\"\nrelease_timeout = \"60s\"\n\
+                 [[gpus]]\ndevice = \"0\"\ntotal = \"auto\"\n\
+                 [[gpus]]\ndevice = \"GPU-bbbb\"\ntotal = \"auto\"\nreserve = \"1GiB\"\n";
+    let settings = temp_file("nvml-two-cards.toml", cards);
+    let (code, out, err) = with_stub(&state, &["check-config", settings.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "card 0: NVML device 0; capacity 16.0 GiB ({} bytes)",
+            16 * GIB
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "card 1: NVML device GPU-bbbb; capacity 23.0 GiB ({} bytes)",
+            23 * GIB
+        )),
+        "{out}"
+    );
+    // A 6 GiB server may go to either card. By the ledgers card 0 is the
+    // best fit (10 GiB left against 17), but the card shows only 4 GiB
+    // free: placement plans against each card, so it lands on card 1.
+    let serve = Serve::start(
+        "two-cards",
+        &state,
+        &format!("{cards}{}", server("llm", 6, 0)),
+    );
+    let (code, body) = serve.post("llm", "load").await;
+    assert_eq!(code, 200, "{body}");
+    let status = serve.status().await;
+    let llm = status["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "llm")
+        .unwrap()
+        .clone();
+    assert_eq!(llm["gpu"], 1, "{status}");
+    assert_eq!(status["gpus"].as_array().map(Vec::len), Some(2), "{status}");
+    assert_eq!(status["gpus"][1]["capacity"], 23 * GIB, "{status}");
 }

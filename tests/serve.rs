@@ -197,6 +197,9 @@ async fn the_control_api_and_the_proxy_answer_as_documented() {
     assert!(llm_b["idle_s"].as_f64().is_some(), "{report}");
     assert!(report["card"].is_null(), "no probe, no card view: {report}");
     assert_eq!(report["order"], "strict", "{report}");
+    assert_eq!(llm_b["gpu"], 0, "{report}");
+    assert_eq!(report["gpus"][0]["gpu"], 0, "{report}");
+    assert_eq!(report["gpus"].as_array().map(Vec::len), Some(1), "{report}");
     assert!(
         llm_b.get("p_soon").is_none(),
         "scores only under adaptive: {report}"
@@ -497,6 +500,20 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     assert_eq!(
         value("vram_manager_used_bytes", &[]),
         Some((10u64 << 30) as f64),
+        "{text}"
+    );
+    // The same per card, labelled with its position.
+    assert_eq!(
+        value("vram_manager_gpu_used_bytes", &[("gpu", "0")]),
+        Some((10u64 << 30) as f64),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "vram_manager_model_on_gpu",
+            &[("model", "llm-b"), ("gpu", "0")]
+        ),
+        Some(1.0),
         "{text}"
     );
     assert_eq!(

@@ -119,6 +119,7 @@ impl Shared {
         let snapshots =
             futures::future::join_all(self.cards.iter().map(|c| c.send(Snapshot))).await;
         let mut ledgers: Vec<Ledger> = Vec::with_capacity(snapshots.len());
+        let mut shown: Vec<Option<u64>> = Vec::with_capacity(snapshots.len());
         for snapshot in snapshots {
             let snapshot = snapshot.map_err(gone)?;
             let mut ledger = snapshot.ledger;
@@ -129,6 +130,7 @@ impl Shared {
                 }
             }
             ledgers.push(ledger);
+            shown.push(snapshot.card_free);
         }
         let in_flight = self.in_flight.borrow().clone();
         // On a card already (or on its way there): that card.
@@ -147,11 +149,14 @@ impl Shared {
                         ledger.reserve(spec);
                     }
                 }
+                // The tighter of the ledger and the card: memory another
+                // process holds is not free.
                 let views: Vec<CardView<'_>> = ledgers
                     .iter()
-                    .map(|ledger| CardView {
+                    .zip(&shown)
+                    .map(|(ledger, shown)| CardView {
                         ledger,
-                        free: ledger.free(),
+                        free: shown.map_or(ledger.free(), |s| s.min(ledger.free())),
                     })
                     .collect();
                 let allowed = self.allowed.get(model).map(Vec::as_slice);

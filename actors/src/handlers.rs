@@ -311,13 +311,31 @@ impl Handler<Status> for VramActor {
 }
 
 impl Handler<Snapshot> for VramActor {
-    type Result = CardSnapshot;
+    type Result = ActorResponse<Self, CardSnapshot>;
 
-    fn handle(&mut self, _msg: Snapshot, _ctx: &mut Context<Self>) -> CardSnapshot {
-        CardSnapshot {
+    fn handle(&mut self, _msg: Snapshot, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut snapshot = CardSnapshot {
             ledger: self.books.ledger.clone(),
             pending: self.pending_loads(),
+            card_free: None,
+        };
+        let reserve = self.books.reserve;
+        let Some(probe) = self.probe.clone() else {
+            return ActorResponse::reply(snapshot);
+        };
+        // A card that fails to answer is left out (the ledger stands).
+        if let Some(read) = probe.memory_at_once() {
+            snapshot.card_free = read.ok().map(|m| m.free.saturating_sub(reserve));
+            return ActorResponse::reply(snapshot);
         }
+        ActorResponse::r#async(fut::wrap_future(async move {
+            snapshot.card_free = probe
+                .memory()
+                .await
+                .ok()
+                .map(|m| m.free.saturating_sub(reserve));
+            snapshot
+        }))
     }
 }
 

@@ -191,9 +191,10 @@ pub struct CardStatus {
     pub card: Option<crate::probe::GpuMemory>,
 }
 
-/// What a card's books hold now, for placement across cards: its ledger
-/// and the loads queued or running on it (which hold no bytes until they
-/// start). Answered at once, even during a load.
+/// What a card's books hold now, for placement across cards: its ledger,
+/// the loads queued or running on it (which hold no bytes until they
+/// start) and what the card itself shows free. Answered without waiting
+/// for any job, even during a load.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "CardSnapshot")]
 pub(crate) struct Snapshot;
@@ -203,6 +204,8 @@ pub(crate) struct Snapshot;
 pub(crate) struct CardSnapshot {
     pub(crate) ledger: crate::ledger::Ledger,
     pub(crate) pending: Vec<String>,
+    /// The card's free bytes less the reserve, when a probe could tell.
+    pub(crate) card_free: Option<u64>,
 }
 
 impl StatusReport {
