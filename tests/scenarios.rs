@@ -223,6 +223,68 @@ fn invalid_scenarios_exit_2_naming_the_problem() {
 }
 
 #[test]
+fn a_plot_of_two_cards_has_a_panel_for_each() {
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-two.svg", std::process::id()));
+    let (code, _, err) = outcome(&run_cli(
+        &[
+            "scenario",
+            "config/scenarios/two-cards.toml",
+            "--plot",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert_eq!(code, 0, "{err}");
+    let svg = std::fs::read_to_string(&out).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("well-formed XML");
+    let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
+    for panel in ["(gpu 0)", "(gpu 1)"] {
+        assert!(
+            texts.iter().any(|t| t.contains(panel)),
+            "a caption {panel}: {texts:?}"
+        );
+    }
+    // Each panel has its own capacity line.
+    assert!(
+        texts.iter().any(|t| t.contains("capacity 16.0 GiB")),
+        "{texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("capacity 12.0 GiB")),
+        "{texts:?}"
+    );
+}
+
+#[test]
+fn the_two_cards_scenario_reports_each_card() {
+    let (code, out, err) = outcome(&run_cli(
+        &["scenario", "config/scenarios/two-cards.toml", "--json"],
+        &[],
+    ));
+    assert_eq!(code, 0, "{err}");
+    let steps: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("step").is_some())
+        .collect();
+    for step in &steps {
+        let gpus = step["gpus"].as_array().unwrap();
+        assert_eq!(gpus.len(), 2);
+        // The totals are the sums over the cards.
+        let used: u64 = gpus.iter().map(|g| g["used"].as_u64().unwrap()).sum();
+        let free: u64 = gpus.iter().map(|g| g["free"].as_u64().unwrap()).sum();
+        assert_eq!(
+            (step["used"].as_u64(), step["free"].as_u64()),
+            (Some(used), Some(free))
+        );
+    }
+    assert_eq!(steps[0]["gpu"], 1, "whisper may only use card 1");
+    assert_eq!(steps[7]["result"], "exceeds_capacity");
+    assert!(steps[7]["gpu"].is_null(), "on no card: {}", steps[7]);
+}
+
+#[test]
 fn plot_writes_a_valid_svg_naming_every_model() {
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("{}-va.svg", std::process::id()));
