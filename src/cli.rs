@@ -583,6 +583,9 @@ pub fn timeline_line(step: &StepReport, capacity: u64, simulated_card: bool) -> 
     if !step.evicted.is_empty() {
         line.push_str(&format!("  evicted {}", step.evicted.join(", ")));
     }
+    if !step.parked.is_empty() {
+        line.push_str(&format!("  parked {}", step.parked.join(", ")));
+    }
     line.push('\n');
     for failure in &step.failures {
         line.push_str(&format!("      expectation failed: {failure}\n"));

@@ -77,6 +77,7 @@ impl SettingsError {
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     gpu: RawGpu,
+    host: RawHost,
     #[serde(default)]
     gpus: Vec<RawCard>,
     policy: RawPolicy,
@@ -100,6 +101,27 @@ struct RawGpu {
     #[serde(with = "humantime_serde")]
     release_timeout: Duration,
     external: String,
+}
+
+/// `[host]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    budget: String,
+}
+
+/// A model's `[models.park]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPark {
+    sleep: Option<String>,
+    wake: Option<String>,
+    vram: String,
+    host: String,
+    #[serde(default)]
+    sleep_ms: u64,
+    #[serde(default)]
+    wake_ms: u64,
 }
 
 /// One `[[gpus]]` entry.
@@ -199,6 +221,7 @@ struct RawModel {
     #[serde(default)]
     files: Vec<String>,
     gpus: Option<Vec<usize>>,
+    park: Option<RawPark>,
 }
 
 fn default_backend() -> String {
@@ -210,6 +233,8 @@ fn default_backend() -> String {
 /// Validated settings: everything a manager needs, sizes in bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    /// The host: how much RAM parked models may hold.
+    pub host: HostSettings,
     /// The card and how to ask it. With `[[gpus]]`, its `device`, `total`,
     /// `reserve` and `external` are the first card's; the rest (probe,
     /// release wait) applies to every card.
@@ -268,6 +293,14 @@ pub struct GpuSettings {
     pub release_timeout: Duration,
     /// Simulated card only: bytes used by other processes.
     pub external: u64,
+}
+
+/// `[host]`: the machine the cards are in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSettings {
+    /// Host RAM all parked models together may hold, bytes ("auto": half
+    /// of the machine's memory).
+    pub budget: u64,
 }
 
 /// One card: a `[[gpus]]` entry (or `[gpu]` when there is none).
@@ -339,6 +372,20 @@ pub struct SimOptions {
     pub actual_bytes: Option<u64>,
     /// How long after an unload the simulated card gets the memory back.
     pub release_ms: u64,
+    /// Parking: bytes kept on the card while asleep, and how long a sleep
+    /// and a wake take, in milliseconds (`None`: the model cannot park).
+    pub park: Option<SimPark>,
+}
+
+/// How a simulated model parks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimPark {
+    /// Bytes it keeps on the simulated card while asleep.
+    pub vram: u64,
+    /// Time a sleep takes, in milliseconds.
+    pub sleep_ms: u64,
+    /// Time a wake takes, in milliseconds.
+    pub wake_ms: u64,
 }
 
 /// Which backend serves a model, with its options.
@@ -564,6 +611,15 @@ fn bounded(key: &str, duration: Duration) -> Result<Duration, SettingsError> {
     Ok(duration)
 }
 
+/// The machine's memory, from /proc/meminfo (`None` where it cannot be
+/// read).
+fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// A card's total: a size, or "auto" (ask NVML).
 fn parse_total(key: &str, text: &str) -> Result<GpuTotal, SettingsError> {
     match text.trim() {
@@ -675,6 +731,12 @@ impl RawSettings {
             }
             gpus
         };
+        let host = HostSettings {
+            budget: match self.host.budget.trim() {
+                "auto" => host_memory().map_or(0, |total| total / 2),
+                text => parse_size("host.budget", text)?,
+            },
+        };
         let order = match self.policy.order.trim() {
             "strict" => Order::Strict,
             "adaptive" => Order::Adaptive,
@@ -772,6 +834,7 @@ impl RawSettings {
                         .map(|v| parse_size(&key("actual_vram"), v))
                         .transpose()?,
                     release_ms: raw.release_ms,
+                    park: None,
                 }),
                 "process" => {
                     let command = raw.command.clone().unwrap_or_default();
@@ -840,6 +903,8 @@ impl RawSettings {
                             .map_err(|m| SettingsError::invalid(key("ready"), m))?,
                         ready_timeout,
                         stop_timeout,
+                        sleep: None,
+                        wake: None,
                     })
                 }
                 other => {
@@ -893,9 +958,72 @@ impl RawSettings {
                     ));
                 }
             }
+            // Parking: what it keeps on the card and in host RAM, and how
+            // it sleeps and wakes (URLs for a server, times for the
+            // simulated backend).
+            let mut backend = backend;
+            let park = match &raw.park {
+                None => None,
+                Some(park) => {
+                    let key = |field: &str| format!("models[{i}].park.{field}");
+                    let vram = parse_size(&key("vram"), &park.vram)?;
+                    if vram >= bytes {
+                        return Err(SettingsError::invalid(
+                            key("vram"),
+                            format!(
+                                "{vram} bytes parked is not less than the model's {bytes}: parking would free nothing"
+                            ),
+                        ));
+                    }
+                    let host = parse_size(&key("host"), &park.host)?;
+                    for (field, ms) in [("sleep_ms", park.sleep_ms), ("wake_ms", park.wake_ms)] {
+                        bounded(&key(field), Duration::from_millis(ms))?;
+                    }
+                    match &mut backend {
+                        BackendSpec::Sim(sim) => {
+                            sim.park = Some(SimPark {
+                                vram,
+                                sleep_ms: park.sleep_ms,
+                                wake_ms: park.wake_ms,
+                            });
+                        }
+                        BackendSpec::Process(spec) => {
+                            let url = |field: &str, value: &Option<String>| {
+                                let url = value.as_deref().ok_or_else(|| {
+                                    SettingsError::invalid(
+                                        key(field),
+                                        format!("a process-backed model that parks needs `{field}`, the URL its server takes a POST on"),
+                                    )
+                                })?;
+                                let uri: Result<awc::http::Uri, _> = url.parse();
+                                match uri {
+                                    Ok(uri)
+                                        if uri.scheme_str() == Some("http")
+                                            && uri.host().is_some_and(|h| !h.is_empty())
+                                            && uri.port_u16().is_some() =>
+                                    {
+                                        Ok::<_, SettingsError>(url.to_string())
+                                    }
+                                    _ => Err(SettingsError::invalid(
+                                        key(field),
+                                        format!(
+                                            "{url:?} is not a URL such as \"http://127.0.0.1:8000/sleep?level=1\""
+                                        ),
+                                    )),
+                                }
+                            };
+                            spec.sleep = Some(url("sleep", &park.sleep)?);
+                            spec.wake = Some(url("wake", &park.wake)?);
+                        }
+                    }
+                    Some(vram_actors::Park { vram, host })
+                }
+            };
+            let mut spec = ModelSpec::new(raw.id, raw.kind, bytes).pinned(raw.pinned);
+            spec.park = park;
             models.push(ModelSettings {
                 gpus: raw.gpus.clone(),
-                spec: ModelSpec::new(raw.id, raw.kind, bytes).pinned(raw.pinned),
+                spec,
                 backend,
                 ttl,
                 proxy,
@@ -919,6 +1047,7 @@ impl RawSettings {
             max_lease_ttl: self.server.max_lease_ttl,
         };
         Ok(Settings {
+            host,
             gpus,
             server,
             gpu: GpuSettings {

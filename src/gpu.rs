@@ -347,6 +347,23 @@ impl SimCard {
         }
     }
 
+    /// Shrinks model `id`'s memory to `to` bytes, the rest freed `after`
+    /// from now (a model parking: it keeps its residual).
+    pub fn shrink(&self, id: &str, to: u64, after: Duration) {
+        let mut state = self.state.borrow_mut();
+        let Some(held) = state.allocations.get_mut(id) else {
+            return;
+        };
+        let freed = held.saturating_sub(to);
+        *held = (*held).min(to);
+        if freed > 0 && !after.is_zero() {
+            let at = Instant::now()
+                .checked_add(after)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+            state.releasing.push((at, freed));
+        }
+    }
+
     /// Frees everything of these models at once (their server died).
     pub fn release_all<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
         for id in ids {

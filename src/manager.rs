@@ -68,6 +68,7 @@ impl Manager {
             unload_timeout: settings.policy.unload_timeout,
             max_queue: settings.policy.max_queue,
             order: settings.policy.order,
+            host_budget: settings.host.budget,
             restart_backoff: settings.policy.restart_backoff,
             restart_backoff_max: settings.policy.restart_backoff_max,
             reserve: settings.gpu.reserve,

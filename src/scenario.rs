@@ -54,6 +54,8 @@ pub struct Step {
     /// If given, the step's model must be on this card (its position in
     /// the list of cards) afterwards.
     pub gpu: Option<usize>,
+    /// If given, exactly these models must be parked afterwards.
+    pub parked: Option<BTreeSet<String>>,
 }
 
 /// What a step does.
@@ -109,6 +111,7 @@ struct RawStep {
     free: Option<String>,
     evicted: Option<Vec<String>>,
     gpu: Option<usize>,
+    parked: Option<Vec<String>>,
 }
 
 impl RawStep {
@@ -131,6 +134,7 @@ impl RawStep {
             free: None,
             evicted: None,
             gpu: None,
+            parked: None,
         };
         let mut has_op = false;
         for line in text.lines() {
@@ -462,6 +466,7 @@ impl RawStep {
             free,
             evicted: self.evicted,
             gpu: self.gpu,
+            parked: self.parked.map(|p| p.into_iter().collect()),
         })
     }
 }
@@ -494,6 +499,9 @@ pub struct StepReport {
     pub gpu: Option<usize>,
     /// Each card's used and free bytes after the step, in list order.
     pub gpus: Vec<GpuUse>,
+    /// Models parked (asleep, holding their residual) after the step,
+    /// sorted.
+    pub parked: Vec<String>,
     /// Expectations that did not hold.
     #[serde(skip)]
     pub failures: Vec<String>,
@@ -840,6 +848,12 @@ async fn run_steps(
                 .iter()
                 .fold(0u64, |sum, c| sum.saturating_add(c.memory_now().free)),
             gpu,
+            parked: status
+                .models
+                .iter()
+                .filter(|m| m.state == ModelState::Parked)
+                .map(|m| m.id.clone())
+                .collect(),
             gpus: status
                 .gpus
                 .iter()
@@ -910,6 +924,12 @@ fn check(step: &Step, report: &StepReport, error: Option<VramError>) -> Vec<Stri
             "expected evicted {expected:?}, got {:?}",
             report.evicted
         ));
+    }
+    if let Some(expected) = &step.parked {
+        let actual: BTreeSet<String> = report.parked.iter().cloned().collect();
+        if &actual != expected {
+            failures.push(format!("expected parked {expected:?}, got {actual:?}"));
+        }
     }
     if let Some(expected) = step.gpu
         && Some(expected) != report.gpu

@@ -467,6 +467,7 @@ async fn list_models(shared: web::Data<Shared>) -> HttpResponse {
                     ModelState::Loading => "loading",
                     ModelState::Resident => "resident",
                     ModelState::Unloading => "unloading",
+                    ModelState::Parked => "parked",
                 });
             json!({"id": id, "object": "model", "owned_by": "vram-manager", "kind": kind, "state": state})
         })

@@ -33,6 +33,8 @@ pub(crate) struct SettingsShape {
     #[serde(skip_serializing_if = "Option::is_none")]
     gpus: Option<Vec<Card>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<Host>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<Policy>,
     #[serde(skip_serializing_if = "Option::is_none")]
     server: Option<Server>,
@@ -57,6 +59,8 @@ pub(crate) struct ScenarioShape<S> {
     #[serde(default)]
     gpus: Option<Vec<Card>>,
     #[serde(default)]
+    host: Option<Host>,
+    #[serde(default)]
     policy: Option<Policy>,
     #[serde(default)]
     server: Option<Server>,
@@ -79,6 +83,7 @@ impl<S> ScenarioShape<S> {
         let settings = SettingsShape {
             gpu: self.gpu.take(),
             gpus: self.gpus.take(),
+            host: self.host.take(),
             policy: self.policy.take(),
             server: self.server.take(),
             process: self.process.take(),
@@ -108,6 +113,28 @@ struct Gpu {
     release_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     external: Option<Size>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Host {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget: Option<Size>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Park {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sleep: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wake: Option<String>,
+    vram: Size,
+    host: Size,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sleep_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wake_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -220,6 +247,8 @@ struct Model {
     files: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     gpus: Option<Vec<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    park: Option<Park>,
 }
 
 /// A size as written: a string such as "3GiB" (checked when it is built);

@@ -210,6 +210,7 @@ async fn soak(options: SoakOptions, base: ManagerConfig) -> SoakReport {
     let config = ManagerConfig {
         lease_wait: options.lease_wait,
         order: options.order,
+        host_budget: 0,
         load_timeout: options.timeout,
         unload_timeout: options.timeout,
         restart_backoff: Duration::from_millis(1),

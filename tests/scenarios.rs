@@ -6,7 +6,7 @@ mod common;
 
 use common::{outcome, run_cli, temp_file};
 
-const STEP_KEYS: [&str; 12] = [
+const STEP_KEYS: [&str; 13] = [
     "step",
     "op",
     "model",
@@ -19,6 +19,7 @@ const STEP_KEYS: [&str; 12] = [
     "card_free",
     "gpu",
     "gpus",
+    "parked",
 ];
 
 fn scenario_files() -> Vec<std::path::PathBuf> {

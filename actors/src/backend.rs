@@ -69,7 +69,22 @@ pub trait Backend {
     /// Unloading a model that is not loaded succeeds.
     fn unload(&self, id: &str) -> BackendFuture<()>;
 
-    /// The ids of the models this backend holds right now.
+    /// Parks `id`: its server leaves the card but keeps running (e.g.
+    /// vLLM's sleep mode), holding what its settings call its parked
+    /// residual. The default cannot: the manager then stops it instead.
+    fn park(&self, id: &str) -> BackendFuture<()> {
+        let id = id.to_string();
+        Box::pin(async move { Err(BackendError::new(format!("{id} cannot be parked"))) })
+    }
+
+    /// Wakes the parked `id`: it is usable again. The default cannot.
+    fn wake(&self, id: &str) -> BackendFuture<()> {
+        let id = id.to_string();
+        Box::pin(async move { Err(BackendError::new(format!("{id} cannot be woken"))) })
+    }
+
+    /// The ids of the models this backend holds right now (parked ones
+    /// included: their servers run).
     fn loaded(&self) -> BackendFuture<Vec<String>>;
 
     /// Called when the backend's actor restarts after a crash: forget (and

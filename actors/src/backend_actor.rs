@@ -72,6 +72,17 @@ pub struct UnloadModel(pub String);
 #[rtype(result = "Vec<(String, Result<(), VramError>)>")]
 pub struct UnloadModels(pub Vec<String>);
 
+/// Park a model through the backend (it leaves the card, its server
+/// stays). Answers when it is asleep.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), VramError>")]
+pub struct ParkModel(pub String);
+
+/// Wake a parked model through the backend.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), VramError>")]
+pub struct WakeModel(pub String);
+
 /// Ask the backend which models it holds.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Vec<String>, VramError>")]
@@ -390,6 +401,26 @@ impl Handler<UnloadModels> for BackendActor {
     }
 }
 
+impl Handler<ParkModel> for BackendActor {
+    type Result = ActorResponse<Self, Result<(), VramError>>;
+
+    fn handle(&mut self, msg: ParkModel, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.0;
+        let timeout = Some(self.unload_timeout);
+        self.guarded(id.clone(), timeout, ctx, |b| b.park(&id))
+    }
+}
+
+impl Handler<WakeModel> for BackendActor {
+    type Result = ActorResponse<Self, Result<(), VramError>>;
+
+    fn handle(&mut self, msg: WakeModel, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.0;
+        let timeout = Some(self.load_timeout);
+        self.guarded(id.clone(), timeout, ctx, |b| b.wake(&id))
+    }
+}
+
 impl Handler<ListLoaded> for BackendActor {
     type Result = ActorResponse<Self, Result<Vec<String>, VramError>>;
 
@@ -515,6 +546,7 @@ mod tests {
             unload_timeout: Duration::from_secs(1),
             max_queue: 1,
             order: Default::default(),
+            host_budget: 0,
             gpu: 0,
             restart_backoff: Duration::from_millis(10),
             restart_backoff_max: Duration::from_millis(100),

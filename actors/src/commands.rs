@@ -9,7 +9,9 @@ use std::time::Instant;
 use actix::prelude::*;
 use futures::FutureExt;
 
-use crate::backend_actor::{BackendActor, Crash, ListLoaded, LoadModel, UnloadModels};
+use crate::backend_actor::{
+    BackendActor, Crash, ListLoaded, LoadModel, ParkModel, UnloadModels, WakeModel,
+};
 use crate::error::VramError;
 use crate::job::RestartJob;
 use crate::job::{Command, Event};
@@ -54,6 +56,13 @@ impl VramActor {
                 None
             }
             Command::Unload { kind, models } => self.unload(id, kind, models, ctx),
+            Command::Park { kind, model } => self.park(id, kind, model, ctx),
+            // After `Shutdown` no model server wakes: the job aborts.
+            Command::Wake(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
+            Command::Wake(spec) => {
+                let (kind, label) = (spec.kind.clone(), spec.id.clone());
+                self.call(id, kind, WakeModel(spec.id), label, ctx, Event::Loaded)
+            }
             // After `Shutdown` no model server starts: the job aborts.
             Command::Load(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
             Command::WaitRelease { .. } | Command::Wait { .. } if self.shutting_down => {
@@ -194,6 +203,67 @@ impl VramActor {
                 act.feed(id, Event::UnloadsDone, ctx);
             },
         ));
+        None
+    }
+
+    /// Parks `model` on the backend of `kind`; if its sleep fails, stops
+    /// it instead. Feeds job `id` one `Parked`, then `UnloadsDone`.
+    fn park(
+        &mut self,
+        id: u64,
+        kind: String,
+        model: String,
+        ctx: &mut Context<Self>,
+    ) -> Option<Event> {
+        let Some(backend) = self.actors.get(&kind).cloned() else {
+            let result = Err(no_backend(&kind, &model));
+            ctx.spawn(ActorFutureExt::map(
+                fut::ready(()),
+                move |(), act: &mut Self, ctx| {
+                    act.feed(id, Event::Parked { model, result }, ctx);
+                    act.feed(id, Event::UnloadsDone, ctx);
+                },
+            ));
+            return None;
+        };
+        let label = model.clone();
+        ctx.spawn(
+            backend
+                .send(ParkModel(model.clone()))
+                .into_actor(self)
+                .then(move |answer, act, _ctx| {
+                    let stop = match answer {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    let backend = backend.clone();
+                    let model = label.clone();
+                    async move {
+                        match stop {
+                            None => Ok(true),
+                            Some(reason) => {
+                                // A failed sleep falls back to stopping.
+                                tracing::warn!(model = %model, reason = %reason, "park failed; stopping the server instead");
+                                match backend.send(UnloadModels(vec![model.clone()])).await {
+                                    Ok(mut results) => results
+                                        .pop()
+                                        .map_or(Ok(false), |(_, r)| r.map(|()| false)),
+                                    Err(e) => Err(VramError::BackendFailed {
+                                        model,
+                                        reason: format!("backend actor unavailable: {e}"),
+                                    }),
+                                }
+                            }
+                        }
+                    }
+                    .into_actor(act)
+                })
+                .map(move |result, act, ctx| {
+                    act.feed(id, Event::Parked { model, result }, ctx);
+                    act.feed(id, Event::UnloadsDone, ctx);
+                }),
+        );
         None
     }
 

@@ -30,6 +30,9 @@ pub struct ManagerConfig {
     pub unload_timeout: Duration,
     /// The order in which eviction candidates are taken.
     pub order: Order,
+    /// Host RAM all parked models together may hold; a model that would
+    /// go over it is stopped instead of parked.
+    pub host_budget: u64,
     /// Waiting jobs beyond this are refused with `busy`.
     pub max_queue: usize,
     /// Delay before a restarted backend takes its next message.

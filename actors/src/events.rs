@@ -72,6 +72,34 @@ pub enum VramEvent {
         /// The eviction order that chose it (`strict` or `adaptive`).
         order: crate::policy::Order,
     },
+    /// A model left the card by parking: its server sleeps, holding
+    /// `bytes` on the card and its weights in host RAM.
+    Parked {
+        /// The model.
+        model: String,
+        /// Its kind.
+        kind: String,
+        /// The card it is on (position in the list of cards; 0 with one).
+        gpu: usize,
+        /// Bytes it still holds on the card.
+        bytes: u64,
+        /// Bytes it gave back.
+        freed: u64,
+        /// The model it made room for (none when it parked because it was
+        /// idle for its TTL).
+        for_model: Option<String>,
+    },
+    /// A parked model woke and is resident again.
+    Woke {
+        /// The model.
+        model: String,
+        /// Its kind.
+        kind: String,
+        /// The card it is on (position in the list of cards; 0 with one).
+        gpu: usize,
+        /// Bytes charged now.
+        bytes: u64,
+    },
     /// A model was unloaded on request.
     Unloaded {
         /// The model.

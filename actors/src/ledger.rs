@@ -23,8 +23,11 @@ pub enum ModelState {
     Loading,
     /// Loaded and usable.
     Resident,
-    /// The backend is unloading it; its bytes still count.
+    /// The backend is unloading or parking it; its bytes still count.
     Unloading,
+    /// Asleep: its server runs, its weights are in host RAM, and it holds
+    /// only its parked residual on the card. A load wakes it.
+    Parked,
 }
 
 /// One model that holds (or is about to hold) VRAM.
@@ -161,13 +164,13 @@ impl Ledger {
     }
 
     /// Records a request for `model` in the history (a miss when it has no
-    /// entry or is leaving: the request needs a load). Plans under the
+    /// entry, is leaving or is parked: the request needs a load or a wake). Plans under the
     /// strict order never read it.
     pub fn note_request(&mut self, model: &str) {
         let miss = self
             .entries
             .get(model)
-            .is_none_or(|e| e.state == ModelState::Unloading);
+            .is_none_or(|e| matches!(e.state, ModelState::Unloading | ModelState::Parked));
         self.history.note(model, miss);
     }
 
@@ -325,6 +328,37 @@ impl Ledger {
         let entry = self.entries.remove(id)?;
         self.used = self.used.saturating_sub(u128::from(entry.bytes));
         Some(entry)
+    }
+
+    /// Records `id` as parked: it now holds only `residual` bytes (its
+    /// measured and declared sizes are kept for its wake). Returns false if
+    /// unknown.
+    pub fn park(&mut self, id: &str, residual: u64) -> bool {
+        match self.entries.get_mut(id) {
+            Some(entry) => {
+                let residual = residual.min(entry.bytes);
+                self.used = self.used.saturating_sub(u128::from(entry.bytes - residual));
+                entry.bytes = residual;
+                entry.state = ModelState::Parked;
+                entry.leases = 0;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts waking the parked `id`: it is loading again and charged
+    /// `bytes`. Returns false unless it was parked.
+    pub fn wake(&mut self, id: &str, bytes: u64) -> bool {
+        match self.entries.get_mut(id) {
+            Some(entry) if entry.state == ModelState::Parked => {
+                self.used = self.used.saturating_sub(u128::from(entry.bytes)) + u128::from(bytes);
+                entry.bytes = bytes;
+                entry.state = ModelState::Loading;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Pins or unpins `id`. Returns false if it is not in the ledger.

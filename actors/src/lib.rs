@@ -51,7 +51,7 @@ pub use messages::{
     Acquire, BackendOf, CardStatus, CrashBackend, Lease, Load, Release, SetPinned, Shutdown,
     Status, StatusReport, Subscribe, Unload,
 };
-pub use model::{Catalog, ModelSpec};
+pub use model::{Catalog, ModelSpec, Park};
 pub use placement::{CardView, Placement, place};
 pub use policy::{Order, Plan, Score, expired, is_expired, plan, plan_in_order, scores, servable};
 pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};

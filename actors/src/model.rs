@@ -14,6 +14,18 @@ pub struct ModelSpec {
     /// A pinned model is never evicted nor expired; only an explicit
     /// `Unload` removes it.
     pub pinned: bool,
+    /// How the model sleeps instead of stopping, if it can.
+    pub park: Option<Park>,
+}
+
+/// What a model holds while parked: its server keeps running (weights in
+/// host RAM) and comes back faster than a cold load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Park {
+    /// Bytes it still holds on the card while parked.
+    pub vram: u64,
+    /// Host RAM it holds while parked (counted against the host budget).
+    pub host: u64,
 }
 
 impl ModelSpec {
@@ -24,7 +36,21 @@ impl ModelSpec {
             kind: kind.into(),
             bytes,
             pinned: false,
+            park: None,
         }
+    }
+
+    /// The same model, parked instead of stopped when it must leave (and
+    /// the host budget allows).
+    pub fn parks(mut self, park: Park) -> Self {
+        self.park = Some(park);
+        self
+    }
+
+    /// The bytes it frees when it leaves the card by parking.
+    pub fn freed_by_parking(&self, charged: u64) -> u64 {
+        self.park
+            .map_or(charged, |p| charged.saturating_sub(p.vram))
     }
 
     /// The same model, pinned or not.

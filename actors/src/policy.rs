@@ -217,7 +217,7 @@ pub fn plan_in_order(
     // Step 4: who may go, lowest tier and least recently used first. Leased
     // models are set aside (counted, so a caller can wait for them). The
     // few kinds are resolved once, not once per model.
-    let (mut candidates, leased) = candidates(ledger, kinds, requester, model);
+    let (mut candidates, leased) = candidates(ledger, kinds, catalog, requester, model);
     if order == Order::Adaptive {
         let total = candidates
             .iter()
@@ -399,9 +399,15 @@ fn cheapest_cover(items: &[(u64, f64)], need: u64) -> Vec<bool> {
 /// `requester`) may evict, lowest tier and least recently used first, as
 /// (sort key, bytes, entry); and the bytes of those set aside only because
 /// they are leased (a caller may wait for them).
+///
+/// A parked model is a candidate too: stopping it frees its residual bytes,
+/// and it goes before a resident model of its tier. A resident model that
+/// can park is counted for the bytes parking frees (it may be stopped
+/// instead when the host budget is spent, which frees more).
 pub(crate) fn candidates<'a>(
     ledger: &'a Ledger,
     kinds: &Kinds,
+    catalog: &Catalog,
     requester: &Kind,
     model: &str,
 ) -> (Vec<(u128, u64, &'a Entry)>, u64) {
@@ -414,7 +420,8 @@ pub(crate) fn candidates<'a>(
     // (priority and recency packed into one sort key, bytes, entry)
     let mut candidates: Vec<(u128, u64, &Entry)> = Vec::new();
     for entry in ledger.entries() {
-        if entry.state != ModelState::Resident || entry.pinned || entry.id == model {
+        let parked = entry.state == ModelState::Parked;
+        if !(entry.state == ModelState::Resident || parked) || entry.pinned || entry.id == model {
             continue;
         }
         let Some(&(_, priority, evictable)) =
@@ -429,10 +436,16 @@ pub(crate) fn candidates<'a>(
             leased = leased.saturating_add(entry.bytes);
             continue;
         }
-        // Priority first, then recency: both whole, so any two priorities
-        // (and any two recencies) compare exactly.
-        let key = (u128::from(priority) << 64) | u128::from(entry.recency);
-        candidates.push((key, entry.bytes, entry));
+        // Priority first, then parked before resident, then recency: all
+        // whole, so any two priorities (and any two recencies) compare
+        // exactly. Without parked models this is (priority, recency).
+        let resident_bit = u128::from(!parked);
+        let key = (u128::from(priority) << 65) | (resident_bit << 64) | u128::from(entry.recency);
+        let freed = match catalog.get(&entry.id) {
+            Some(spec) if !parked => spec.freed_by_parking(entry.bytes),
+            _ => entry.bytes,
+        };
+        candidates.push((key, freed, entry));
     }
     // Recency is unique, so keys never tie and an unstable sort is exact.
     candidates.sort_unstable_by_key(|&(key, _, _)| key);

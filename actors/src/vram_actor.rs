@@ -112,6 +112,7 @@ impl VramActor {
             reserve: config.reserve,
             lease_wait: config.lease_wait,
             order: config.order,
+            host_budget: config.host_budget,
             release: ReleaseWait {
                 fraction: config.release_fraction,
                 poll: config.release_poll,
@@ -174,11 +175,12 @@ impl VramActor {
     /// Whether a request for `model` needs a load of its own: it holds no
     /// VRAM (or is leaving) and no load of it is queued or running to join.
     pub(crate) fn needs_load(&self, model: &str) -> bool {
-        let live = self
-            .books
-            .ledger
-            .get(model)
-            .is_some_and(|e| e.state != crate::ledger::ModelState::Unloading);
+        let live = self.books.ledger.get(model).is_some_and(|e| {
+            matches!(
+                e.state,
+                crate::ledger::ModelState::Resident | crate::ledger::ModelState::Loading
+            )
+        });
         let joins = self
             .running
             .iter()

@@ -84,6 +84,42 @@ impl ProcessBackend {
         }
     }
 
+    /// POSTs the URL `pick` finds in `id`'s spec, if its server runs;
+    /// fails on anything but a 2xx answer.
+    fn post_to(
+        &self,
+        id: &str,
+        pick: impl Fn(&ProcessSpec) -> Option<String>,
+        what: &'static str,
+    ) -> BackendFuture<()> {
+        let url = self.specs.get(id).and_then(pick);
+        let running = self.state.borrow().running.contains_key(id);
+        let id = id.to_string();
+        Box::pin(async move {
+            let Some(url) = url else {
+                return Err(BackendError::new(format!("{id} has no {what} URL")));
+            };
+            if !running {
+                return Err(BackendError::new(format!("{id} has no server running")));
+            }
+            let answer = awc::Client::builder()
+                .timeout(Duration::from_secs(600))
+                .finish()
+                .post(&url)
+                .send()
+                .await
+                .map_err(|e| BackendError::new(format!("{what} {id}: POST {url}: {e}")))?;
+            if answer.status().is_success() {
+                Ok(())
+            } else {
+                Err(BackendError::new(format!(
+                    "{what} {id}: POST {url} answered {}",
+                    answer.status()
+                )))
+            }
+        })
+    }
+
     /// The process id of each running model server.
     pub fn pids(&self) -> BTreeMap<String, i32> {
         self.state
@@ -312,6 +348,17 @@ impl Backend for ProcessBackend {
                 None => Ok(()),
             }
         })
+    }
+
+    /// POSTs the model's `sleep` URL: its server leaves the card and
+    /// keeps running.
+    fn park(&self, id: &str) -> BackendFuture<()> {
+        self.post_to(id, |spec| spec.sleep.clone(), "sleep")
+    }
+
+    /// POSTs the model's `wake` URL.
+    fn wake(&self, id: &str) -> BackendFuture<()> {
+        self.post_to(id, |spec| spec.wake.clone(), "wake")
     }
 
     fn loaded(&self) -> BackendFuture<Vec<String>> {

@@ -34,6 +34,22 @@ impl Backend for Router {
         }
     }
 
+    fn park(&self, id: &str) -> BackendFuture<()> {
+        if self.process.serves(id) {
+            self.process.park(id)
+        } else {
+            self.sim.park(id)
+        }
+    }
+
+    fn wake(&self, id: &str) -> BackendFuture<()> {
+        if self.process.serves(id) {
+            self.process.wake(id)
+        } else {
+            self.sim.wake(id)
+        }
+    }
+
     fn loaded(&self) -> BackendFuture<Vec<String>> {
         let (sim, process) = (self.sim.loaded(), self.process.loaded());
         Box::pin(async move {

@@ -18,8 +18,14 @@ use crate::gpu::SimCard;
 #[derive(Debug, Default)]
 struct State {
     loaded: BTreeSet<String>,
+    /// Of those, the ones asleep (parked).
+    parked: BTreeSet<String>,
+    /// What each loaded model allocated, for its wake.
+    bytes: HashMap<String, u64>,
     loads: u64,
     unloads: u64,
+    parks: u64,
+    wakes: u64,
 }
 
 /// A simulated backend for one kind. Clones share state, so a test can
@@ -62,7 +68,18 @@ impl SimBackend {
         self.state.borrow().unloads
     }
 
-    /// The models this backend holds now.
+    /// How many parks and wakes have completed.
+    pub fn park_counts(&self) -> (u64, u64) {
+        let state = self.state.borrow();
+        (state.parks, state.wakes)
+    }
+
+    /// The models asleep now.
+    pub fn parked(&self) -> Vec<String> {
+        self.state.borrow().parked.iter().cloned().collect()
+    }
+
+    /// The models this backend holds now (parked ones included).
     pub fn holding(&self) -> Vec<String> {
         self.state.borrow().loaded.iter().cloned().collect()
     }
@@ -86,6 +103,7 @@ impl Backend for SimBackend {
                 card.allocate(&id, bytes).map_err(BackendError::new)?;
             }
             let mut state = state.borrow_mut();
+            state.bytes.insert(id.clone(), bytes);
             state.loaded.insert(id);
             state.loads += 1;
             Ok(())
@@ -105,9 +123,66 @@ impl Backend for SimBackend {
                 card.release(&id, Duration::from_millis(options.release_ms));
             }
             let mut state = state.borrow_mut();
+            state.parked.remove(&id);
+            state.bytes.remove(&id);
             if state.loaded.remove(&id) {
                 state.unloads += 1;
             }
+            Ok(())
+        })
+    }
+
+    /// Sleeps `sleep_ms`, then keeps only the parked residual on the card
+    /// (the rest comes back `release_ms` later).
+    fn park(&self, id: &str) -> BackendFuture<()> {
+        let options = self.options(id);
+        let state = self.state.clone();
+        let id = id.to_string();
+        let card = self.card.clone();
+        Box::pin(async move {
+            let Some(park) = options.park else {
+                return Err(BackendError::new(format!("{id} cannot be parked")));
+            };
+            if !state.borrow().loaded.contains(&id) {
+                return Err(BackendError::new(format!("{id} is not loaded")));
+            }
+            if park.sleep_ms > 0 {
+                actix::clock::sleep(Duration::from_millis(park.sleep_ms)).await;
+            }
+            if let Some(card) = &card {
+                card.shrink(&id, park.vram, Duration::from_millis(options.release_ms));
+            }
+            let mut state = state.borrow_mut();
+            state.parked.insert(id);
+            state.parks += 1;
+            Ok(())
+        })
+    }
+
+    /// Takes `wake_ms`, then holds its whole footprint on the card again.
+    fn wake(&self, id: &str) -> BackendFuture<()> {
+        let options = self.options(id);
+        let state = self.state.clone();
+        let id = id.to_string();
+        let card = self.card.clone();
+        Box::pin(async move {
+            let Some(park) = options.park else {
+                return Err(BackendError::new(format!("{id} cannot be woken")));
+            };
+            if !state.borrow().parked.contains(&id) {
+                return Err(BackendError::new(format!("{id} is not asleep")));
+            }
+            if park.wake_ms > 0 {
+                actix::clock::sleep(Duration::from_millis(park.wake_ms)).await;
+            }
+            let full = state.borrow().bytes.get(&id).copied().unwrap_or(0);
+            if let Some(card) = &card {
+                card.allocate(&id, full.saturating_sub(park.vram))
+                    .map_err(BackendError::new)?;
+            }
+            let mut state = state.borrow_mut();
+            state.parked.remove(&id);
+            state.wakes += 1;
             Ok(())
         })
     }
@@ -124,5 +199,7 @@ impl Backend for SimBackend {
             card.release_all(&state.loaded);
         }
         state.loaded.clear();
+        state.parked.clear();
+        state.bytes.clear();
     }
 }

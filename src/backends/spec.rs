@@ -83,6 +83,11 @@ pub struct ProcessSpec {
     /// How long its processes may take to exit after SIGTERM before
     /// SIGKILL; also the bound of the `stop` command.
     pub stop_timeout: Duration,
+    /// The URL a POST to which puts the server to sleep (parks it), if it
+    /// can park.
+    pub sleep: Option<String>,
+    /// The URL a POST to which wakes it.
+    pub wake: Option<String>,
 }
 
 impl ProcessSpec {
@@ -106,6 +111,8 @@ impl ProcessSpec {
             ready: self.ready.clone(),
             ready_timeout: self.ready_timeout,
             stop_timeout: self.stop_timeout,
+            sleep: self.sleep.as_ref().map(card),
+            wake: self.wake.as_ref().map(card),
         }
     }
 }

@@ -81,6 +81,8 @@ pub(crate) struct LoadJob {
     planned: Vec<String>,
     /// How long it waited for evicted memory to come back, if it did.
     release_waited: Option<Duration>,
+    /// The model was parked: this load wakes it.
+    waking: bool,
     outcome: Option<Result<Loaded, VramError>>,
 }
 
@@ -94,6 +96,7 @@ impl LoadJob {
             evicted: Vec::new(),
             planned: Vec::new(),
             release_waited: None,
+            waking: false,
             outcome: None,
         }
     }
@@ -123,23 +126,38 @@ impl LoadJob {
         let deadline = *self
             .lease_deadline
             .get_or_insert(after(now, books.lease_wait));
+        // A parked model is planned for its full size, as any load: against
+        // the ledger without its residual (which it keeps on the card).
+        let parked = books
+            .ledger
+            .get(&self.model)
+            .filter(|e| e.state == ModelState::Parked)
+            .map(|e| e.bytes);
+        let view = parked.map(|_| {
+            let mut view = books.ledger.clone();
+            view.remove(&self.model);
+            view
+        });
+        let ledger = view.as_ref().unwrap_or(&books.ledger);
         // Plan against the tighter of the ledger and the card: memory held
         // by other processes, or not yet returned, is not free.
         let free = match card {
-            Some(card) => books
-                .ledger
-                .free()
-                .min(card.free.saturating_sub(books.reserve)),
-            None => books.ledger.free(),
+            Some(card) => ledger.free().min(
+                card.free
+                    .saturating_sub(books.reserve)
+                    .saturating_add(parked.unwrap_or(0)),
+            ),
+            None => ledger.free(),
         };
-        match plan_in_order(
-            &books.ledger,
+        let planned = plan_in_order(
+            ledger,
             &books.kinds,
             &books.planned,
             &self.model,
             free,
             books.order,
-        ) {
+        );
+        match planned {
             Ok(Plan::Resident) => {
                 books.touch(&self.model, now);
                 let model = self.model.clone();
@@ -197,18 +215,41 @@ impl LoadJob {
         let others = card.map_or(0, |c| c.used.saturating_sub(ours));
         let mut back: u64 = 0;
         let mut planned = Vec::with_capacity(victims.len());
+        let mut parking = Vec::new();
+        // Host RAM promised to victims parking in this plan.
+        let mut promised = 0u64;
         for victim in victims {
             if let Some(entry) = books.ledger.get(&victim) {
-                back = back.saturating_add(true_bytes(entry));
-                planned.push((victim.clone(), entry.kind.clone()));
+                // A resident victim that can park (and fits the host
+                // budget) sleeps; anything else, parked ones included, stops.
+                let parks = entry.state == ModelState::Resident;
+                let host = parks.then(|| books.may_park(&victim, promised)).flatten();
+                let leaving = match host {
+                    Some(host) => {
+                        promised = promised.saturating_add(host);
+                        true_bytes(entry).saturating_sub(books.residual(&victim))
+                    }
+                    None => true_bytes(entry),
+                };
+                back = back.saturating_add(leaving);
+                let pair = (victim.clone(), entry.kind.clone());
+                if host.is_some() {
+                    parking.push(pair);
+                } else {
+                    planned.push(pair);
+                }
             }
             books.ledger.begin_unload(&victim);
         }
-        books.ledger.reserve(&declared);
-        // The weights can be read while the victims leave.
-        out.push(Command::Warm);
-        if charged > declared.bytes {
-            books.ledger.calibrate(&self.model, charged);
+        if books.ledger.wake(&self.model, charged) {
+            self.waking = true;
+        } else {
+            books.ledger.reserve(&declared);
+            // The weights can be read while the victims leave.
+            out.push(Command::Warm);
+            if charged > declared.bytes {
+                books.ledger.calibrate(&self.model, charged);
+            }
         }
         tracing::info!(model = %declared.id, kind = %declared.kind, bytes = charged, victims = planned.len(), "loading");
         out.push(Command::Publish(VramEvent::Loading {
@@ -216,10 +257,24 @@ impl LoadJob {
             kind: declared.kind.clone(),
             gpu: books.ledger.gpu(),
             bytes: charged,
-            victims: planned.iter().map(|(v, _)| v.clone()).collect(),
+            victims: planned
+                .iter()
+                .chain(&parking)
+                .map(|(v, _)| v.clone())
+                .collect(),
         }));
-        self.note_plan_order(&planned);
-        let pending = unload_all(planned, out);
+        if parking.is_empty() {
+            self.note_plan_order(&planned);
+        } else {
+            // Parks and stops answer separately: keep the plan's order.
+            self.planned
+                .extend(planned.iter().chain(&parking).map(|(m, _)| m.clone()));
+        }
+        let mut pending = unload_all(planned, out);
+        for (model, kind) in parking {
+            out.push(Command::Park { kind, model });
+            pending += 1;
+        }
         self.phase = Phase::Evicting {
             pending,
             failed: None,
@@ -274,6 +329,12 @@ impl LoadJob {
 
     fn start_load(&mut self, used_before: Option<u64>, books: &mut Books, out: &mut Vec<Command>) {
         match books.declared.get(&self.model) {
+            Some(spec) if self.waking => {
+                // Its residual is on the card already: the card's growth
+                // would not be its size, so a wake is not measured.
+                out.push(Command::Wake(spec.clone()));
+                self.phase = Phase::Loading { used_before: None };
+            }
             Some(spec) => {
                 out.push(Command::Load(spec.clone()));
                 self.phase = Phase::Loading { used_before };
@@ -291,7 +352,13 @@ impl LoadJob {
     /// resident again, the reservation is dropped.
     fn abort(&mut self, error: VramError, books: &mut Books, out: &mut Vec<Command>) {
         cancel_unloads(&mut books.ledger);
-        books.ledger.remove(&self.model);
+        if self.waking {
+            // It never woke: it sleeps on, holding its residual.
+            let residual = books.residual(&self.model);
+            books.ledger.park(&self.model, residual);
+        } else {
+            books.ledger.remove(&self.model);
+        }
         tracing::warn!(model = %self.model, code = error.code(), error = %error, "load failed");
         out.push(load_failed(&self.model, &error));
         self.finish(Err(error));
@@ -345,6 +412,26 @@ impl LoadJob {
         self.evicted.push(model.to_string());
     }
 
+    /// The victim `model` left the card for this load by parking.
+    fn parked(&mut self, model: &str, books: &mut Books, out: &mut Vec<Command>) {
+        let residual = books.residual(model);
+        if let Some(entry) = books.ledger.get(model).cloned() {
+            books.ledger.park(model, residual);
+            books.last_used.remove(model);
+            let freed = entry.bytes.saturating_sub(residual);
+            tracing::info!(model = %entry.id, kind = %entry.kind, freed, residual, for_model = %self.model, "parked");
+            out.push(Command::Publish(VramEvent::Parked {
+                model: entry.id,
+                kind: entry.kind,
+                gpu: entry.gpu,
+                bytes: residual.min(entry.bytes),
+                freed,
+                for_model: Some(self.model.clone()),
+            }));
+        }
+        self.evicted.push(model.to_string());
+    }
+
     /// The model is loaded and measured (when the card could tell).
     fn commit(
         &mut self,
@@ -380,6 +467,17 @@ impl LoadJob {
         books.used_now(&self.model, now);
         if let Some(measured) = measured {
             books.calibrate(&self.model, measured);
+        }
+        if let Some(entry) = books.ledger.get(&self.model)
+            && self.waking
+        {
+            tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, "woke");
+            out.push(Command::Publish(VramEvent::Woke {
+                model: entry.id.clone(),
+                kind: entry.kind.clone(),
+                gpu: entry.gpu,
+                bytes: entry.bytes,
+            }));
         }
         if let Some(entry) = books.ledger.get(&self.model) {
             tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, measured = ?entry.measured, "loaded");
@@ -451,7 +549,8 @@ impl LoadJob {
                     .get(&self.model)
                     .and_then(|s| books.kinds.get(&s.kind));
                 let (evictable, leased) = requester.map_or((0, 0), |kind| {
-                    let (found, leased) = candidates(&view, &books.kinds, kind, &self.model);
+                    let (found, leased) =
+                        candidates(&view, &books.kinds, &books.planned, kind, &self.model);
                     (found.iter().map(|(_, bytes, _)| bytes).sum(), leased)
                 });
                 let error = VramError::InsufficientVram {
@@ -515,8 +614,20 @@ fn victim_answer(
         Event::Unloaded {
             model,
             result: Ok(()),
+        }
+        | Event::Parked {
+            model,
+            result: Ok(false),
         } => job.evicted(&model, books, out),
+        Event::Parked {
+            model,
+            result: Ok(true),
+        } => job.parked(&model, books, out),
         Event::Unloaded {
+            model,
+            result: Err(e),
+        }
+        | Event::Parked {
             model,
             result: Err(e),
         } => {
@@ -567,7 +678,7 @@ impl Job for LoadJob {
                     back,
                     others,
                 },
-                event @ (Event::Unloaded { .. } | Event::UnloadsDone),
+                event @ (Event::Unloaded { .. } | Event::Parked { .. } | Event::UnloadsDone),
             ) => {
                 victim_answer(self, event, books, out, &mut pending, &mut failed);
                 self.phase = Phase::Evicting {
@@ -626,6 +737,22 @@ impl Job for LoadJob {
                         out.push(Command::ReadCard);
                     }
                     (Ok(()), None) => self.commit(None, books, now, out),
+                    (Err(e), _) if self.waking => {
+                        // A failed wake stops the server: its state is
+                        // unknown, and a stopped server holds nothing.
+                        let kind = books.ledger.get(&self.model).map(|e| e.kind.clone());
+                        tracing::warn!(model = %self.model, error = %e, "wake failed; stopping the server");
+                        match kind {
+                            Some(kind) => {
+                                out.push(Command::Unload {
+                                    kind,
+                                    models: vec![self.model.clone()],
+                                });
+                                self.phase = Phase::Refusing { error: e };
+                            }
+                            None => self.abort(e, books, out),
+                        }
+                    }
                     (Err(e), _) => self.abort(e, books, out),
                 }
             }
@@ -640,7 +767,7 @@ impl Job for LoadJob {
                     mut failed,
                     measured,
                 },
-                event @ (Event::Unloaded { .. } | Event::UnloadsDone),
+                event @ (Event::Unloaded { .. } | Event::Parked { .. } | Event::UnloadsDone),
             ) => {
                 victim_answer(self, event, books, out, &mut pending, &mut failed);
                 match (pending, failed) {

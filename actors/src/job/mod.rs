@@ -45,9 +45,17 @@ pub(crate) enum Event {
         /// How it went.
         result: Result<(), VramError>,
     },
-    /// A backend answered a whole [`Command::Unload`]: every `Unloaded` of
-    /// it came before this.
+    /// A backend answered a whole [`Command::Unload`] or [`Command::Park`]:
+    /// every `Unloaded` or `Parked` of it came before this.
     UnloadsDone,
+    /// A backend finished parking `model`: `Ok(true)` it sleeps, `Ok(false)`
+    /// its sleep failed and it was stopped instead.
+    Parked {
+        /// The model.
+        model: String,
+        /// How it went.
+        result: Result<bool, VramError>,
+    },
     /// The backend finished loading the job's model.
     Loaded(Result<(), VramError>),
     /// The backend crashed as asked and restarted.
@@ -79,6 +87,18 @@ pub(crate) enum Command {
     /// Load this model on its kind's backend; answer with
     /// [`Event::Loaded`].
     Load(ModelSpec),
+    /// Park `model` on the backend of `kind` (its server sleeps); should
+    /// the sleep fail, stop it. Answer [`Event::Parked`], then
+    /// [`Event::UnloadsDone`].
+    Park {
+        /// Its kind (which backend).
+        kind: String,
+        /// The model.
+        model: String,
+    },
+    /// Wake this parked model on its kind's backend; answer with
+    /// [`Event::Loaded`].
+    Wake(ModelSpec),
     /// Make the backend of `kind` crash and restart; answer with
     /// [`Event::Crashed`].
     Crash {
@@ -189,6 +209,8 @@ pub(crate) struct Books {
     pub(crate) release: ReleaseWait,
     /// The order in which eviction candidates are taken.
     pub(crate) order: Order,
+    /// Host RAM all parked models together may hold.
+    pub(crate) host_budget: u64,
 }
 
 impl Books {
@@ -281,6 +303,36 @@ impl Books {
             spec.bytes = bytes;
             self.planned.insert(spec);
         }
+    }
+}
+
+impl Books {
+    /// Host RAM the parked models hold (and those on their way to parking).
+    pub(crate) fn host_parked(&self) -> u64 {
+        self.ledger
+            .entries()
+            .filter(|e| e.state == crate::ledger::ModelState::Parked)
+            .filter_map(|e| self.declared.get(&e.id).and_then(|s| s.park))
+            .fold(0u64, |sum, p| sum.saturating_add(p.host))
+    }
+
+    /// Whether `model` can park now with `more` host bytes already promised
+    /// to other models parking: it declares how, and the budget allows.
+    pub(crate) fn may_park(&self, model: &str, more: u64) -> Option<u64> {
+        let park = self.declared.get(model)?.park?;
+        let total = self
+            .host_parked()
+            .saturating_add(more)
+            .saturating_add(park.host);
+        (total <= self.host_budget).then_some(park.host)
+    }
+
+    /// The bytes `model` holds on the card while parked.
+    pub(crate) fn residual(&self, model: &str) -> u64 {
+        self.declared
+            .get(model)
+            .and_then(|s| s.park)
+            .map_or(0, |p| p.vram)
     }
 }
 

@@ -40,10 +40,26 @@ fn catalog() -> Vec<(&'static str, &'static str, u64, bool)> {
     ]
 }
 
+/// How a model parks: (residual on the card, host RAM).
+fn parks(id: &str) -> Option<(u64, u64)> {
+    match id {
+        "llm-a" => Some((GIB, 8 * GIB)),
+        "llm-c" => Some((GIB / 2, 4 * GIB)),
+        "tts-b" => Some((GIB / 4, 2 * GIB)),
+        _ => None,
+    }
+}
+
 fn books() -> Books {
     let mut declared = Catalog::new();
     for (id, kind, gib, pinned) in catalog() {
-        declared.insert(ModelSpec::new(id, kind, gib * GIB).pinned(pinned));
+        let mut spec = ModelSpec::new(id, kind, gib * GIB).pinned(pinned);
+        // Some models park instead of stopping (host budget: 12 GiB, so
+        // not all of them at once).
+        if let Some((vram, host)) = parks(id) {
+            spec = spec.parks(crate::model::Park { vram, host });
+        }
+        declared.insert(spec);
     }
     let mut kinds = Kinds::new();
     kinds.insert(Kind::new("llm", 0, false));
@@ -62,6 +78,7 @@ fn books() -> Books {
         reserve: 0,
         lease_wait: Duration::from_secs(2),
         order: Order::Strict,
+        host_budget: 12 * GIB,
         release: ReleaseWait {
             fraction: 0.75,
             poll: Duration::from_millis(250),
@@ -103,6 +120,8 @@ struct World {
     now: Instant,
     /// What each backend really holds.
     loaded: BTreeSet<String>,
+    /// Which of those sleep (parked: only their residual on the card).
+    parked: BTreeSet<String>,
     next_lease: u64,
     /// Random choices, consumed in order (cycled).
     dice: Vec<u8>,
@@ -115,6 +134,7 @@ impl World {
             books: books(),
             now: Instant::now(),
             loaded: BTreeSet::new(),
+            parked: BTreeSet::new(),
             next_lease: 0,
             dice,
             roll: 0,
@@ -140,6 +160,7 @@ impl World {
             .loaded
             .iter()
             .map(|m| match m.as_str() {
+                parked if self.parked.contains(parked) => parks(parked).map_or(0, |p| p.0),
                 "big" => 13 * GIB,
                 "llm-b" => 2 * GIB,
                 other => self.books.declared.get(other).map_or(0, |s| s.bytes),
@@ -194,12 +215,29 @@ impl World {
             .loaded
             .iter()
             .filter_map(|m| self.books.planned.get(m))
-            .map(|s| s.bytes)
+            .map(|s| match parks(&s.id) {
+                Some((vram, _)) if self.parked.contains(&s.id) => vram,
+                _ => s.bytes,
+            })
             .sum();
         prop_assert!(
             promised <= CAPACITY || held > CAPACITY,
             "{context}: {promised} bytes promised > capacity ({held} held)"
         );
+        // Parked models hold their residual on the books and stay within
+        // the host budget.
+        prop_assert!(
+            self.books.host_parked() <= self.books.host_budget,
+            "{context}: parked models hold {} host bytes > budget",
+            self.books.host_parked()
+        );
+        for entry in self.books.ledger.entries() {
+            if entry.state == ModelState::Parked {
+                let residual = parks(&entry.id).map(|p| p.0);
+                prop_assert_eq!(Some(entry.bytes), residual, "{} parked", &entry.id);
+                prop_assert_eq!(entry.leases, 0, "{} parked with leases", &entry.id);
+            }
+        }
         Ok(())
     }
 
@@ -321,9 +359,35 @@ impl World {
             })
         } else {
             self.loaded.remove(&model);
+            self.parked.remove(&model);
             Ok(())
         };
         Ok(Event::Unloaded { model, result })
+    }
+
+    /// The world's answer to parking one victim (checked as an unload):
+    /// asleep, or (its sleep failed) stopped, or a failure.
+    fn park(
+        &mut self,
+        model: String,
+        kind: &str,
+        requester: Option<&str>,
+    ) -> Result<Event, TestCaseError> {
+        let Event::Unloaded { model, result } = self.unload(model, kind, requester)? else {
+            unreachable!("`unload` answers Unloaded");
+        };
+        prop_assert!(parks(&model).is_some(), "{} cannot park", model);
+        let result = match result {
+            Ok(()) if self.die() % 5 == 0 => Ok(false),
+            Ok(()) => {
+                // `unload` took it off; parked, it stays loaded, asleep.
+                self.loaded.insert(model.clone());
+                self.parked.insert(model.clone());
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        };
+        Ok(Event::Parked { model, result })
     }
 
     /// The world's answers to one command (checked first): one per victim
@@ -333,6 +397,12 @@ impl World {
         command: Command,
         requester: Option<&str>,
     ) -> Result<Vec<Event>, TestCaseError> {
+        if let Command::Park { kind, model } = command {
+            return Ok(vec![
+                self.park(model, &kind, requester)?,
+                Event::UnloadsDone,
+            ]);
+        }
         let Command::Unload { kind, models } = command else {
             return Ok(self.answer(command)?.into_iter().collect());
         };
@@ -359,7 +429,25 @@ impl World {
                     Event::Card(Some(self.memory()))
                 }
             }
-            Command::Unload { .. } => unreachable!("unloads are answered by `unload`"),
+            Command::Unload { .. } | Command::Park { .. } => {
+                unreachable!("unloads and parks are answered by `answers`")
+            }
+            Command::Wake(spec) => {
+                prop_assert!(
+                    self.parked.contains(&spec.id),
+                    "{} woken but not asleep",
+                    spec.id
+                );
+                if self.die() % 8 == 0 {
+                    Event::Loaded(Err(VramError::BackendFailed {
+                        model: spec.id,
+                        reason: "would not wake".into(),
+                    }))
+                } else {
+                    self.parked.remove(&spec.id);
+                    Event::Loaded(Ok(()))
+                }
+            }
             Command::Load(spec) => {
                 if self.die() % 8 == 0 {
                     Event::Loaded(Err(VramError::Timeout {
@@ -383,6 +471,7 @@ impl World {
                         .collect();
                     for m in lost {
                         self.loaded.remove(&m);
+                        self.parked.remove(&m);
                     }
                 }
                 Event::Crashed(Ok(()))
@@ -440,6 +529,7 @@ proptest! {
                 Req::Load(i) => {
                     let model = name(i);
                     world.books.ledger.note_request(model);
+                    let was_parked = world.books.ledger.get(model).is_some_and(|e| e.state == ModelState::Parked);
                     let result = world.run(LoadJob::new(model), Some(model))?;
                     let entry = world.books.ledger.get(model);
                     match &result {
@@ -447,10 +537,17 @@ proptest! {
                         Err(e) => {
                             let was_there = entry.is_some_and(|e| e.state == ModelState::Resident)
                                 && matches!(e, VramError::InUse { .. });
-                            prop_assert!(entry.is_none() || was_there, "a reservation remains after {e}");
+                            // A wake that never happened leaves it asleep.
+                            let asleep = was_parked && entry.is_some_and(|e| e.state == ModelState::Parked);
+                            prop_assert!(entry.is_none() || was_there || asleep, "a reservation remains after {e}");
                         }
                     }
-                    let unloading = world.books.ledger.entries().filter(|e| e.state != ModelState::Resident).count();
+                    let unloading = world
+                        .books
+                        .ledger
+                        .entries()
+                        .filter(|e| !matches!(e.state, ModelState::Resident | ModelState::Parked))
+                        .count();
                     prop_assert_eq!(unloading, 0, "a model is left loading or unloading");
                     if model == "huge" {
                         prop_assert_eq!(result.map_err(|e| e.code()).err(), Some("exceeds_capacity"));
@@ -605,4 +702,68 @@ fn a_reconcile_keeps_the_measured_size() {
     restart::reconcile(&mut world.books, "llm", &["big".to_string()], world.now);
     let entry = world.books.ledger.get("big").unwrap();
     assert_eq!((entry.bytes, entry.measured), (13 * GIB, Some(13 * GIB)));
+}
+
+#[test]
+fn a_victim_that_can_park_sleeps_and_wakes_on_its_next_load() {
+    // llm-a (8 GiB) parks holding 1 GiB; llm-b (10 GiB) needs its room.
+    let mut world = World::new(vec![1]);
+    world.load("llm-a");
+    let loaded = world.run(LoadJob::new("llm-b"), Some("llm-b")).unwrap();
+    assert_eq!(loaded.unwrap().evicted, ["llm-a"]);
+    let entry = world.books.ledger.get("llm-a").unwrap();
+    assert_eq!((entry.state, entry.bytes), (ModelState::Parked, GIB));
+    assert!(world.parked.contains("llm-a"), "its server sleeps");
+    assert_eq!(world.books.host_parked(), 8 * GIB);
+    // Its next load wakes it (the world checks a wake is of a sleeper).
+    world.books.ledger.note_request("llm-a");
+    let woke = world
+        .run(LoadJob::new("llm-a"), Some("llm-a"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(woke.evicted, ["llm-b"], "llm-b cannot park: it stops");
+    let entry = world.books.ledger.get("llm-a").unwrap();
+    assert_eq!((entry.state, entry.bytes), (ModelState::Resident, 8 * GIB));
+    assert!(!world.parked.contains("llm-a") && world.loaded.contains("llm-a"));
+    assert!(world.books.ledger.get("llm-b").is_none());
+}
+
+#[test]
+fn a_spent_host_budget_stops_instead_of_parking() {
+    let mut world = World::new(vec![1]);
+    world.books.host_budget = 4 * GIB; // llm-a needs 8 to park
+    world.load("llm-a");
+    world
+        .run(LoadJob::new("llm-b"), Some("llm-b"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        world.books.ledger.get("llm-a").is_none(),
+        "stopped, not parked"
+    );
+    assert!(!world.loaded.contains("llm-a"));
+}
+
+#[test]
+fn an_idle_model_parks_and_an_explicit_unload_stops_it() {
+    let mut world = World::new(vec![1]);
+    world
+        .books
+        .ttl
+        .insert("llm-a".into(), Duration::from_secs(5));
+    world.load("llm-a");
+    world.now += Duration::from_secs(10);
+    let expired = world
+        .run(UnloadJob::expiry("llm-a"), None)
+        .unwrap()
+        .unwrap();
+    assert!(expired.was_resident);
+    assert_eq!(
+        world.books.ledger.get("llm-a").unwrap().state,
+        ModelState::Parked
+    );
+    // A parked model is a candidate too: stopping it frees its residual.
+    world.run(UnloadJob::new("llm-a"), None).unwrap().unwrap();
+    assert!(world.books.ledger.get("llm-a").is_none());
+    assert!(!world.loaded.contains("llm-a"));
 }

@@ -1,5 +1,7 @@
 //! The unload job, on request or because a model sat idle for its TTL
-//! (expiry): refuse or wait while leased, then unload through the backend.
+//! (expiry): refuse or wait while leased, then unload through the backend
+//! (an expiring model that can park, within the host budget, parks
+//! instead; an unload on request always stops the server).
 //! An expiry never waits and quietly does nothing if the model was used,
 //! leased or removed since it was queued.
 
@@ -25,6 +27,8 @@ pub(crate) struct UnloadJob {
     expiry: bool,
     lease_deadline: Option<Instant>,
     phase: Phase,
+    /// The model was parked before this unload (a failure leaves it so).
+    was_parked: bool,
     outcome: Option<Result<Unloaded, VramError>>,
 }
 
@@ -45,6 +49,7 @@ impl UnloadJob {
             expiry,
             lease_deadline: None,
             phase: Phase::Checking,
+            was_parked: false,
             outcome: None,
         }
     }
@@ -91,12 +96,22 @@ impl UnloadJob {
             return;
         }
         let kind = entry.kind.clone();
+        let resident = entry.state == crate::ledger::ModelState::Resident;
+        self.was_parked = entry.state == crate::ledger::ModelState::Parked;
+        let park = self.expiry && resident && books.may_park(&self.model, 0).is_some();
         books.ledger.begin_unload(&self.model);
         self.phase = Phase::Unloading;
-        out.push(Command::Unload {
-            kind,
-            models: vec![self.model.clone()],
-        });
+        if park {
+            out.push(Command::Park {
+                kind,
+                model: self.model.clone(),
+            });
+        } else {
+            out.push(Command::Unload {
+                kind,
+                models: vec![self.model.clone()],
+            });
+        }
     }
 }
 
@@ -109,7 +124,40 @@ impl Job for UnloadJob {
             | (Phase::WaitingLeases, Event::Released | Event::Deadline) => {
                 self.check(books, now, out)
             }
-            (Phase::Unloading, Event::Unloaded { result: Ok(()), .. }) => {
+            (
+                Phase::Unloading,
+                Event::Parked {
+                    result: Ok(true), ..
+                },
+            ) => {
+                let residual = books.residual(&self.model);
+                if let Some(entry) = books.ledger.get(&self.model).cloned() {
+                    books.ledger.park(&self.model, residual);
+                    books.last_used.remove(&self.model);
+                    let freed = entry.bytes.saturating_sub(residual);
+                    tracing::info!(model = %entry.id, kind = %entry.kind, freed, residual, "parked (idle)");
+                    out.push(Command::Publish(VramEvent::Parked {
+                        model: entry.id,
+                        kind: entry.kind,
+                        gpu: entry.gpu,
+                        bytes: residual.min(entry.bytes),
+                        freed,
+                        for_model: None,
+                    }));
+                }
+                let model = self.model.clone();
+                self.finish(Ok(Unloaded {
+                    model,
+                    was_resident: true,
+                }));
+            }
+            (
+                Phase::Unloading,
+                Event::Unloaded { result: Ok(()), .. }
+                | Event::Parked {
+                    result: Ok(false), ..
+                },
+            ) => {
                 if let Some(entry) = books.forget(&self.model) {
                     let (model, kind, gpu, bytes) = (entry.id, entry.kind, entry.gpu, entry.bytes);
                     let event = if self.expiry {
@@ -137,8 +185,16 @@ impl Job for UnloadJob {
                     was_resident: true,
                 }));
             }
-            (Phase::Unloading, Event::Unloaded { result: Err(e), .. }) => {
+            (
+                Phase::Unloading,
+                Event::Unloaded { result: Err(e), .. } | Event::Parked { result: Err(e), .. },
+            ) => {
                 books.ledger.cancel_unload(&self.model);
+                if self.was_parked {
+                    // Still asleep: back to parked, at its residual.
+                    let bytes = books.ledger.get(&self.model).map_or(0, |e| e.bytes);
+                    books.ledger.park(&self.model, bytes);
+                }
                 self.finish(Err(e));
             }
             (_, event) => {
