@@ -4,7 +4,9 @@
 //! answers `POST /v1/chat/completions` with its own name (streamed as
 //! server-sent events when the request says `"stream": true`, a chunk every
 //! `--chunk-ms`), exits on `GET /exit` (or after a delay), and can ignore
-//! SIGTERM or fail at start.
+//! SIGTERM or fail at start. Like vLLM's sleep mode it takes `POST /sleep`
+//! (`--sleep-ms`) and `POST /wake_up` (`--wake-ms`), tells
+//! `GET /is_sleeping`, and refuses chat completions while asleep.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -50,7 +52,19 @@ struct Args {
     /// Pause before each chunk of a streamed answer, milliseconds.
     #[arg(long, default_value_t = 0)]
     chunk_ms: u64,
+    /// How long `POST /sleep` takes, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    sleep_ms: u64,
+    /// How long `POST /wake_up` takes, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    wake_ms: u64,
+    /// Answer `POST /sleep` with 500 (a server whose sleep fails).
+    #[arg(long)]
+    fail_sleep: bool,
 }
+
+/// Whether the server sleeps (its weights "in host RAM").
+static ASLEEP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// One HTTP request: method, path and body.
 fn read_request(reader: &mut BufReader<std::net::TcpStream>) -> Option<(String, String, String)> {
@@ -177,14 +191,37 @@ fn main() -> ExitCode {
                 let Some((method, path, body)) = read_request(&mut reader) else {
                     return;
                 };
-                if method == "POST" && path == "/v1/chat/completions" {
+                if method == "POST"
+                    && path == "/v1/chat/completions"
+                    && !ASLEEP.load(std::sync::atomic::Ordering::SeqCst)
+                {
                     chat(&mut stream, &body, &args);
                     continue;
                 }
                 break (path, body);
             };
             let ready = !args.never_ready && started.elapsed() >= ready_after;
-            let (status, body) = match path.as_str() {
+            let route = path.split('?').next().unwrap_or_default();
+            let asleep = || ASLEEP.load(std::sync::atomic::Ordering::SeqCst);
+            let (status, body) = match route {
+                "/sleep" if args.fail_sleep => {
+                    ("500 Internal Server Error", "{\"error\":\"cannot sleep\"}")
+                }
+                "/sleep" => {
+                    std::thread::sleep(Duration::from_millis(args.sleep_ms));
+                    ASLEEP.store(true, std::sync::atomic::Ordering::SeqCst);
+                    eprintln!("asleep: weights moved to host memory");
+                    ("200 OK", "{\"status\":\"asleep\"}")
+                }
+                "/wake_up" => {
+                    std::thread::sleep(Duration::from_millis(args.wake_ms));
+                    ASLEEP.store(false, std::sync::atomic::Ordering::SeqCst);
+                    eprintln!("awake: weights back on the card");
+                    ("200 OK", "{\"status\":\"awake\"}")
+                }
+                "/is_sleeping" if asleep() => ("200 OK", "{\"is_sleeping\":true}"),
+                "/is_sleeping" => ("200 OK", "{\"is_sleeping\":false}"),
+                "/v1/chat/completions" => ("503 Service Unavailable", "{\"error\":\"asleep\"}"),
                 "/health" if ready => ("200 OK", "{\"status\":\"ok\"}"),
                 "/health" => ("503 Service Unavailable", "{\"status\":\"loading model\"}"),
                 "/exit" => ("200 OK", "{\"status\":\"exiting\"}"),
