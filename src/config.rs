@@ -108,6 +108,7 @@ struct RawGpu {
 #[serde(deny_unknown_fields)]
 struct RawHost {
     budget: String,
+    keep_warm: String,
 }
 
 /// A model's `[models.park]`.
@@ -198,6 +199,7 @@ struct RawModel {
     backend: String,
     #[serde(default)]
     load_ms: u64,
+    warm_load_ms: Option<u64>,
     #[serde(default)]
     unload_ms: u64,
     #[serde(default)]
@@ -301,6 +303,10 @@ pub struct HostSettings {
     /// Host RAM all parked models together may hold, bytes ("auto": half
     /// of the machine's memory).
     pub budget: u64,
+    /// Page cache to keep for the files of recently evicted models, bytes
+    /// (best effort: the kernel decides; the simulated backend models a
+    /// page cache of this size).
+    pub keep_warm: u64,
 }
 
 /// One card: a `[[gpus]]` entry (or `[gpu]` when there is none).
@@ -361,8 +367,12 @@ pub struct PolicySettings {
 /// Options of the simulated backend, per model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SimOptions {
-    /// Time a load takes, in milliseconds.
+    /// Time a load takes, in milliseconds, with its files read from disk
+    /// (cold).
     pub load_ms: u64,
+    /// Time a load takes when its files are in the page cache (warm); the
+    /// rest of `load_ms` is reading them. `None`: always `load_ms`.
+    pub warm_load_ms: Option<u64>,
     /// Time an unload takes, in milliseconds.
     pub unload_ms: u64,
     /// Refuse every load (to exercise `backend_failed`).
@@ -736,6 +746,7 @@ impl RawSettings {
                 "auto" => host_memory().map_or(0, |total| total / 2),
                 text => parse_size("host.budget", text)?,
             },
+            keep_warm: parse_size("host.keep_warm", &self.host.keep_warm)?,
         };
         let order = match self.policy.order.trim() {
             "strict" => Order::Strict,
@@ -826,6 +837,7 @@ impl RawSettings {
             let backend = match raw.backend.as_str() {
                 "sim" => BackendSpec::Sim(SimOptions {
                     load_ms: raw.load_ms,
+                    warm_load_ms: raw.warm_load_ms.map(|w| w.min(raw.load_ms)),
                     unload_ms: raw.unload_ms,
                     fail_load: raw.fail_load,
                     actual_bytes: raw

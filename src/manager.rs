@@ -14,7 +14,7 @@ use vram_actors::{
     VramHandle,
 };
 
-use crate::backends::{ProcessBackend, Router, SimBackend};
+use crate::backends::{ProcessBackend, Router, SimBackend, SimPageCache};
 use crate::config::{BackendSpec, Settings, SettingsError};
 use crate::gpu::{self, SimCard};
 
@@ -119,12 +119,30 @@ impl Manager {
         let mut sim_cards = Vec::new();
         let mut card_sims = Vec::new();
         let mut card_processes = Vec::new();
+        // One host: one page cache for every card's simulated backends.
+        let page_cache = SimPageCache::new(settings.host.keep_warm);
         for index in 0..settings.gpus.len().max(1) {
-            let built = Self::start_card(settings, index, &custom, &files)?;
+            let built = Self::start_card(settings, index, &custom, &files, &page_cache)?;
             cards.push(built.addr);
             sim_cards.push(built.card);
             card_sims.push(built.sims);
             card_processes.push(built.processes);
+        }
+        // Keep the files of evicted models in the page cache (best effort).
+        if settings.host.keep_warm > 0 && !files.is_empty() {
+            let keeper = KeepWarm {
+                files: files.clone(),
+                keep_warm: settings.host.keep_warm,
+                sizes: settings
+                    .models
+                    .iter()
+                    .map(|m| (m.spec.id.clone(), m.spec.bytes))
+                    .collect(),
+            }
+            .start();
+            for card in &cards {
+                card.do_send(vram_actors::Subscribe(keeper.clone().recipient()));
+            }
         }
         let fleet = (cards.len() > 1).then(|| {
             let allowed = settings
@@ -162,6 +180,7 @@ impl Manager {
         index: usize,
         custom: &BTreeMap<String, Rc<dyn Backend>>,
         files: &Rc<HashMap<String, Vec<std::path::PathBuf>>>,
+        page_cache: &SimPageCache,
     ) -> Result<Card, SettingsError> {
         let card_settings = &settings.gpus[index];
         let allowed = |m: &&crate::config::ModelSettings| {
@@ -225,7 +244,9 @@ impl Manager {
         let mut processes = BTreeMap::new();
         let mut backends: BTreeMap<String, Rc<dyn Backend>> = BTreeMap::new();
         for (kind, options) in sim_options {
-            let sim = SimBackend::new(options).on_card(card.clone());
+            let sim = SimBackend::new(options)
+                .on_card(card.clone())
+                .with_page_cache(page_cache.clone());
             let process = ProcessBackend::new(process_specs.remove(&kind).unwrap_or_default());
             let router = Router {
                 sim: sim.clone(),
@@ -240,11 +261,22 @@ impl Manager {
             processes.insert(kind, process);
         }
         let mut actor = VramActor::new(config, backends);
-        if !files.is_empty() {
+        // Simulated models with a warm load time read ahead in the
+        // simulated page cache.
+        let read_ahead: Vec<String> = models
+            .iter()
+            .filter(|m| matches!(&m.backend, BackendSpec::Sim(s) if s.warm_load_ms.is_some()))
+            .map(|m| m.spec.id.clone())
+            .collect();
+        if !files.is_empty() || !read_ahead.is_empty() {
             let files = files.clone();
+            let page_cache = page_cache.clone();
             actor = actor.warm_with(move |model| {
                 if let Some(files) = files.get(model) {
                     crate::warm::warm(model, files);
+                }
+                if read_ahead.iter().any(|m| m == model) {
+                    page_cache.read_ahead(model);
                 }
             });
         }
@@ -303,4 +335,35 @@ struct Card {
     card: SimCard,
     sims: BTreeMap<String, SimBackend>,
     processes: BTreeMap<String, ProcessBackend>,
+}
+
+/// Re-reads the weight files of a model that left the card into the page
+/// cache (`[host] keep_warm`): its next load reads from memory if the
+/// kernel kept them. Best effort, on the warm module's own thread.
+struct KeepWarm {
+    files: Rc<HashMap<String, Vec<std::path::PathBuf>>>,
+    keep_warm: u64,
+    sizes: HashMap<String, u64>,
+}
+
+impl Actor for KeepWarm {
+    type Context = Context<Self>;
+}
+
+impl Handler<vram_actors::VramEvent> for KeepWarm {
+    type Result = ();
+
+    fn handle(&mut self, event: vram_actors::VramEvent, _ctx: &mut Context<Self>) {
+        use vram_actors::VramEvent;
+        let model = match &event {
+            VramEvent::Evicted { model, .. }
+            | VramEvent::Expired { model, .. }
+            | VramEvent::Unloaded { model, .. } => model,
+            _ => return,
+        };
+        let fits = self.sizes.get(model).is_some_and(|b| *b <= self.keep_warm);
+        if let (true, Some(files)) = (fits, self.files.get(model)) {
+            crate::warm::warm(model, files);
+        }
+    }
 }

@@ -120,6 +120,8 @@ struct Gpu {
 struct Host {
     #[serde(skip_serializing_if = "Option::is_none")]
     budget: Option<Size>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keep_warm: Option<Size>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -217,6 +219,8 @@ struct Model {
     backend: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     load_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_load_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     unload_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -131,3 +131,25 @@ fn the_proxy_bench_measures_both_ways() {
     // either path can do when saturated.
     assert_eq!(figures["paced"]["rate"], 400, "{out}");
 }
+
+#[test]
+fn the_quick_swap_silence_day_measures_every_setup() {
+    let out = run("swap_silence", &["--quick"]);
+    let waited = |setup: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| {setup} |")))
+            .unwrap_or_else(|| panic!("a row for {setup}: {out}"));
+        line.split('|')
+            .nth(2)
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    let cold = waited("stop-only, cold");
+    // A virtual clock: these figures are the same on every machine.
+    assert!(cold > 0.0, "{out}");
+    assert!(waited("warming") < cold, "{out}");
+    assert!(waited("parking") < cold, "{out}");
+    assert!(waited("warming + parking") < cold, "{out}");
+    assert!(out.contains("manager overhead per swap"), "{out}");
+}

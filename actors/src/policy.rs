@@ -217,7 +217,18 @@ pub fn plan_in_order(
     // Step 4: who may go, lowest tier and least recently used first. Leased
     // models are set aside (counted, so a caller can wait for them). The
     // few kinds are resolved once, not once per model.
-    let (mut candidates, leased) = candidates(ledger, kinds, catalog, requester, model);
+    let (mut candidates, leased) = candidates_for(ledger, kinds, catalog, requester, model, true);
+    // Counting victims that can park for what parking frees may fall short
+    // where stopping them would not: then they are counted (and stopped)
+    // whole, so parking never makes a request refused.
+    let enough =
+        |c: &[Candidate<'_>]| c.iter().fold(0u64, |s, c| s.saturating_add(c.1)) >= shortfall;
+    if !enough(&candidates) {
+        let (whole, _) = candidates_for(ledger, kinds, catalog, requester, model, false);
+        if enough(&whole) {
+            candidates = whole;
+        }
+    }
     if order == Order::Adaptive {
         let total = candidates
             .iter()
@@ -411,6 +422,19 @@ pub(crate) fn candidates<'a>(
     requester: &Kind,
     model: &str,
 ) -> (Vec<(u128, u64, &'a Entry)>, u64) {
+    candidates_for(ledger, kinds, catalog, requester, model, true)
+}
+
+/// [`candidates`], counting a resident model that can park for what
+/// parking frees (`parking`) or for its whole bytes.
+fn candidates_for<'a>(
+    ledger: &'a Ledger,
+    kinds: &Kinds,
+    catalog: &Catalog,
+    requester: &Kind,
+    model: &str,
+    parking: bool,
+) -> (Vec<(u128, u64, &'a Entry)>, u64) {
     // The few kinds are resolved once, not once per model.
     let kind_table: Vec<(&str, u32, bool)> = kinds
         .iter()
@@ -442,7 +466,7 @@ pub(crate) fn candidates<'a>(
         let resident_bit = u128::from(!parked);
         let key = (u128::from(priority) << 65) | (resident_bit << 64) | u128::from(entry.recency);
         let freed = match catalog.get(&entry.id) {
-            Some(spec) if !parked => spec.freed_by_parking(entry.bytes),
+            Some(spec) if parking && !parked => spec.freed_by_parking(entry.bytes),
             _ => entry.bytes,
         };
         candidates.push((key, freed, entry));
@@ -1026,5 +1050,56 @@ mod tests {
             let bytes = card.ledger.get(&s.id).unwrap().bytes as f64;
             assert!((s.value - bytes * (s.p_soon + 1e-9)).abs() <= bytes * 1e-12);
         }
+    }
+
+    // ---- Parked models ----
+
+    fn parking_card() -> Card {
+        let mut card = Card::new(&[
+            ("asr", "asr", 3),
+            ("a", "llm", 6),
+            ("b", "llm", 4),
+            ("c", "llm", 9),
+        ]);
+        for id in ["a", "b"] {
+            let spec = card
+                .catalog
+                .get(id)
+                .unwrap()
+                .clone()
+                .parks(crate::model::Park {
+                    vram: GIB,
+                    host: 8 * GIB,
+                });
+            card.catalog.insert(spec);
+        }
+        card
+    }
+
+    #[test]
+    fn a_parked_model_leaves_before_a_resident_one_of_its_tier() {
+        let mut card = parking_card();
+        loaded(&mut card, &["asr", "a", "b"]);
+        // a parks (holding 1 GiB), b is resident and older than nothing.
+        card.ledger.park("a", GIB);
+        assert_eq!(card.ledger.used(), 8 * GIB);
+        // c needs 9 with 8 free: stopping the parked a frees its 1 GiB,
+        // enough; it goes before the resident b of the same tier.
+        assert_eq!(card.plan("c").unwrap().victims(), ["a"]);
+    }
+
+    #[test]
+    fn victims_that_can_park_count_for_what_parking_frees_unless_that_refuses() {
+        let mut card = parking_card();
+        loaded(&mut card, &["asr", "a", "b"]);
+        // 3 free; c needs 9: parking a and b frees 5 + 3 = 8 of the 6
+        // missing, and neither can be spared.
+        assert_eq!(card.plan("c").unwrap().victims(), ["a", "b"]);
+        // e needs 13 with 3 free: parking both frees 8 of the 10 missing,
+        // stopping both frees 10: counted whole, it is not refused.
+        let mut tight = parking_card();
+        tight.catalog.insert(ModelSpec::new("e", "llm", 13 * GIB));
+        loaded(&mut tight, &["asr", "a", "b"]);
+        assert_eq!(tight.plan("e").unwrap().victims(), ["a", "b"]);
     }
 }

@@ -15,4 +15,4 @@ pub use fault::{Fault, FaultBackend, FaultCounts, FaultRates};
 pub use process::{ProcessBackend, ProcessSpec, ReadyCheck};
 pub use router::Router;
 pub(crate) use server::KEEPER_MARGIN;
-pub use sim::SimBackend;
+pub use sim::{SimBackend, SimPageCache};

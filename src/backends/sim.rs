@@ -28,6 +28,82 @@ struct State {
     wakes: u64,
 }
 
+/// The host's page cache as the simulated backends see it: which models'
+/// files are in memory (least recently read first), up to a size, and the
+/// reads under way. Shared by every simulated backend of a manager.
+#[derive(Debug, Clone, Default)]
+pub struct SimPageCache {
+    state: Rc<RefCell<PageCache>>,
+}
+
+#[derive(Debug, Default)]
+struct PageCache {
+    capacity: u64,
+    /// (model, bytes), least recently read first.
+    cached: Vec<(String, u64)>,
+    /// When each model's files started being read ahead of its load.
+    reading: HashMap<String, tokio::time::Instant>,
+}
+
+impl SimPageCache {
+    /// A page cache that keeps up to `capacity` bytes of files.
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            state: Rc::new(RefCell::new(PageCache {
+                capacity,
+                ..PageCache::default()
+            })),
+        }
+    }
+
+    /// Starts reading `model`'s files ahead of its load.
+    pub fn read_ahead(&self, model: &str) {
+        self.state
+            .borrow_mut()
+            .reading
+            .entry(model.to_string())
+            .or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// Whether `model`'s files are in memory now.
+    pub fn contains(&self, model: &str) -> bool {
+        self.state.borrow().cached.iter().any(|(m, _)| m == model)
+    }
+
+    /// How long a load of `model` takes: warm if its files are cached,
+    /// cold less what a read ahead has already done, else cold.
+    fn load_time(&self, model: &str, cold: Duration, warm: Duration) -> Duration {
+        let mut state = self.state.borrow_mut();
+        let started = state.reading.remove(model);
+        if state.cached.iter().any(|(m, _)| m == model) {
+            return warm;
+        }
+        match started {
+            Some(at) => {
+                let reading = cold.saturating_sub(warm);
+                warm + reading.saturating_sub(at.elapsed())
+            }
+            None => cold,
+        }
+    }
+
+    /// `model`'s files were read: most recently used; the least recently
+    /// read go when the cache is over its size.
+    fn read(&self, model: &str, bytes: u64) {
+        let mut state = self.state.borrow_mut();
+        state.cached.retain(|(m, _)| m != model);
+        if bytes > state.capacity {
+            return;
+        }
+        state.cached.push((model.to_string(), bytes));
+        let mut total: u64 = state.cached.iter().map(|(_, b)| b).sum();
+        while total > state.capacity {
+            let (_, b) = state.cached.remove(0);
+            total -= b;
+        }
+    }
+}
+
 /// A simulated backend for one kind. Clones share state, so a test can
 /// keep one to inspect what the manager asked of it.
 #[derive(Debug, Clone, Default)]
@@ -35,6 +111,7 @@ pub struct SimBackend {
     options: Rc<HashMap<String, SimOptions>>,
     state: Rc<RefCell<State>>,
     card: Option<SimCard>,
+    cache: Option<SimPageCache>,
 }
 
 impl SimBackend {
@@ -45,7 +122,14 @@ impl SimBackend {
             options: Rc::new(options),
             state: Rc::default(),
             card: None,
+            cache: None,
         }
+    }
+
+    /// The same backend, its loads warm or cold by `cache`.
+    pub fn with_page_cache(mut self, cache: SimPageCache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// The same backend, allocating its models on `card`.
@@ -92,9 +176,19 @@ impl Backend for SimBackend {
         let id = model.id.clone();
         let card = self.card.clone();
         let bytes = options.actual_bytes.unwrap_or(model.bytes);
+        let cold = Duration::from_millis(options.load_ms);
+        let time = match (&self.cache, options.warm_load_ms) {
+            (Some(cache), Some(warm)) => cache.load_time(&id, cold, Duration::from_millis(warm)),
+            _ => cold,
+        };
+        let cache = self.cache.clone();
+        let file_bytes = model.bytes;
         Box::pin(async move {
-            if options.load_ms > 0 {
-                actix::clock::sleep(Duration::from_millis(options.load_ms)).await;
+            if !time.is_zero() {
+                actix::clock::sleep(time).await;
+            }
+            if let Some(cache) = &cache {
+                cache.read(&id, file_bytes);
             }
             if options.fail_load {
                 return Err(BackendError::new(format!("simulated load failure of {id}")));

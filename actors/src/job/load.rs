@@ -167,7 +167,7 @@ impl LoadJob {
                     already_resident: true,
                 }));
             }
-            Ok(Plan::Load { victims }) => self.reserve(victims, card, books, now, out),
+            Ok(Plan::Load { victims }) => self.reserve(victims, card, free, books, now, out),
             Err(VramError::InsufficientVram {
                 needed,
                 free,
@@ -195,6 +195,7 @@ impl LoadJob {
         &mut self,
         victims: Vec<String>,
         card: Option<GpuMemory>,
+        free: u64,
         books: &mut Books,
         now: Instant,
         out: &mut Vec<Command>,
@@ -216,8 +217,10 @@ impl LoadJob {
         let mut back: u64 = 0;
         let mut planned = Vec::with_capacity(victims.len());
         let mut parking = Vec::new();
-        // Host RAM promised to victims parking in this plan.
+        // Host RAM promised to victims parking in this plan; bytes the
+        // victims free on the ledger.
         let mut promised = 0u64;
+        let mut freed = 0u64;
         for victim in victims {
             if let Some(entry) = books.ledger.get(&victim) {
                 // A resident victim that can park (and fits the host
@@ -227,9 +230,14 @@ impl LoadJob {
                 let leaving = match host {
                     Some(host) => {
                         promised = promised.saturating_add(host);
+                        freed = freed
+                            .saturating_add(entry.bytes.saturating_sub(books.residual(&victim)));
                         true_bytes(entry).saturating_sub(books.residual(&victim))
                     }
-                    None => true_bytes(entry),
+                    None => {
+                        freed = freed.saturating_add(entry.bytes);
+                        true_bytes(entry)
+                    }
                 };
                 back = back.saturating_add(leaving);
                 let pair = (victim.clone(), entry.kind.clone());
@@ -240,6 +248,15 @@ impl LoadJob {
                 }
             }
             books.ledger.begin_unload(&victim);
+        }
+        // The plan may have counted victims whole (parking them all would
+        // not make room): those stop, the last planned first.
+        while free.saturating_add(freed) < charged {
+            let Some(pair) = parking.pop() else { break };
+            let residual = books.residual(&pair.0);
+            freed = freed.saturating_add(residual);
+            back = back.saturating_add(residual);
+            planned.push(pair);
         }
         if books.ledger.wake(&self.model, charged) {
             self.waking = true;
