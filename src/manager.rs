@@ -101,6 +101,14 @@ impl Manager {
         settings: &Settings,
         custom: BTreeMap<String, Rc<dyn Backend>>,
     ) -> Result<Self, SettingsError> {
+        if !custom.is_empty() && settings.gpus.len() > 1 {
+            // A backend holds one card's models: shared by several cards,
+            // each card's reconcile would adopt the others' models.
+            return Err(SettingsError::Invalid {
+                key: "gpus".to_string(),
+                message: "an application's own backends serve one card; with [[gpus]] use the simulated or process backends".to_string(),
+            });
+        }
         if let Some(kind) = custom.keys().find(|k| settings.kinds.get(k).is_none()) {
             return Err(SettingsError::Invalid {
                 key: format!("kinds.{kind}"),
@@ -206,6 +214,9 @@ impl Manager {
         };
         let mut config = Self::config_with(settings, capacity);
         config.gpu = index;
+        // One host: each card may park its share of the host budget, so
+        // the cards together never hold more than the budget.
+        config.host_budget = settings.host.budget / settings.gpus.len().max(1) as u64;
         config.reserve = card_settings.reserve;
         config.catalog = models.iter().map(|m| m.spec.clone()).collect();
         config

@@ -204,3 +204,33 @@ async fn a_server_is_started_on_the_card_it_was_placed_on() {
     m.handle().unload("llm").await.unwrap();
     m.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_card_whose_manager_is_gone_leaves_the_others_serving() {
+    let m = Manager::start(&settings(&two_cards(
+        16,
+        8,
+        &[
+            model("any", "llm", 2, ""),
+            model("only-1", "tts", 1, "gpus = [1]"),
+        ]
+        .concat(),
+    )))
+    .unwrap();
+    // Card 1 (the tighter fit) stops for good.
+    m.cards[1].send(vram_manager::StopManager).await.unwrap();
+    for _ in 0..100 {
+        if !m.cards[1].connected() {
+            break;
+        }
+        actix::clock::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let vram = m.handle();
+    vram.load("any").await.unwrap();
+    let status = vram.status().await.unwrap();
+    let any = status.models.iter().find(|e| e.id == "any").unwrap();
+    assert_eq!(any.gpu, 0, "placed on the card that answers");
+    let e = vram.load("only-1").await.unwrap_err();
+    assert_eq!(e.code(), "unavailable", "its only card is gone: {e}");
+    m.shutdown().await;
+}

@@ -26,7 +26,7 @@ use actix::prelude::*;
 use crate::error::VramError;
 use crate::events::{Loaded, Unloaded};
 use crate::kind::Kinds;
-use crate::ledger::{Ledger, ModelState};
+use crate::ledger::Ledger;
 use crate::messages::{
     Acquire, CrashBackend, Lease, Load, SetPinned, Shutdown, Snapshot, Status, StatusReport,
     Subscribe, Unload,
@@ -120,8 +120,19 @@ impl Shared {
             futures::future::join_all(self.cards.iter().map(|c| c.send(Snapshot))).await;
         let mut ledgers: Vec<Ledger> = Vec::with_capacity(snapshots.len());
         let mut shown: Vec<Option<u64>> = Vec::with_capacity(snapshots.len());
-        for snapshot in snapshots {
-            let snapshot = snapshot.map_err(gone)?;
+        let mut lost = None;
+        for (card, snapshot) in snapshots.into_iter().enumerate() {
+            // A card whose manager is gone takes nothing (an empty card of
+            // no bytes); the others go on serving.
+            let snapshot = match snapshot {
+                Ok(snapshot) => snapshot,
+                Err(e) => {
+                    lost.get_or_insert(e);
+                    ledgers.push(Ledger::on_card(0, card));
+                    shown.push(Some(0));
+                    continue;
+                }
+            };
             let mut ledger = snapshot.ledger;
             // Loads queued on that card hold no bytes yet; they will.
             for pending in &snapshot.pending {
@@ -134,12 +145,11 @@ impl Shared {
         }
         let in_flight = self.in_flight.borrow().clone();
         // On a card already (or on its way there): that card.
+        // A model on its way off a card is asked for there too: that card's
+        // queue puts the request after the unload (one server, one port).
         let there = ledgers
             .iter()
-            .position(|l| {
-                l.get(model)
-                    .is_some_and(|e| e.state != ModelState::Unloading)
-            })
+            .position(|l| l.get(model).is_some())
             .or_else(|| in_flight.iter().find(|(m, _)| m == model).map(|(_, c)| *c));
         let card = match there {
             Some(card) => card,
@@ -160,6 +170,16 @@ impl Shared {
                     })
                     .collect();
                 let allowed = self.allowed.get(model).map(Vec::as_slice);
+                if let Some(e) = lost {
+                    let reachable = |c: usize| ledgers[c].capacity() > 0;
+                    let any = match allowed {
+                        Some(list) => list.iter().any(|&c| c < ledgers.len() && reachable(c)),
+                        None => (0..ledgers.len()).any(reachable),
+                    };
+                    if !any {
+                        return Err(gone(e));
+                    }
+                }
                 place(
                     &views,
                     &self.kinds,
@@ -183,13 +203,24 @@ impl Shared {
     async fn holder(&self, model: &str) -> Result<Option<usize>, VramError> {
         let snapshots =
             futures::future::join_all(self.cards.iter().map(|c| c.send(Snapshot))).await;
+        let mut lost = None;
         for (card, snapshot) in snapshots.into_iter().enumerate() {
-            let snapshot = snapshot.map_err(gone)?;
+            let snapshot = match snapshot {
+                Ok(snapshot) => snapshot,
+                Err(e) => {
+                    lost.get_or_insert(e);
+                    continue;
+                }
+            };
             if snapshot.ledger.get(model).is_some() || snapshot.pending.iter().any(|m| m == model) {
                 return Ok(Some(card));
             }
         }
-        Ok(None)
+        // Not on a card that answered; if one did not, it may be there.
+        match lost {
+            Some(e) => Err(gone(e)),
+            None => Ok(None),
+        }
     }
 
     /// The first card `model` may use (where an unknown or unplaced model's

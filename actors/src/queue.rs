@@ -19,6 +19,8 @@ pub(crate) enum LoadWaiter {
 }
 
 /// A queued or running job with everyone waiting for it, typed by kind.
+// Few jobs wait at once; boxing the load would cost an allocation per load.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Queued {
     Load(LoadJob, Vec<LoadWaiter>),
     Unload(UnloadJob, Vec<oneshot::Sender<Result<Unloaded, VramError>>>),

@@ -83,6 +83,9 @@ pub(crate) struct LoadJob {
     release_waited: Option<Duration>,
     /// The model was parked: this load wakes it.
     waking: bool,
+    /// Victims that were parked (their residual bytes): should the load
+    /// stop before they leave, they sleep on, not come back resident.
+    parked_victims: Vec<(String, u64)>,
     outcome: Option<Result<Loaded, VramError>>,
 }
 
@@ -97,6 +100,7 @@ impl LoadJob {
             planned: Vec::new(),
             release_waited: None,
             waking: false,
+            parked_victims: Vec::new(),
             outcome: None,
         }
     }
@@ -247,6 +251,7 @@ impl LoadJob {
                     planned.push(pair);
                 }
             }
+            self.note_parked(&victim, books);
             books.ledger.begin_unload(&victim);
         }
         // The plan may have counted victims whole (parking them all would
@@ -368,7 +373,7 @@ impl LoadJob {
     /// Undoes a load that cannot go on: victims not yet unloaded are
     /// resident again, the reservation is dropped.
     fn abort(&mut self, error: VramError, books: &mut Books, out: &mut Vec<Command>) {
-        cancel_unloads(&mut books.ledger);
+        self.cancel_unloads(books);
         if self.waking {
             // It never woke: it sleeps on, holding its residual.
             let residual = books.residual(&self.model);
@@ -427,6 +432,27 @@ impl LoadJob {
             }));
         }
         self.evicted.push(model.to_string());
+    }
+
+    /// Remembers `victim` if it is parked, so a cancelled stop leaves it
+    /// parked.
+    fn note_parked(&mut self, victim: &str, books: &Books) {
+        if let Some(entry) = books.ledger.get(victim)
+            && entry.state == ModelState::Parked
+        {
+            self.parked_victims.push((victim.to_string(), entry.bytes));
+        }
+    }
+
+    /// Victims not unloaded yet are back as they were: resident, or
+    /// parked (at their residual) if they were.
+    fn cancel_unloads(&mut self, books: &mut Books) {
+        cancel_unloads(&mut books.ledger);
+        for (victim, residual) in std::mem::take(&mut self.parked_victims) {
+            if books.ledger.is_resident(&victim) {
+                books.ledger.park(&victim, residual);
+            }
+        }
     }
 
     /// The victim `model` left the card for this load by parking.
@@ -544,6 +570,7 @@ impl LoadJob {
                     if let Some(entry) = books.ledger.get(&victim) {
                         planned.push((victim.clone(), entry.kind.clone()));
                     }
+                    self.note_parked(&victim, books);
                     books.ledger.begin_unload(&victim);
                 }
                 self.note_plan_order(&planned);
@@ -584,7 +611,7 @@ impl LoadJob {
 
     /// Unloads the model again: it cannot stay within the capacity.
     fn refuse(&mut self, error: VramError, books: &mut Books, out: &mut Vec<Command>) {
-        cancel_unloads(&mut books.ledger);
+        self.cancel_unloads(books);
         let kind = books
             .ledger
             .get(&self.model)

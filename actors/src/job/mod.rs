@@ -339,7 +339,11 @@ impl Books {
 /// The bytes a model really holds: measured once calibrated, else
 /// declared (which may be generous).
 pub(crate) fn true_bytes(entry: &Entry) -> u64 {
-    entry.measured.unwrap_or(entry.declared)
+    match entry.state {
+        // Asleep, it holds only its residual.
+        crate::ledger::ModelState::Parked => entry.bytes,
+        _ => entry.measured.unwrap_or(entry.declared),
+    }
 }
 
 /// A `load_failed` event for `error`.

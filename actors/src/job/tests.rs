@@ -256,6 +256,26 @@ impl World {
         loop {
             let Some(event) = events.pop_front() else {
                 self.check("after the job")?;
+                // Asleep in the ledger exactly when asleep in the world
+                // (a restart may leave the books to the reconcile after it).
+                if !restarting {
+                    for entry in self.books.ledger.entries() {
+                        let asleep = self.parked.contains(&entry.id);
+                        match entry.state {
+                            ModelState::Parked => prop_assert!(
+                                asleep,
+                                "{} parked in the ledger, awake in the world",
+                                entry.id
+                            ),
+                            ModelState::Resident => prop_assert!(
+                                !asleep,
+                                "{} resident in the ledger, asleep in the world",
+                                entry.id
+                            ),
+                            _ => {}
+                        }
+                    }
+                }
                 let outcome = job.outcome();
                 prop_assert!(outcome.is_some(), "the job stopped without an answer");
                 prop_assert!(job.outcome().is_none(), "a job answered twice");
