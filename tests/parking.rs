@@ -152,3 +152,29 @@ async fn a_spent_budget_or_a_failed_sleep_stops_the_server() {
     assert!(gone(pid_c), "a failed sleep falls back to a stop");
     m.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_parked_server_is_stopped_when_the_card_needs_its_room() {
+    let (a, b, c) = (free_port(), free_port(), free_port());
+    let m = manager(
+        "32GiB",
+        &[
+            server("llm-a", 10, a, "", true),
+            server("llm-b", 10, b, "", false),
+            server("llm-c", 6, c, "", false),
+        ]
+        .concat(),
+    );
+    let vram = m.handle();
+    vram.load("llm-a").await.unwrap();
+    let pid_a = m.processes["llm"].pids()["llm-a"];
+    vram.load("llm-b").await.unwrap();
+    assert_eq!(state(&m, "llm-a").await, Some(ModelState::Parked));
+    // 5 GiB free; llm-c needs 6: the parked llm-a's 1 GiB is the cheapest
+    // room (parked before resident in a tier), so its server stops.
+    assert_eq!(vram.load("llm-c").await.unwrap().evicted, ["llm-a"]);
+    assert_eq!(state(&m, "llm-a").await, None);
+    assert!(gone(pid_a), "the parked server was stopped");
+    assert!(alive(m.processes["llm"].pids()["llm-b"]));
+    m.shutdown().await;
+}

@@ -90,3 +90,62 @@ async fn a_missing_weight_file_does_not_fail_the_load() {
     );
     assert_eq!(load(&m, "llm").await, Ok(vec![]));
 }
+
+/// Drops `path` from the page cache (as memory pressure would).
+fn drop_from_cache(path: &Path) {
+    let file = std::fs::File::open(path).unwrap();
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+}
+
+#[actix_rt::test]
+async fn keep_warm_reads_an_evicted_models_weights_back_into_the_page_cache() {
+    let Some(path) = cold_file("evicted.gguf") else {
+        println!("skipped: this file system keeps files in memory; nothing to warm");
+        return;
+    };
+    let models = |keep_warm: &str| {
+        format!(
+            "[gpu]\ntotal = \"8GiB\"\n[host]\nkeep_warm = \"{keep_warm}\"\n\
+             [[models]]\nid = \"a\"\nkind = \"llm\"\nvram = \"6GiB\"\nfiles = [\"{}\"]\n\
+             [[models]]\nid = \"b\"\nkind = \"llm\"\nvram = \"6GiB\"\n",
+            path.display()
+        )
+    };
+    // Without keep_warm: a's files, dropped while it was resident, stay
+    // cold after its eviction.
+    let m = start(&models("0B"));
+    load(&m, "a").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resident_share(&path) < 0.9 && Instant::now() < deadline {
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop_from_cache(&path);
+    assert_eq!(load(&m, "b").await, Ok(vec!["a".to_string()]));
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    let cold = resident_share(&path);
+    assert!(cold < 0.5, "nothing re-read them: {:.0}%", cold * 100.0);
+    m.shutdown().await;
+    // With keep_warm: the eviction reads them back.
+    let m = start(&models("8GiB"));
+    load(&m, "a").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resident_share(&path) < 0.9 && Instant::now() < deadline {
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop_from_cache(&path);
+    assert!(resident_share(&path) < 0.5, "the cache was dropped");
+    assert_eq!(load(&m, "b").await, Ok(vec!["a".to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resident_share(&path) < 0.9 && Instant::now() < deadline {
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let share = resident_share(&path);
+    assert!(share >= 0.9, "only {:.0}% read back", share * 100.0);
+    m.shutdown().await;
+}
