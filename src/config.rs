@@ -743,7 +743,13 @@ impl RawSettings {
         };
         let host = HostSettings {
             budget: match self.host.budget.trim() {
-                "auto" => host_memory().map_or(0, |total| total / 2),
+                "auto" => host_memory().map_or_else(
+                    || {
+                        tracing::warn!("host.budget \"auto\": cannot read /proc/meminfo; nothing will be parked");
+                        0
+                    },
+                    |total| total / 2,
+                ),
                 text => parse_size("host.budget", text)?,
             },
             keep_warm: parse_size("host.keep_warm", &self.host.keep_warm)?,

@@ -178,3 +178,34 @@ async fn a_parked_server_is_stopped_when_the_card_needs_its_room() {
     assert!(alive(m.processes["llm"].pids()["llm-b"]));
     m.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_parked_server_that_exits_leaves_the_ledger() {
+    let (a, b) = (free_port(), free_port());
+    let m = manager(
+        "32GiB",
+        &[
+            server("llm-a", 10, a, "", true),
+            server("llm-b", 10, b, "", false),
+        ]
+        .concat(),
+    );
+    let vram = m.handle();
+    vram.load("llm-a").await.unwrap();
+    vram.load("llm-b").await.unwrap();
+    assert_eq!(state(&m, "llm-a").await, Some(ModelState::Parked));
+    // The sleeping server dies: its residual is free again.
+    let _ = awc::Client::default()
+        .get(format!("http://127.0.0.1:{a}/exit"))
+        .send()
+        .await;
+    for _ in 0..250 {
+        if state(&m, "llm-a").await.is_none() {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&m, "llm-a").await, None);
+    assert_eq!(vram.status().await.unwrap().used, 10 * GIB);
+    m.shutdown().await;
+}

@@ -244,12 +244,20 @@ impl Books {
         true
     }
 
-    /// A model's server exited by itself: if it was resident it is gone
-    /// from the card, so it leaves the ledger and its leases become void;
+    /// A model's server exited by itself: if it was resident (or parked)
+    /// it is gone from the card, so it leaves the ledger and its leases
+    /// become void;
     /// answers whether it was. A model a job is loading or unloading is
     /// left to that job.
     pub(crate) fn server_exited(&mut self, model: &str) -> bool {
-        if !self.ledger.is_resident(model) {
+        // A parked server that dies frees its residual too.
+        let held = self.ledger.get(model).is_some_and(|e| {
+            matches!(
+                e.state,
+                crate::ledger::ModelState::Resident | crate::ledger::ModelState::Parked
+            )
+        });
+        if !held {
             return false;
         }
         self.forget(model);
