@@ -64,6 +64,9 @@ impl ModelSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Catalog {
     by_id: BTreeMap<String, ModelSpec>,
+    /// How many of the models can park: plans look parking up only when
+    /// some can.
+    parking: usize,
 }
 
 impl Catalog {
@@ -74,7 +77,16 @@ impl Catalog {
 
     /// Adds a model, replacing any model with the same id.
     pub fn insert(&mut self, model: ModelSpec) {
-        self.by_id.insert(model.id.clone(), model);
+        let parks = model.park.is_some();
+        if let Some(old) = self.by_id.insert(model.id.clone(), model) {
+            self.parking -= usize::from(old.park.is_some());
+        }
+        self.parking += usize::from(parks);
+    }
+
+    /// Whether any model can park.
+    pub fn any_parks(&self) -> bool {
+        self.parking > 0
     }
 
     /// The model with this id, if known.
@@ -105,5 +117,25 @@ impl FromIterator<ModelSpec> for Catalog {
             catalog.insert(model);
         }
         catalog
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalog_knows_whether_any_model_parks() {
+        let mut catalog: Catalog = [ModelSpec::new("a", "llm", 4)].into_iter().collect();
+        assert!(!catalog.any_parks());
+        let park = Park { vram: 1, host: 4 };
+        catalog.insert(ModelSpec::new("b", "llm", 4).parks(park));
+        assert!(catalog.any_parks());
+        // Replacing it with one that does not park forgets it.
+        catalog.insert(ModelSpec::new("b", "llm", 4));
+        assert!(!catalog.any_parks());
+        catalog.insert(ModelSpec::new("a", "llm", 4).parks(park));
+        catalog.insert(ModelSpec::new("a", "llm", 4).parks(park));
+        assert!(catalog.any_parks());
     }
 }

@@ -465,9 +465,13 @@ fn candidates_for<'a>(
         // exactly. Without parked models this is (priority, recency).
         let resident_bit = u128::from(!parked);
         let key = (u128::from(priority) << 65) | (resident_bit << 64) | u128::from(entry.recency);
-        let freed = match catalog.get(&entry.id) {
-            Some(spec) if parking && !parked => spec.freed_by_parking(entry.bytes),
-            _ => entry.bytes,
+        // The catalog is asked only when some model can park (a lookup per
+        // candidate would cost planning 10,000 models several times over).
+        let freed = match parking && !parked && catalog.any_parks() {
+            true => catalog
+                .get(&entry.id)
+                .map_or(entry.bytes, |spec| spec.freed_by_parking(entry.bytes)),
+            false => entry.bytes,
         };
         candidates.push((key, freed, entry));
     }
