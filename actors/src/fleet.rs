@@ -233,18 +233,26 @@ impl Shared {
     }
 }
 
+/// Places `model` and sends `msg` (its Load or Acquire) to the card
+/// chosen; the load stays recorded in flight until the card answers.
+async fn placed<M, T>(shared: Rc<Shared>, model: String, msg: M) -> Result<T, VramError>
+where
+    M: Message<Result = Result<T, VramError>> + Send + 'static,
+    T: Send + 'static,
+    VramActor: Handler<M>,
+{
+    let routed = shared.route(&model).await?;
+    let card = shared.cards[routed.card].clone();
+    let answer = card.send(msg).await.map_err(gone)?;
+    drop(routed);
+    answer
+}
+
 impl Handler<Load> for Fleet {
     type Result = ResponseFuture<Result<Loaded, VramError>>;
 
     fn handle(&mut self, msg: Load, _ctx: &mut Context<Self>) -> Self::Result {
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            let routed = shared.route(&msg.model).await?;
-            let card = shared.cards[routed.card].clone();
-            let answer = card.send(msg).await.map_err(gone)?;
-            drop(routed);
-            answer
-        })
+        Box::pin(placed(self.shared.clone(), msg.model.clone(), msg))
     }
 }
 
@@ -252,14 +260,7 @@ impl Handler<Acquire> for Fleet {
     type Result = ResponseFuture<Result<Lease, VramError>>;
 
     fn handle(&mut self, msg: Acquire, _ctx: &mut Context<Self>) -> Self::Result {
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            let routed = shared.route(&msg.model).await?;
-            let card = shared.cards[routed.card].clone();
-            let answer = card.send(msg).await.map_err(gone)?;
-            drop(routed);
-            answer
-        })
+        Box::pin(placed(self.shared.clone(), msg.model.clone(), msg))
     }
 }
 
