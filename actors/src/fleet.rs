@@ -28,8 +28,8 @@ use crate::events::{Loaded, Unloaded};
 use crate::kind::Kinds;
 use crate::ledger::Ledger;
 use crate::messages::{
-    Acquire, CrashBackend, Lease, Load, SetPinned, Shutdown, Snapshot, Status, StatusReport,
-    Subscribe, Unload,
+    Acquire, CardSnapshot, CrashBackend, Lease, Load, SetPinned, Shutdown, Snapshot, Status,
+    StatusReport, Subscribe, Unload,
 };
 use crate::model::Catalog;
 use crate::placement::{CardView, place};
@@ -112,12 +112,16 @@ impl Drop for InFlight {
 }
 
 impl Shared {
+    /// Every card's snapshot, asked at once, in list order.
+    async fn snapshots(&self) -> Vec<Result<CardSnapshot, MailboxError>> {
+        futures::future::join_all(self.cards.iter().map(|c| c.send(Snapshot))).await
+    }
+
     /// Which card a request for `model` goes to, recorded as in flight
     /// until the returned guard is dropped.
     async fn route(self: &Rc<Self>, model: &str) -> Result<InFlight, VramError> {
         let _placing = self.placing.lock().await;
-        let snapshots =
-            futures::future::join_all(self.cards.iter().map(|c| c.send(Snapshot))).await;
+        let snapshots = self.snapshots().await;
         let mut ledgers: Vec<Ledger> = Vec::with_capacity(snapshots.len());
         let mut shown: Vec<Option<u64>> = Vec::with_capacity(snapshots.len());
         let mut lost = None;
@@ -201,8 +205,7 @@ impl Shared {
 
     /// The card `model` is on (in any state), if any: for an unload.
     async fn holder(&self, model: &str) -> Result<Option<usize>, VramError> {
-        let snapshots =
-            futures::future::join_all(self.cards.iter().map(|c| c.send(Snapshot))).await;
+        let snapshots = self.snapshots().await;
         let mut lost = None;
         for (card, snapshot) in snapshots.into_iter().enumerate() {
             let snapshot = match snapshot {

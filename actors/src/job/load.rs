@@ -457,21 +457,7 @@ impl LoadJob {
 
     /// The victim `model` left the card for this load by parking.
     fn parked(&mut self, model: &str, books: &mut Books, out: &mut Vec<Command>) {
-        let residual = books.residual(model);
-        if let Some(entry) = books.ledger.get(model).cloned() {
-            books.ledger.park(model, residual);
-            books.last_used.remove(model);
-            let freed = entry.bytes.saturating_sub(residual);
-            tracing::info!(model = %entry.id, kind = %entry.kind, freed, residual, for_model = %self.model, "parked");
-            out.push(Command::Publish(VramEvent::Parked {
-                model: entry.id,
-                kind: entry.kind,
-                gpu: entry.gpu,
-                bytes: residual.min(entry.bytes),
-                freed,
-                for_model: Some(self.model.clone()),
-            }));
-        }
+        out.extend(books.park(model, Some(&self.model)));
         self.evicted.push(model.to_string());
     }
 

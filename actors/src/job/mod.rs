@@ -335,6 +335,26 @@ impl Books {
         (total <= self.host_budget).then_some(park.host)
     }
 
+    /// `model`'s server is asleep: the ledger keeps only its residual and
+    /// its idle clock stops. Answers the `parked` event to publish (none if
+    /// the model is unknown to the ledger).
+    pub(crate) fn park(&mut self, model: &str, for_model: Option<&str>) -> Option<Command> {
+        let residual = self.residual(model);
+        let entry = self.ledger.get(model).cloned()?;
+        self.ledger.park(model, residual);
+        self.last_used.remove(model);
+        let freed = entry.bytes.saturating_sub(residual);
+        tracing::info!(model = %entry.id, kind = %entry.kind, freed, residual, for_model = ?for_model, "parked");
+        Some(Command::Publish(VramEvent::Parked {
+            model: entry.id,
+            kind: entry.kind,
+            gpu: entry.gpu,
+            bytes: residual.min(entry.bytes),
+            freed,
+            for_model: for_model.map(str::to_string),
+        }))
+    }
+
     /// The bytes `model` holds on the card while parked.
     pub(crate) fn residual(&self, model: &str) -> u64 {
         self.declared

@@ -130,21 +130,7 @@ impl Job for UnloadJob {
                     result: Ok(true), ..
                 },
             ) => {
-                let residual = books.residual(&self.model);
-                if let Some(entry) = books.ledger.get(&self.model).cloned() {
-                    books.ledger.park(&self.model, residual);
-                    books.last_used.remove(&self.model);
-                    let freed = entry.bytes.saturating_sub(residual);
-                    tracing::info!(model = %entry.id, kind = %entry.kind, freed, residual, "parked (idle)");
-                    out.push(Command::Publish(VramEvent::Parked {
-                        model: entry.id,
-                        kind: entry.kind,
-                        gpu: entry.gpu,
-                        bytes: residual.min(entry.bytes),
-                        freed,
-                        for_model: None,
-                    }));
-                }
+                out.extend(books.park(&self.model, None));
                 let model = self.model.clone();
                 self.finish(Ok(Unloaded {
                     model,
