@@ -176,6 +176,32 @@ pub async fn timed_plain_load(manager: &Manager) -> Duration {
     took
 }
 
+/// Round trips in the bare batch beside each paired load: enough to
+/// smooth one trip's noise, few enough that the machine cannot change
+/// state between the batch and the load.
+pub const PAIRED_BATCH: u64 = 20;
+
+/// One bare round trip measured right before `load` runs: answers the
+/// load's time and one bare round trip's (the mean of a batch of
+/// [`PAIRED_BATCH`]), so their ratio is taken on the machine in one state.
+pub async fn paired<F: std::future::Future<Output = Duration>>(
+    bare: &Addr<BareActor>,
+    load: F,
+) -> (Duration, Duration) {
+    let baseline = bare_round_trips(bare, PAIRED_BATCH).await / PAIRED_BATCH as u32;
+    (load.await, baseline)
+}
+
+/// The median of the ratios `a / b` of each pair.
+pub fn median_ratio(pairs: &[(Duration, Duration)]) -> f64 {
+    let mut ratios: Vec<f64> = pairs
+        .iter()
+        .map(|(a, b)| a.as_secs_f64() / b.as_secs_f64().max(f64::MIN_POSITIVE))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// Latencies of `n` Status round trips to an idle manager (the baseline
 /// of [`status_latencies_during_load`]).
 pub async fn status_latencies_idle(manager: &Manager, n: usize) -> Vec<Duration> {

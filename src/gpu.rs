@@ -3,7 +3,6 @@
 //! for scenarios and tests; [`resolve`] picks what the settings ask for.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,7 +249,7 @@ pub fn resolve_card(settings: &Settings, index: usize) -> Result<GpuChoice, Sett
 struct CardState {
     total: u64,
     external: u64,
-    allocations: HashMap<String, u64>,
+    allocations: foldhash::HashMap<String, u64>,
     /// Memory of unloaded models that the "driver" has not returned yet.
     releasing: Vec<(Instant, u64)>,
     peak: u64,
@@ -263,8 +262,10 @@ struct CardState {
 impl CardState {
     /// Bytes in use now (saturating: settings may name sizes near 2^64).
     fn used(&mut self) -> u64 {
-        let now = Instant::now();
-        self.releasing.retain(|(at, _)| *at > now);
+        if !self.releasing.is_empty() {
+            let now = Instant::now();
+            self.releasing.retain(|(at, _)| *at > now);
+        }
         let allocated = self
             .allocations
             .values()
@@ -294,7 +295,7 @@ impl SimCard {
             state: Rc::new(RefCell::new(CardState {
                 total,
                 external,
-                allocations: HashMap::new(),
+                allocations: Default::default(),
                 releasing: Vec::new(),
                 peak: external,
                 overcommitted: false,
@@ -327,8 +328,12 @@ impl SimCard {
                 "CUDA out of memory: {id} needs {bytes} bytes, the card has {free} free"
             ));
         }
-        let held = state.allocations.entry(id.to_string()).or_default();
-        *held = held.saturating_add(bytes);
+        match state.allocations.get_mut(id) {
+            Some(held) => *held = held.saturating_add(bytes),
+            None => {
+                state.allocations.insert(id.to_string(), bytes);
+            }
+        }
         state.peak = state.peak.max(used.saturating_add(bytes));
         Ok(())
     }

@@ -161,17 +161,20 @@ impl BackendActor {
     /// trip through the actor's context.
     fn guarded<T: 'static>(
         &mut self,
-        model: String,
+        model: &str,
         timeout: Option<Duration>,
         ctx: &mut Context<Self>,
         call: impl FnOnce(&dyn Backend) -> BackendFuture<T>,
     ) -> ActorResponse<Self, Result<T, VramError>> {
         match self.begin(timeout, call) {
-            Begun::Ready(outcome) => ActorResponse::reply(self.conclude(&model, outcome, ctx)),
-            Begun::Pending(fut) => ActorResponse::r#async(
-                fut.into_actor(self)
-                    .map(move |outcome, act, ctx| act.conclude(&model, outcome, ctx)),
-            ),
+            Begun::Ready(outcome) => ActorResponse::reply(self.conclude(model, outcome, ctx)),
+            Begun::Pending(fut) => {
+                let model = model.to_string();
+                ActorResponse::r#async(
+                    fut.into_actor(self)
+                        .map(move |outcome, act, ctx| act.conclude(&model, outcome, ctx)),
+                )
+            }
         }
     }
 
@@ -375,7 +378,7 @@ impl Handler<LoadModel> for BackendActor {
     fn handle(&mut self, msg: LoadModel, ctx: &mut Context<Self>) -> Self::Result {
         let spec = msg.0;
         let timeout = Some(self.load_timeout);
-        self.guarded(spec.id.clone(), timeout, ctx, |b| b.load(&spec))
+        self.guarded(&spec.id, timeout, ctx, |b| b.load(&spec))
     }
 }
 
@@ -385,7 +388,7 @@ impl Handler<UnloadModel> for BackendActor {
     fn handle(&mut self, msg: UnloadModel, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
         let timeout = Some(self.unload_timeout);
-        self.guarded(id.clone(), timeout, ctx, |b| b.unload(&id))
+        self.guarded(&id, timeout, ctx, |b| b.unload(&id))
     }
 }
 
@@ -407,7 +410,7 @@ impl Handler<ParkModel> for BackendActor {
     fn handle(&mut self, msg: ParkModel, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
         let timeout = Some(self.unload_timeout);
-        self.guarded(id.clone(), timeout, ctx, |b| b.park(&id))
+        self.guarded(&id, timeout, ctx, |b| b.park(&id))
     }
 }
 
@@ -417,7 +420,7 @@ impl Handler<WakeModel> for BackendActor {
     fn handle(&mut self, msg: WakeModel, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
         let timeout = Some(self.load_timeout);
-        self.guarded(id.clone(), timeout, ctx, |b| b.wake(&id))
+        self.guarded(&id, timeout, ctx, |b| b.wake(&id))
     }
 }
 
@@ -427,7 +430,7 @@ impl Handler<ListLoaded> for BackendActor {
     fn handle(&mut self, _msg: ListLoaded, ctx: &mut Context<Self>) -> Self::Result {
         let label = format!("<{} backend>", self.kind);
         let timeout = Some(self.unload_timeout);
-        self.guarded(label, timeout, ctx, |b| b.loaded())
+        self.guarded(&label, timeout, ctx, |b| b.loaded())
     }
 }
 

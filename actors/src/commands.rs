@@ -33,6 +33,10 @@ impl VramActor {
                 self.publish(event);
                 None
             }
+            Command::CountEviction { model, kind } => {
+                self.count_eviction(&model, &kind);
+                None
+            }
             Command::ReadCard => {
                 let Some(probe) = self.probe.clone() else {
                     return Some(Event::Card(None));
@@ -60,8 +64,8 @@ impl VramActor {
             // After `Shutdown` no model server wakes: the job aborts.
             Command::Wake(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
             Command::Wake(spec) => {
-                let (kind, label) = (spec.kind.clone(), spec.id.clone());
-                self.call(id, kind, WakeModel(spec.id), label, ctx, Event::Loaded)
+                let slot = self.actor_slot(&spec.kind).ok_or_else(|| spec.kind.clone());
+                self.call(id, slot, WakeModel(spec.id), ctx, Event::Loaded)
             }
             // After `Shutdown` no model server starts: the job aborts.
             Command::Load(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
@@ -69,12 +73,12 @@ impl VramActor {
                 Some(Event::Deadline)
             }
             Command::Load(spec) => {
-                let (kind, label) = (spec.kind.clone(), spec.id.clone());
-                self.call(id, kind, LoadModel(spec), label, ctx, Event::Loaded)
+                let slot = self.actor_slot(&spec.kind).ok_or_else(|| spec.kind.clone());
+                self.call(id, slot, LoadModel(spec), ctx, Event::Loaded)
             }
             Command::Crash { kind } => {
                 let label = format!("<{kind} backend>");
-                let Some(backend) = self.actors.get(&kind).cloned() else {
+                let Some(backend) = self.actor(&kind).cloned() else {
                     return Some(Event::Crashed(Err(no_backend(&kind, &label))));
                 };
                 ctx.spawn(backend.send(Crash::default()).into_actor(self).map(
@@ -89,8 +93,8 @@ impl VramActor {
                 None
             }
             Command::List { kind } => {
-                let label = format!("<{kind} backend>");
-                self.call(id, kind, ListLoaded, label, ctx, Event::Listed)
+                let slot = self.actor_slot(&kind).ok_or(kind);
+                self.call(id, slot, ListLoaded, ctx, Event::Listed)
             }
             Command::WaitRelease { until } => {
                 self.waits_release = true;
@@ -118,14 +122,15 @@ impl VramActor {
         }
     }
 
-    /// Sends `msg` to the backend actor of `kind` and feeds the answer
-    /// back to job `id` (a dead actor is replaced; the call fails).
+    /// Sends `msg` to the backend actor in `slot` of `actors` (or fails:
+    /// no backend for that kind) and feeds the answer back to job `id` (a
+    /// dead actor is replaced; the call fails). Nothing is copied for the
+    /// error case: the slot names the kind, the running job the model.
     fn call<M, T>(
         &mut self,
         id: u64,
-        kind: String,
+        slot: Result<usize, String>,
         msg: M,
-        label: String,
         ctx: &mut Context<Self>,
         event: impl FnOnce(Result<T, VramError>) -> Event + 'static,
     ) -> Option<Event>
@@ -134,22 +139,35 @@ impl VramActor {
         T: Send + 'static,
         BackendActor: Handler<M>,
     {
-        let Some(backend) = self.actors.get(&kind).cloned() else {
-            return Some(event(Err(no_backend(&kind, &label))));
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(kind) => {
+                let label = self.call_label(None, &kind);
+                return Some(event(Err(no_backend(&kind, &label))));
+            }
         };
-        ctx.spawn(
-            backend
-                .send(msg)
-                .into_actor(self)
-                .map(move |answer, act, ctx| {
-                    let result = match answer {
-                        Ok(result) => result,
-                        Err(e) => Err(act.backend_lost(&kind, &backend, &label, e, ctx)),
-                    };
-                    act.feed(id, event(result), ctx)
-                }),
-        );
+        let request = self.actors[slot].1.send(msg);
+        ctx.spawn(request.into_actor(self).map(move |answer, act, ctx| {
+            let result = match answer {
+                Ok(result) => result,
+                Err(e) => {
+                    let label = act.call_label(Some(slot), "");
+                    Err(act.backend_lost(slot, &label, e, ctx))
+                }
+            };
+            act.feed(id, event(result), ctx)
+        }));
         None
+    }
+
+    /// What a failed call is about: the running job's model, else the
+    /// backend of the kind in `slot` (or of `kind`).
+    fn call_label(&self, slot: Option<usize>, kind: &str) -> String {
+        match (self.running_model(), slot) {
+            (Some(model), _) => model.to_string(),
+            (None, Some(slot)) => format!("<{} backend>", self.actors[slot].0),
+            (None, None) => format!("<{kind} backend>"),
+        }
     }
 
     /// Unloads `models` on the backend of `kind` with one message and
@@ -164,7 +182,7 @@ impl VramActor {
         let Some(first) = models.first().cloned() else {
             return Some(Event::UnloadsDone);
         };
-        let Some(backend) = self.actors.get(&kind).cloned() else {
+        let Some(slot) = self.actor_slot(&kind) else {
             // Answered as a backend would: the first fails, then done.
             let result = Err(no_backend(&kind, &first));
             ctx.spawn(ActorFutureExt::map(
@@ -180,29 +198,27 @@ impl VramActor {
             ));
             return None;
         };
-        ctx.spawn(backend.send(UnloadModels(models)).into_actor(self).map(
-            move |answer, act, ctx| {
-                match answer {
+        let request = self.actors[slot].1.send(UnloadModels(models));
+        ctx.spawn(
+            request
+                .into_actor(self)
+                .map(move |answer, act, ctx| match answer {
                     Ok(results) => {
-                        for (model, result) in results {
-                            act.feed(id, Event::Unloaded { model, result }, ctx);
-                        }
+                        let unloaded = results
+                            .into_iter()
+                            .map(|(model, result)| Event::Unloaded { model, result });
+                        act.feed_all(id, unloaded.chain([Event::UnloadsDone]), ctx);
                     }
                     Err(e) => {
-                        let result = Err(act.backend_lost(&kind, &backend, &first, e, ctx));
-                        act.feed(
-                            id,
-                            Event::Unloaded {
-                                model: first,
-                                result,
-                            },
-                            ctx,
-                        );
+                        let result = Err(act.backend_lost(slot, &first, e, ctx));
+                        let unloaded = Event::Unloaded {
+                            model: first,
+                            result,
+                        };
+                        act.feed_all(id, [unloaded, Event::UnloadsDone], ctx);
                     }
-                }
-                act.feed(id, Event::UnloadsDone, ctx);
-            },
-        ));
+                }),
+        );
         None
     }
 
@@ -215,7 +231,7 @@ impl VramActor {
         model: String,
         ctx: &mut Context<Self>,
     ) -> Option<Event> {
-        let Some(backend) = self.actors.get(&kind).cloned() else {
+        let Some(backend) = self.actor(&kind).cloned() else {
             let result = Err(no_backend(&kind, &model));
             ctx.spawn(ActorFutureExt::map(
                 fut::ready(()),
@@ -267,41 +283,38 @@ impl VramActor {
         None
     }
 
-    /// A call found its backend actor gone: if it is dead (a panic escaped
-    /// its guards, so its supervisor could not restart it), start a fresh
-    /// one and reconcile with it first thing.
+    /// A call found its backend actor (the one in `slot` of `actors`)
+    /// gone: if it is dead (a panic escaped its guards, so its supervisor
+    /// could not restart it), start a fresh one and reconcile with it first
+    /// thing.
     fn backend_lost(
         &mut self,
-        kind: &str,
-        backend: &Addr<BackendActor>,
+        slot: usize,
         label: &str,
         error: MailboxError,
         ctx: &mut Context<Self>,
     ) -> VramError {
-        if backend.connected() {
+        if self.actors[slot].1.connected() {
             // The supervisor restarted the actor while it handled this
-            // call; the call's future went with the old instance.
+            // call (or it was replaced already); the call's future went
+            // with the old instance.
             return VramError::BackendFailed {
                 model: label.to_string(),
                 reason: "the backend restarted during the call".to_string(),
             };
         }
-        self.replace_backend(kind, backend, ctx);
+        let kind = self.actors[slot].0.clone();
+        self.replace_backend(&kind, ctx);
         VramError::BackendFailed {
             model: label.to_string(),
             reason: format!("backend actor unavailable: {error}"),
         }
     }
 
-    /// Replaces the backend actor of `kind` if it is still the dead one,
-    /// and queues a reconcile with the fresh one ahead of everything.
-    pub(crate) fn replace_backend(
-        &mut self,
-        kind: &str,
-        dead: &Addr<BackendActor>,
-        ctx: &mut Context<Self>,
-    ) {
-        if self.actors.get(kind) != Some(dead) {
+    /// Replaces the backend actor of `kind` if it is dead, and queues a
+    /// reconcile with the fresh one ahead of everything.
+    pub(crate) fn replace_backend(&mut self, kind: &str, ctx: &mut Context<Self>) {
+        if self.actor(kind).is_none_or(|a| a.connected()) {
             return; // already replaced
         }
         tracing::error!(kind = %kind, "backend actor died without a restart; starting a fresh one");

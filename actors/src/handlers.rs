@@ -5,7 +5,6 @@
 //! `job/` for the jobs).
 
 use actix::prelude::*;
-use tokio::sync::oneshot;
 
 use crate::backend_actor::{BackendActor, BackendRestarted, ModelExited};
 use crate::error::VramError;
@@ -17,21 +16,8 @@ use crate::messages::{
 };
 use crate::policy::{Order, scores, servable};
 use crate::queue::{LoadWaiter, Queued, shutting_down};
+use crate::reply::{Deferred, deferred};
 use crate::vram_actor::{VramActor, now};
-
-/// Answers a waiter's receiver, mapping a dropped sender (the manager
-/// stopped before the job answered) to `unavailable`. Polled inside the
-/// actor's context (`ActorResponse`), not as a task of its own.
-async fn answer<T>(
-    rx: oneshot::Receiver<Result<T, VramError>>,
-    model: String,
-) -> Result<T, VramError> {
-    rx.await.unwrap_or_else(|_| {
-        Err(VramError::Unavailable {
-            reason: format!("the manager stopped before answering for {model}"),
-        })
-    })
-}
 
 impl VramActor {
     /// Policy step 1 against the sizes plans use now.
@@ -41,14 +27,14 @@ impl VramActor {
 }
 
 impl Handler<Load> for VramActor {
-    type Result = ActorResponse<Self, Result<Loaded, VramError>>;
+    type Result = Deferred<Loaded>;
 
     fn handle(&mut self, msg: Load, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return ActorResponse::reply(Err(shutting_down()));
+            return Deferred::now(Err(shutting_down()));
         }
         if let Err(e) = self.servable(&msg.model) {
-            return ActorResponse::reply(Err(e));
+            return Deferred::now(Err(e));
         }
         // Already resident and nothing queued or running that could change
         // that first: policy step 2 (touch, nothing else) needs no trip
@@ -58,46 +44,46 @@ impl Handler<Load> for VramActor {
             // order predicts from (a counter and two small updates).
             self.books.ledger.note_request_as(&msg.model, false);
             self.books.touch(&msg.model, now());
-            return ActorResponse::reply(Ok(Loaded {
+            return Deferred::now(Ok(Loaded {
                 model: msg.model,
                 evicted: vec![],
                 already_resident: true,
             }));
         }
         let miss = self.needs_load(&msg.model);
-        let (tx, rx) = oneshot::channel();
-        match self.submit_load(&msg.model, LoadWaiter::Load(tx), ctx) {
+        let (reply, answer) = deferred(msg.model.clone());
+        match self.submit_load(&msg.model, LoadWaiter::Load(reply), ctx) {
             Ok(()) => {
                 self.books.ledger.note_request_as(&msg.model, miss);
-                ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model)))
+                answer
             }
-            Err(e) => ActorResponse::reply(Err(e)),
+            Err(e) => Deferred::now(Err(e)),
         }
     }
 }
 
 impl Handler<Acquire> for VramActor {
-    type Result = ActorResponse<Self, Result<Lease, VramError>>;
+    type Result = Deferred<Lease>;
 
     fn handle(&mut self, msg: Acquire, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return ActorResponse::reply(Err(shutting_down()));
+            return Deferred::now(Err(shutting_down()));
         }
         if self.books.ledger.is_resident(&msg.model) && !self.job_pending_for(&msg.model) {
             self.books.ledger.note_request_as(&msg.model, false);
-            return ActorResponse::reply(self.lease(&msg.model, Vec::new()));
+            return Deferred::now(self.lease(&msg.model, Vec::new()));
         }
         if let Err(e) = self.servable(&msg.model) {
-            return ActorResponse::reply(Err(e));
+            return Deferred::now(Err(e));
         }
         let miss = self.needs_load(&msg.model);
-        let (tx, rx) = oneshot::channel();
-        match self.submit_load(&msg.model, LoadWaiter::Acquire(tx), ctx) {
+        let (reply, answer) = deferred(msg.model.clone());
+        match self.submit_load(&msg.model, LoadWaiter::Acquire(reply), ctx) {
             Ok(()) => {
                 self.books.ledger.note_request_as(&msg.model, miss);
-                ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model)))
+                answer
             }
-            Err(e) => ActorResponse::reply(Err(e)),
+            Err(e) => Deferred::now(Err(e)),
         }
     }
 }
@@ -138,42 +124,44 @@ impl Handler<Release> for VramActor {
 }
 
 impl Handler<Unload> for VramActor {
-    type Result = ActorResponse<Self, Result<Unloaded, VramError>>;
+    type Result = Deferred<Unloaded>;
 
     fn handle(&mut self, msg: Unload, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return ActorResponse::reply(Err(shutting_down()));
+            return Deferred::now(Err(shutting_down()));
         }
         if self.books.declared.get(&msg.model).is_none() {
-            return ActorResponse::reply(Err(VramError::UnknownModel { model: msg.model }));
+            return Deferred::now(Err(VramError::UnknownModel { model: msg.model }));
         }
         if self.books.ledger.get(&msg.model).is_none() && !self.job_pending_for(&msg.model) {
-            return ActorResponse::reply(Ok(Unloaded {
+            return Deferred::now(Ok(Unloaded {
                 model: msg.model,
                 was_resident: false,
             }));
         }
-        let (tx, rx) = oneshot::channel();
-        let job = Queued::Unload(UnloadJob::new(msg.model.clone()), vec![tx]);
-        match self.submit(job, ctx) {
-            Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, msg.model))),
-            Err(e) => ActorResponse::reply(Err(e)),
+        let job = UnloadJob::new(msg.model.clone());
+        let (reply, answer) = deferred(msg.model);
+        match self.submit(Queued::Unload(job, vec![reply]), ctx) {
+            Ok(()) => answer,
+            Err(e) => Deferred::now(Err(e)),
         }
     }
 }
 
 impl Handler<CrashBackend> for VramActor {
-    type Result = ActorResponse<Self, Result<(), VramError>>;
+    type Result = Deferred<()>;
 
     fn handle(&mut self, msg: CrashBackend, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return ActorResponse::reply(Err(shutting_down()));
+            return Deferred::now(Err(shutting_down()));
         }
-        let (tx, rx) = oneshot::channel();
-        let label = format!("<{} backend>", msg.kind);
-        match self.submit(Queued::Restart(RestartJob::crash(msg.kind), vec![tx]), ctx) {
-            Ok(()) => ActorResponse::r#async(fut::wrap_future(answer(rx, label))),
-            Err(e) => ActorResponse::reply(Err(e)),
+        let (reply, answer) = deferred(format!("<{} backend>", msg.kind));
+        match self.submit(
+            Queued::Restart(RestartJob::crash(msg.kind), vec![reply]),
+            ctx,
+        ) {
+            Ok(()) => answer,
+            Err(e) => Deferred::now(Err(e)),
         }
     }
 }
@@ -344,6 +332,7 @@ impl Handler<Subscribe> for VramActor {
 
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
         self.subscribers.push(msg.0);
+        self.books.listening = true;
     }
 }
 
@@ -351,6 +340,6 @@ impl Handler<BackendOf> for VramActor {
     type Result = Option<Addr<BackendActor>>;
 
     fn handle(&mut self, msg: BackendOf, _ctx: &mut Context<Self>) -> Self::Result {
-        self.actors.get(&msg.0).cloned()
+        self.actor(&msg.0).cloned()
     }
 }

@@ -5,7 +5,7 @@
 //! (`Unloading` still counts), so the ledger never promises memory that a
 //! backend may still be using.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::model::ModelSpec;
 
@@ -74,7 +74,7 @@ pub struct ModelHistory {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct History {
     requests: u64,
-    models: HashMap<String, ModelHistory>,
+    models: foldhash::HashMap<String, ModelHistory>,
     last_miss: Option<u64>,
     miss_gap: Option<f64>,
 }
@@ -140,7 +140,9 @@ pub struct Ledger {
     /// Wide, so sizes near 2^64 add up without losing bytes.
     used: u128,
     next_recency: u64,
-    entries: BTreeMap<String, Entry>,
+    /// Boxed: a removal moves the map's keys and small pointers, not
+    /// whole entries.
+    entries: BTreeMap<String, Box<Entry>>,
     history: History,
 }
 
@@ -221,7 +223,7 @@ impl Ledger {
 
     /// The entry of model `id`, if it holds VRAM.
     pub fn get(&self, id: &str) -> Option<&Entry> {
-        self.entries.get(id)
+        self.entries.get(id).map(|e| &**e)
     }
 
     /// Whether `id` is loaded and usable.
@@ -232,7 +234,7 @@ impl Ledger {
 
     /// Every entry, by id.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.values()
+        self.entries.values().map(|e| &**e)
     }
 
     /// How many models hold VRAM.
@@ -270,7 +272,7 @@ impl Ledger {
         self.used += u128::from(model.bytes);
         self.entries.insert(
             model.id.clone(),
-            Entry {
+            Box::new(Entry {
                 id: model.id.clone(),
                 kind: model.kind.clone(),
                 gpu: self.gpu,
@@ -281,7 +283,7 @@ impl Ledger {
                 leases: 0,
                 pinned: model.pinned,
                 recency,
-            },
+            }),
         );
     }
 
@@ -327,7 +329,7 @@ impl Ledger {
     pub fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.entries.remove(id)?;
         self.used = self.used.saturating_sub(u128::from(entry.bytes));
-        Some(entry)
+        Some(*entry)
     }
 
     /// Records `id` as parked: it now holds only `residual` bytes (its

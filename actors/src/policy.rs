@@ -255,21 +255,24 @@ pub fn plan_in_order(
         });
     }
 
-    // Step 6: trim from the last chosen back to the first.
-    let mut keep = vec![true; chosen];
-    for i in (0..chosen).rev() {
-        let bytes = candidates[i].1;
+    // Step 6: trim from the last chosen back to the first. A trimmed
+    // candidate's bytes are zeroed in place (they free nothing now).
+    let mut kept = chosen;
+    for candidate in candidates[..chosen].iter_mut().rev() {
+        let bytes = candidate.1;
         if freed - bytes >= shortfall {
             freed -= bytes;
-            keep[i] = false;
+            candidate.1 = 0;
+            kept -= 1;
         }
     }
-    let victims = candidates[..chosen]
-        .iter()
-        .zip(keep)
-        .filter(|(_, keep)| *keep)
-        .map(|((_, _, entry), _)| entry.id.clone())
-        .collect();
+    let mut victims = Vec::with_capacity(kept);
+    victims.extend(
+        candidates[..chosen]
+            .iter()
+            .filter(|(_, bytes, _)| *bytes > 0)
+            .map(|(_, _, entry)| entry.id.clone()),
+    );
     Ok(Plan::Load { victims })
 }
 
@@ -436,7 +439,7 @@ fn candidates_for<'a>(
     parking: bool,
 ) -> (Vec<(u128, u64, &'a Entry)>, u64) {
     // The few kinds are resolved once, not once per model.
-    let kind_table: Vec<(&str, u32, bool)> = kinds
+    let kind_table: smallvec::SmallVec<[(&str, u32, bool); 8]> = kinds
         .iter()
         .map(|k| (k.name.as_str(), k.priority, k.evictable_by(requester)))
         .collect();
@@ -504,10 +507,10 @@ pub fn servable<'a>(
 /// The resident models whose idle time has reached their TTL: not leased,
 /// not pinned, with a TTL in `ttl`, last used (per `last_used`) at least
 /// that long before `now`. Sorted by id.
-pub fn expired(
+pub fn expired<S: std::hash::BuildHasher>(
     ledger: &Ledger,
     ttl: &HashMap<String, Duration>,
-    last_used: &HashMap<String, Instant>,
+    last_used: &HashMap<String, Instant, S>,
     now: Instant,
 ) -> Vec<String> {
     ledger
@@ -518,10 +521,10 @@ pub fn expired(
 }
 
 /// Whether one ledger entry has expired, by the rule of [`expired`].
-pub fn is_expired(
+pub fn is_expired<S: std::hash::BuildHasher>(
     entry: &Entry,
     ttl: &HashMap<String, Duration>,
-    last_used: &HashMap<String, Instant>,
+    last_used: &HashMap<String, Instant, S>,
     now: Instant,
 ) -> bool {
     let idle_enough = match (ttl.get(&entry.id), last_used.get(&entry.id)) {

@@ -5,26 +5,28 @@
 
 use std::time::Instant;
 
-use tokio::sync::oneshot;
-
 use crate::error::VramError;
 use crate::events::{Loaded, Unloaded};
 use crate::job::{Books, Command, Event, Job as _, LoadJob, RestartJob, UnloadJob};
 use crate::messages::Lease;
+use crate::reply::Reply;
 
 /// Someone waiting for a load: a `Load` or an `Acquire` that needs one.
 pub(crate) enum LoadWaiter {
-    Load(oneshot::Sender<Result<Loaded, VramError>>),
-    Acquire(oneshot::Sender<Result<Lease, VramError>>),
+    Load(Reply<Loaded>),
+    Acquire(Reply<Lease>),
 }
+
+/// Everyone waiting for one load: usually one, kept without an allocation.
+pub(crate) type LoadWaiters = smallvec::SmallVec<[LoadWaiter; 1]>;
 
 /// A queued or running job with everyone waiting for it, typed by kind.
 // Few jobs wait at once; boxing the load would cost an allocation per load.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Queued {
-    Load(LoadJob, Vec<LoadWaiter>),
-    Unload(UnloadJob, Vec<oneshot::Sender<Result<Unloaded, VramError>>>),
-    Restart(RestartJob, Vec<oneshot::Sender<Result<(), VramError>>>),
+    Load(LoadJob, LoadWaiters),
+    Unload(UnloadJob, Vec<Reply<Unloaded>>),
+    Restart(RestartJob, Vec<Reply<()>>),
 }
 
 impl Queued {
@@ -75,10 +77,10 @@ impl Queued {
             Queued::Load(_, waiters) => refuse_load(waiters, error),
             Queued::Unload(_, waiters) => waiters
                 .into_iter()
-                .for_each(|tx| drop(tx.send(Err(error.clone())))),
+                .for_each(|reply| reply.send(Err(error.clone()))),
             Queued::Restart(_, waiters) => waiters
                 .into_iter()
-                .for_each(|tx| drop(tx.send(Err(error.clone())))),
+                .for_each(|reply| reply.send(Err(error.clone()))),
         }
     }
 
@@ -105,11 +107,11 @@ pub(crate) fn shutting_down() -> VramError {
 }
 
 /// Answers everyone waiting for a load `error`.
-pub(crate) fn refuse_load(waiters: Vec<LoadWaiter>, error: VramError) {
+pub(crate) fn refuse_load(waiters: LoadWaiters, error: VramError) {
     for waiter in waiters {
         match waiter {
-            LoadWaiter::Load(tx) => drop(tx.send(Err(error.clone()))),
-            LoadWaiter::Acquire(tx) => drop(tx.send(Err(error.clone()))),
+            LoadWaiter::Load(reply) => reply.send(Err(error.clone())),
+            LoadWaiter::Acquire(reply) => reply.send(Err(error.clone())),
         }
     }
 }

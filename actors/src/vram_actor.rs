@@ -22,7 +22,7 @@
 //! backend reports as loaded, and `backend_restarted` published. A backend
 //! actor found dead (a panic escaped its guards) is replaced the same way.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -38,9 +38,10 @@ use crate::events::VramEvent;
 use crate::job::{Books, Command, Event, Job as _, LoadJob, ReleaseWait, RestartJob, UnloadJob};
 use crate::ledger::Ledger;
 use crate::messages::{Lease, Release};
+use crate::meters::Meters;
 use crate::policy::expired;
 use crate::probe::GpuProbe;
-use crate::queue::{LoadWaiter, Queued, refuse_load, shutting_down};
+use crate::queue::{LoadWaiter, LoadWaiters, Queued, refuse_load, shutting_down};
 
 /// Called with a model's id when its load is planned; see
 /// [`VramActor::warm_with`].
@@ -70,7 +71,9 @@ pub struct VramActor {
     pub(crate) config: ManagerConfig,
     pub(crate) books: Books,
     pub(crate) backends: BTreeMap<String, Rc<dyn Backend>>,
-    pub(crate) actors: HashMap<String, Addr<BackendActor>>,
+    /// The backend actor of each kind (few: looked up by a short scan,
+    /// and named by position in calls in flight).
+    pub(crate) actors: Vec<(String, Addr<BackendActor>)>,
     pub(crate) queue: VecDeque<Queued>,
     running: Option<Running>,
     /// Numbers the jobs.
@@ -96,6 +99,8 @@ pub struct VramActor {
     scratch: Vec<Command>,
     /// The card as last read, for `Status`.
     pub(crate) last_card: Option<crate::probe::GpuMemory>,
+    /// The metric handles, kept once registered.
+    meters: Meters,
 }
 
 impl VramActor {
@@ -106,13 +111,14 @@ impl VramActor {
             kinds: config.kinds.clone(),
             declared: config.catalog.clone(),
             planned: config.catalog.clone(),
-            leases: HashMap::new(),
-            last_used: HashMap::new(),
+            leases: Default::default(),
+            last_used: Default::default(),
             ttl: config.ttl.clone(),
             reserve: config.reserve,
             lease_wait: config.lease_wait,
             order: config.order,
             host_budget: config.host_budget,
+            listening: false,
             release: ReleaseWait {
                 fraction: config.release_fraction,
                 poll: config.release_poll,
@@ -123,7 +129,7 @@ impl VramActor {
             books,
             config,
             backends,
-            actors: HashMap::new(),
+            actors: Vec::new(),
             queue: VecDeque::new(),
             running: None,
             runs: 0,
@@ -138,16 +144,19 @@ impl VramActor {
             shutting_down: false,
             scratch: Vec::new(),
             last_card: None,
+            meters: Meters::new(),
         }
+    }
+
+    /// Counts an eviction of `model` (of `kind`) in the metrics.
+    pub(crate) fn count_eviction(&mut self, model: &str, kind: &str) {
+        self.meters.evicted(model, kind);
     }
 
     /// Sends `event` to every live subscriber.
     pub(crate) fn publish(&mut self, event: VramEvent) {
         match &event {
-            VramEvent::Evicted { model, kind, .. } => {
-                metrics::counter!("vram_manager_evictions_total", "model" => model.clone(), "kind" => kind.clone())
-                    .increment(1);
-            }
+            VramEvent::Evicted { model, kind, .. } => self.meters.evicted(model, kind),
             VramEvent::BackendRestarted { kind, .. } => {
                 metrics::counter!("vram_manager_backend_restarts_total", "kind" => kind.clone())
                     .increment(1);
@@ -155,6 +164,7 @@ impl VramActor {
             _ => {}
         }
         self.subscribers.retain(|s| s.connected());
+        self.books.listening = !self.subscribers.is_empty();
         for subscriber in &self.subscribers {
             subscriber.do_send(event.clone());
         }
@@ -260,7 +270,10 @@ impl VramActor {
         let Some(waiter) = self.join_load(model, waiter) else {
             return Ok(());
         };
-        self.submit(Queued::Load(LoadJob::new(model), vec![waiter]), ctx)
+        self.submit(
+            Queued::Load(LoadJob::new(model), smallvec::smallvec![waiter]),
+            ctx,
+        )
     }
 
     /// Queues `job`, then starts the next job.
@@ -291,14 +304,15 @@ impl VramActor {
         self.runs += 1;
         let id = self.runs;
         let span = job.span();
+        let started = now();
         self.running = Some(Running {
             job,
             id,
             span,
-            started: now(),
+            started,
         });
-        metrics::gauge!("vram_manager_queue_length").set(self.queue.len() as f64);
-        self.feed(id, Event::Start, ctx);
+        self.meters.queue_length(self.queue.len());
+        self.feed_at(id, Event::Start, started, ctx);
     }
 
     /// Empties the queue, answering everyone waiting `unavailable`.
@@ -316,14 +330,37 @@ impl VramActor {
     /// Feeds `event` to job number `id` if it is still the running one,
     /// carries out what it answers, and finishes it when it is done.
     pub(crate) fn feed(&mut self, id: u64, event: Event, ctx: &mut Context<Self>) {
+        self.feed_at(id, event, now(), ctx);
+    }
+
+    /// Feeds `events` in order, as [`VramActor::feed`] does, reading the
+    /// clock once for them all.
+    pub(crate) fn feed_all(
+        &mut self,
+        id: u64,
+        events: impl IntoIterator<Item = Event>,
+        ctx: &mut Context<Self>,
+    ) {
+        let now = now();
+        for event in events {
+            if !self.feed_at(id, event, now, ctx) {
+                break;
+            }
+        }
+    }
+
+    /// [`VramActor::feed`] at `now`; answers whether job `id` still runs.
+    fn feed_at(&mut self, id: u64, event: Event, now: Instant, ctx: &mut Context<Self>) -> bool {
         let (mut next, mut later) = (Some(event), VecDeque::new());
         let mut out = std::mem::take(&mut self.scratch);
-        let now = now();
         while let Some(event) = next.take().or_else(|| later.pop_front()) {
             let Some(running) = self.running.as_mut().filter(|r| r.id == id) else {
-                break;
+                self.scratch = out;
+                return false;
             };
-            let _entered = running.span.clone().entered();
+            // Entered only when someone records spans: entering a
+            // disabled span still costs a clone and a log check per event.
+            let _entered = (!running.span.is_disabled()).then(|| running.span.clone().entered());
             running.job.handle(event, &mut self.books, now, &mut out);
             let done = running.job.is_done();
             for command in out.drain(..) {
@@ -338,11 +375,12 @@ impl VramActor {
             }
             if done {
                 self.scratch = out;
-                self.finish(ctx);
-                return;
+                self.finish(now, ctx);
+                return false;
             }
         }
         self.scratch = out;
+        true
     }
 
     /// A lease was released: wakes the running job if it waits for one.
@@ -358,7 +396,7 @@ impl VramActor {
     }
 
     /// Answers everyone waiting for the running job, then starts the next.
-    fn finish(&mut self, ctx: &mut Context<Self>) {
+    fn finish(&mut self, now: Instant, ctx: &mut Context<Self>) {
         let Some(running) = self.running.take() else {
             return;
         };
@@ -379,19 +417,14 @@ impl VramActor {
                 let Some(result) = job.outcome() else {
                     return self.start_next(ctx);
                 };
-                let model = job.model().to_string();
                 let outcome = match &result {
                     Ok(_) => "ok",
                     Err(e) => e.code(),
                 };
-                metrics::counter!("vram_manager_loads_total", "model" => model.clone(), "result" => outcome)
-                    .increment(1);
-                let took = now().saturating_duration_since(running.started);
-                metrics::histogram!("vram_manager_load_duration_seconds", "model" => model)
-                    .record(took.as_secs_f64());
+                let took = now.saturating_duration_since(running.started);
+                self.meters.load(job.model(), outcome, took.as_secs_f64());
                 if let Some(waited) = waited {
-                    metrics::histogram!("vram_manager_release_wait_seconds")
-                        .record(waited.as_secs_f64());
+                    self.meters.release_wait(waited.as_secs_f64());
                 }
                 if self.shutting_down
                     && let Ok(loaded) = &result
@@ -400,29 +433,37 @@ impl VramActor {
                     self.unload_after_shutdown(&loaded.model, waiters, ctx);
                     return self.start_next(ctx);
                 }
-                for waiter in waiters {
+                // The last waiter takes the result itself: one waiter (the
+                // usual case) costs no copy.
+                let last = waiters.len().saturating_sub(1);
+                let mut result = Some(result);
+                for (i, waiter) in waiters.into_iter().enumerate() {
+                    let answer = match i == last {
+                        true => result.take(),
+                        false => result.clone(),
+                    };
+                    let Some(answer) = answer else { break };
                     match waiter {
-                        LoadWaiter::Load(tx) => drop(tx.send(result.clone())),
-                        LoadWaiter::Acquire(tx) => {
-                            let lease = result
-                                .clone()
-                                .and_then(|loaded| self.lease(&loaded.model, loaded.evicted));
-                            drop(tx.send(lease));
+                        LoadWaiter::Load(reply) => reply.send(answer),
+                        LoadWaiter::Acquire(reply) => {
+                            let lease =
+                                answer.and_then(|loaded| self.lease(&loaded.model, loaded.evicted));
+                            reply.send(lease);
                         }
                     }
                 }
             }
             Queued::Unload(mut job, waiters) => {
                 if let Some(result) = job.outcome() {
-                    for tx in waiters {
-                        drop(tx.send(result.clone()));
+                    for reply in waiters {
+                        reply.send(result.clone());
                     }
                 }
             }
             Queued::Restart(mut job, waiters) => {
                 if let Some(result) = job.outcome() {
-                    for tx in waiters {
-                        drop(tx.send(result.clone()));
+                    for reply in waiters {
+                        reply.send(result.clone());
                     }
                 }
             }
@@ -436,7 +477,7 @@ impl VramActor {
     fn unload_after_shutdown(
         &mut self,
         model: &str,
-        waiters: Vec<LoadWaiter>,
+        waiters: LoadWaiters,
         ctx: &mut Context<Self>,
     ) {
         let refuse = move || refuse_load(waiters, shutting_down());
@@ -447,7 +488,7 @@ impl VramActor {
             .books
             .declared
             .get(model)
-            .and_then(|spec| self.actors.get(&spec.kind).cloned());
+            .and_then(|spec| self.actor(&spec.kind).cloned());
         let Some(backend) = backend else {
             return refuse();
         };
@@ -495,7 +536,7 @@ impl Actor for VramActor {
         let kinds: Vec<String> = self
             .backends
             .keys()
-            .filter(|k| !self.actors.contains_key(*k))
+            .filter(|k| self.actor(k).is_none())
             .cloned()
             .collect();
         for kind in kinds {
@@ -546,8 +587,21 @@ impl VramActor {
         let actor = BackendActor::new(kind, backend, &self.config)
             .notify_restarts(ctx.address().recipient())
             .notify_exits(ctx.address().recipient());
-        self.actors
-            .insert(kind.to_string(), Supervisor::start(move |_| actor));
+        let addr = Supervisor::start(move |_| actor);
+        match self.actor_slot(kind) {
+            Some(slot) => self.actors[slot].1 = addr,
+            None => self.actors.push((kind.to_string(), addr)),
+        }
+    }
+
+    /// The position of `kind`'s backend actor in `actors`.
+    pub(crate) fn actor_slot(&self, kind: &str) -> Option<usize> {
+        self.actors.iter().position(|(k, _)| k == kind)
+    }
+
+    /// The backend actor of `kind`.
+    pub(crate) fn actor(&self, kind: &str) -> Option<&Addr<BackendActor>> {
+        self.actors.iter().find(|(k, _)| k == kind).map(|(_, a)| a)
     }
 
     /// Queues an expiry job for each idle model that has none queued yet.

@@ -21,7 +21,7 @@ struct State {
     /// Of those, the ones asleep (parked).
     parked: BTreeSet<String>,
     /// What each loaded model allocated, for its wake.
-    bytes: HashMap<String, u64>,
+    bytes: foldhash::HashMap<String, u64>,
     loads: u64,
     unloads: u64,
     parks: u64,
@@ -108,7 +108,7 @@ impl SimPageCache {
 /// keep one to inspect what the manager asked of it.
 #[derive(Debug, Clone, Default)]
 pub struct SimBackend {
-    options: Rc<HashMap<String, SimOptions>>,
+    options: Rc<foldhash::HashMap<String, SimOptions>>,
     state: Rc<RefCell<State>>,
     card: Option<SimCard>,
     cache: Option<SimPageCache>,
@@ -119,7 +119,7 @@ impl SimBackend {
     /// `options` load and unload at once.
     pub fn new(options: HashMap<String, SimOptions>) -> Self {
         Self {
-            options: Rc::new(options),
+            options: Rc::new(options.into_iter().collect()),
             state: Rc::default(),
             card: None,
             cache: None,

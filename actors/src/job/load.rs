@@ -204,7 +204,7 @@ impl LoadJob {
         now: Instant,
         out: &mut Vec<Command>,
     ) {
-        let Some(declared) = books.declared.get(&self.model).cloned() else {
+        let Some(declared_bytes) = books.declared.get(&self.model).map(|s| s.bytes) else {
             let e = VramError::UnknownModel {
                 model: self.model.clone(),
             };
@@ -213,7 +213,7 @@ impl LoadJob {
         let charged = books
             .planned
             .get(&self.model)
-            .map_or(declared.bytes, |s| s.bytes);
+            .map_or(declared_bytes, |s| s.bytes);
         // What the card can give back: the victims' true bytes, and what
         // other processes hold (the card's use less our models' true bytes).
         let ours: u64 = books.ledger.entries().map(true_bytes).sum();
@@ -225,34 +225,46 @@ impl LoadJob {
         // victims free on the ledger.
         let mut promised = 0u64;
         let mut freed = 0u64;
+        // Catalog lookups only when some model can park at all.
+        let any_parks = books.declared.any_parks();
+        // The victims' kinds, each named once: victims refer to them by
+        // position.
+        let mut kinds: Vec<String> = Vec::new();
         for victim in victims {
-            if let Some(entry) = books.ledger.get(&victim) {
-                // A resident victim that can park (and fits the host
-                // budget) sleeps; anything else, parked ones included, stops.
-                let parks = entry.state == ModelState::Resident;
-                let host = parks.then(|| books.may_park(&victim, promised)).flatten();
-                let leaving = match host {
-                    Some(host) => {
-                        promised = promised.saturating_add(host);
-                        freed = freed
-                            .saturating_add(entry.bytes.saturating_sub(books.residual(&victim)));
-                        true_bytes(entry).saturating_sub(books.residual(&victim))
-                    }
-                    None => {
-                        freed = freed.saturating_add(entry.bytes);
-                        true_bytes(entry)
-                    }
-                };
-                back = back.saturating_add(leaving);
-                let pair = (victim.clone(), entry.kind.clone());
-                if host.is_some() {
-                    parking.push(pair);
-                } else {
-                    planned.push(pair);
+            let Some(entry) = books.ledger.get(&victim) else {
+                continue;
+            };
+            // A resident victim that can park (and fits the host budget)
+            // sleeps; anything else, parked ones included, stops.
+            let (state, bytes) = (entry.state, entry.bytes);
+            let kind = kind_slot(&mut kinds, &entry.kind);
+            let true_size = true_bytes(entry);
+            let host = (any_parks && state == ModelState::Resident)
+                .then(|| books.may_park(&victim, promised))
+                .flatten();
+            let leaving = match host {
+                Some(host) => {
+                    let residual = books.residual(&victim);
+                    promised = promised.saturating_add(host);
+                    freed = freed.saturating_add(bytes.saturating_sub(residual));
+                    true_size.saturating_sub(residual)
                 }
+                None => {
+                    freed = freed.saturating_add(bytes);
+                    true_size
+                }
+            };
+            back = back.saturating_add(leaving);
+            if state == ModelState::Parked {
+                // A cancelled stop leaves it parked.
+                self.parked_victims.push((victim.clone(), bytes));
             }
-            self.note_parked(&victim, books);
             books.ledger.begin_unload(&victim);
+            if host.is_some() {
+                parking.push((victim, kind));
+            } else {
+                planned.push((victim, kind));
+            }
         }
         // The plan may have counted victims whole (parking them all would
         // not make room): those stop, the last planned first.
@@ -266,25 +278,38 @@ impl LoadJob {
         if books.ledger.wake(&self.model, charged) {
             self.waking = true;
         } else {
-            books.ledger.reserve(&declared);
+            if let Some(declared) = books.declared.get(&self.model) {
+                books.ledger.reserve(declared);
+            }
             // The weights can be read while the victims leave.
             out.push(Command::Warm);
-            if charged > declared.bytes {
+            if charged > declared_bytes {
                 books.ledger.calibrate(&self.model, charged);
             }
         }
-        tracing::info!(model = %declared.id, kind = %declared.kind, bytes = charged, victims = planned.len(), "loading");
-        out.push(Command::Publish(VramEvent::Loading {
-            model: declared.id.clone(),
-            kind: declared.kind.clone(),
-            gpu: books.ledger.gpu(),
-            bytes: charged,
-            victims: planned
-                .iter()
-                .chain(&parking)
-                .map(|(v, _)| v.clone())
-                .collect(),
-        }));
+        tracing::info!(
+            model = %self.model,
+            kind = books.declared.get(&self.model).map_or("", |s| s.kind.as_str()),
+            bytes = charged,
+            victims = planned.len(),
+            "loading"
+        );
+        // Events are built only when someone listens.
+        if books.listening
+            && let Some(entry) = books.ledger.get(&self.model)
+        {
+            out.push(Command::Publish(VramEvent::Loading {
+                model: entry.id.clone(),
+                kind: entry.kind.clone(),
+                gpu: entry.gpu,
+                bytes: charged,
+                victims: planned
+                    .iter()
+                    .chain(&parking)
+                    .map(|(v, _)| v.clone())
+                    .collect(),
+            }));
+        }
         if parking.is_empty() {
             self.note_plan_order(&planned);
         } else {
@@ -292,9 +317,12 @@ impl LoadJob {
             self.planned
                 .extend(planned.iter().chain(&parking).map(|(m, _)| m.clone()));
         }
-        let mut pending = unload_all(planned, out);
+        let mut pending = unload_all(planned, &kinds, out);
         for (model, kind) in parking {
-            out.push(Command::Park { kind, model });
+            out.push(Command::Park {
+                kind: kinds[kind].clone(),
+                model,
+            });
             pending += 1;
         }
         self.phase = Phase::Evicting {
@@ -389,7 +417,7 @@ impl LoadJob {
     /// Keeps the policy's order of `victims` when more than one backend
     /// gives up some (their answers may interleave); one backend answers
     /// in that order already.
-    fn note_plan_order(&mut self, victims: &[(String, String)]) {
+    fn note_plan_order(&mut self, victims: &[(String, usize)]) {
         let one_backend = victims.windows(2).all(|w| w[0].1 == w[1].1);
         if !one_backend || !self.planned.is_empty() {
             self.planned
@@ -419,19 +447,26 @@ impl LoadJob {
     }
 
     /// The victim `model` left the card for this load.
-    fn evicted(&mut self, model: &str, books: &mut Books, out: &mut Vec<Command>) {
-        if let Some(entry) = books.forget(model) {
+    fn evicted(&mut self, model: String, books: &mut Books, out: &mut Vec<Command>) {
+        if let Some(entry) = books.forget(&model) {
             tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, for_model = %self.model, "evicted");
-            out.push(Command::Publish(VramEvent::Evicted {
-                model: entry.id,
-                kind: entry.kind,
-                gpu: entry.gpu,
-                bytes: entry.bytes,
-                for_model: self.model.clone(),
-                order: books.order,
-            }));
+            out.push(match books.listening {
+                true => Command::Publish(VramEvent::Evicted {
+                    model: entry.id,
+                    kind: entry.kind,
+                    gpu: entry.gpu,
+                    bytes: entry.bytes,
+                    for_model: self.model.clone(),
+                    order: books.order,
+                }),
+                // Nobody listens: only the eviction metric counts it.
+                false => Command::CountEviction {
+                    model: entry.id,
+                    kind: entry.kind,
+                },
+            });
         }
-        self.evicted.push(model.to_string());
+        self.evicted.push(model);
     }
 
     /// Remembers `victim` if it is parked, so a cancelled stop leaves it
@@ -456,9 +491,9 @@ impl LoadJob {
     }
 
     /// The victim `model` left the card for this load by parking.
-    fn parked(&mut self, model: &str, books: &mut Books, out: &mut Vec<Command>) {
-        out.extend(books.park(model, Some(&self.model)));
-        self.evicted.push(model.to_string());
+    fn parked(&mut self, model: String, books: &mut Books, out: &mut Vec<Command>) {
+        out.extend(books.park(&model, Some(&self.model)));
+        self.evicted.push(model);
     }
 
     /// The model is loaded and measured (when the card could tell).
@@ -499,6 +534,7 @@ impl LoadJob {
         }
         if let Some(entry) = books.ledger.get(&self.model)
             && self.waking
+            && books.listening
         {
             tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, "woke");
             out.push(Command::Publish(VramEvent::Woke {
@@ -510,6 +546,10 @@ impl LoadJob {
         }
         if let Some(entry) = books.ledger.get(&self.model) {
             tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, measured = ?entry.measured, "loaded");
+        }
+        if let Some(entry) = books.ledger.get(&self.model)
+            && books.listening
+        {
             out.push(Command::Publish(VramEvent::Loaded {
                 model: entry.id.clone(),
                 kind: entry.kind.clone(),
@@ -552,15 +592,17 @@ impl LoadJob {
             Ok(Plan::Load { victims }) if !victims.is_empty() => {
                 tracing::warn!(model = %self.model, measured, victims = ?victims, "measured larger than planned; making room");
                 let mut planned = Vec::with_capacity(victims.len());
+                let mut kinds = Vec::new();
                 for victim in victims {
                     if let Some(entry) = books.ledger.get(&victim) {
-                        planned.push((victim.clone(), entry.kind.clone()));
+                        let kind = kind_slot(&mut kinds, &entry.kind);
+                        planned.push((victim.clone(), kind));
                     }
                     self.note_parked(&victim, books);
                     books.ledger.begin_unload(&victim);
                 }
                 self.note_plan_order(&planned);
-                let pending = unload_all(planned, out);
+                let pending = unload_all(planned, &kinds, out);
                 if pending == 0 {
                     return self.resident(Some(measured), books, now, out);
                 }
@@ -614,19 +656,45 @@ impl LoadJob {
 
 /// Asks every backend at once for its victims (each backend's in the
 /// policy's order, one message); answers how many backends were asked.
-fn unload_all(victims: Vec<(String, String)>, out: &mut Vec<Command>) -> usize {
-    let mut by_kind: Vec<(String, Vec<String>)> = Vec::new();
+/// Each victim names its kind by position in `kinds`.
+fn unload_all(victims: Vec<(String, usize)>, kinds: &[String], out: &mut Vec<Command>) -> usize {
+    if victims.is_empty() {
+        return 0;
+    }
+    if let [kind] = kinds {
+        // One backend (the usual case): one message, no grouping.
+        out.push(Command::Unload {
+            kind: kind.clone(),
+            models: victims.into_iter().map(|(model, _)| model).collect(),
+        });
+        return 1;
+    }
+    let mut by_kind: Vec<Vec<String>> = vec![Vec::new(); kinds.len()];
     for (model, kind) in victims {
-        match by_kind.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, models)) => models.push(model),
-            None => by_kind.push((kind, vec![model])),
+        by_kind[kind].push(model);
+    }
+    let mut asked = 0;
+    for (kind, models) in kinds.iter().zip(by_kind) {
+        if !models.is_empty() {
+            out.push(Command::Unload {
+                kind: kind.clone(),
+                models,
+            });
+            asked += 1;
         }
     }
-    let asked = by_kind.len();
-    for (kind, models) in by_kind {
-        out.push(Command::Unload { kind, models });
-    }
     asked
+}
+
+/// The position of `kind` in `kinds`, added if it is new.
+fn kind_slot(kinds: &mut Vec<String>, kind: &str) -> usize {
+    match kinds.iter().position(|k| k == kind) {
+        Some(slot) => slot,
+        None => {
+            kinds.push(kind.to_string());
+            kinds.len() - 1
+        }
+    }
 }
 
 /// One answer about the victims: an unload done (the victim is gone) or
@@ -648,11 +716,11 @@ fn victim_answer(
         | Event::Parked {
             model,
             result: Ok(false),
-        } => job.evicted(&model, books, out),
+        } => job.evicted(model, books, out),
         Event::Parked {
             model,
             result: Ok(true),
-        } => job.parked(&model, books, out),
+        } => job.parked(model, books, out),
         Event::Unloaded {
             model,
             result: Err(e),

@@ -124,6 +124,14 @@ pub(crate) enum Command {
     },
     /// Send this event to the subscribers.
     Publish(VramEvent),
+    /// Count an eviction in the metrics (what an `evicted` event does when
+    /// no one subscribes, so none is built).
+    CountEviction {
+        /// The evicted model.
+        model: String,
+        /// Its kind.
+        kind: String,
+    },
     /// Start reading the job's model's weight files into the page cache,
     /// in the background (no answer): its load is planned, and its server
     /// will find them in memory while the victims leave.
@@ -196,9 +204,9 @@ pub(crate) struct Books {
     /// The sizes plans use: declared, or larger once measured.
     pub(crate) planned: Catalog,
     /// Granted leases: id -> (model, validity shared with the guard).
-    pub(crate) leases: HashMap<u64, (String, Arc<AtomicBool>)>,
+    pub(crate) leases: foldhash::HashMap<u64, (String, Arc<AtomicBool>)>,
     /// When each resident model was last used (for TTLs).
-    pub(crate) last_used: HashMap<String, Instant>,
+    pub(crate) last_used: foldhash::HashMap<String, Instant>,
     /// Idle time after which a model expires, by model id.
     pub(crate) ttl: HashMap<String, Duration>,
     /// Bytes of the card never planned for.
@@ -211,6 +219,9 @@ pub(crate) struct Books {
     pub(crate) order: Order,
     /// Host RAM all parked models together may hold.
     pub(crate) host_budget: u64,
+    /// Whether anyone subscribed to events: the events only subscribers
+    /// see (`loading`, `loaded`, `woke`) are not built otherwise.
+    pub(crate) listening: bool,
 }
 
 impl Books {

@@ -10,7 +10,7 @@
 //! - a load that fails leaves no reservation and no model half-unloaded;
 //! - every job answers exactly once.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -70,8 +70,8 @@ fn books() -> Books {
         kinds,
         planned: declared.clone(),
         declared,
-        leases: HashMap::new(),
-        last_used: HashMap::new(),
+        leases: Default::default(),
+        last_used: Default::default(),
         ttl: [("tts-a".to_string(), Duration::from_secs(5))]
             .into_iter()
             .collect(),
@@ -79,6 +79,7 @@ fn books() -> Books {
         lease_wait: Duration::from_secs(2),
         order: Order::Strict,
         host_budget: 12 * GIB,
+        listening: true,
         release: ReleaseWait {
             fraction: 0.75,
             poll: Duration::from_millis(250),
@@ -521,7 +522,10 @@ impl World {
                 self.now = until;
                 Event::Deadline
             }
-            Command::Publish(_) | Command::Reconcile { .. } | Command::Warm => return Ok(None),
+            Command::Publish(_)
+            | Command::CountEviction { .. }
+            | Command::Reconcile { .. }
+            | Command::Warm => return Ok(None),
         }))
     }
 }
@@ -538,11 +542,15 @@ proptest! {
         reqs in proptest::collection::vec(req(), 1..40),
         dice in proptest::collection::vec(any::<u8>(), 1..64),
         adaptive in any::<bool>(),
+        listening in any::<bool>(),
     ) {
         let mut world = World::new(dice);
         if adaptive {
             world.books.order = Order::Adaptive;
         }
+        // Without subscribers the jobs build fewer events; the books must
+        // come out the same either way.
+        world.books.listening = listening;
         for req in reqs {
             world.now += Duration::from_secs(1);
             match req {
@@ -786,4 +794,57 @@ fn an_idle_model_parks_and_an_explicit_unload_stops_it() {
     world.run(UnloadJob::new("llm-a"), None).unwrap().unwrap();
     assert!(world.books.ledger.get("llm-a").is_none());
     assert!(!world.loaded.contains("llm-a"));
+}
+
+/// Runs a load of `model` in `world`, answering every command; answers
+/// the commands the job gave.
+fn load_collecting(world: &mut World, model: &str) -> Vec<Command> {
+    let mut job = LoadJob::new(model);
+    let mut given = Vec::new();
+    let mut events = VecDeque::from([Event::Start]);
+    while let Some(event) = events.pop_front() {
+        let mut out = Vec::new();
+        job.handle(event, &mut world.books, world.now, &mut out);
+        for command in out {
+            given.push(command.clone());
+            if let Ok(next) = world.answers(command, Some(model)) {
+                events.extend(next);
+            }
+        }
+    }
+    assert!(matches!(job.outcome(), Some(Ok(_))), "{model} did not load");
+    given
+}
+
+#[test]
+fn events_are_built_only_for_subscribers_and_evictions_count_either_way() {
+    let run = |listening: bool| {
+        let mut world = World::new(vec![1]);
+        world.books.listening = listening;
+        world.load("llm-b"); // 10 GiB
+        // llm-a (8 GiB) needs llm-b out of the 16 GiB card.
+        let commands = load_collecting(&mut world, "llm-a");
+        (commands, world.books.ledger.clone())
+    };
+    let published = |commands: &[Command]| -> Vec<&'static str> {
+        commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Publish(VramEvent::Loading { .. }) => Some("loading"),
+                Command::Publish(VramEvent::Evicted { model, .. }) if model == "llm-b" => {
+                    Some("evicted")
+                }
+                Command::Publish(VramEvent::Loaded { .. }) => Some("loaded"),
+                Command::CountEviction { model, kind } if model == "llm-b" && kind == "llm" => {
+                    Some("counted")
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let (heard, with) = run(true);
+    let (silent, without) = run(false);
+    assert_eq!(published(&heard), ["loading", "evicted", "loaded"]);
+    assert_eq!(published(&silent), ["counted"]);
+    assert_eq!(with, without, "the books do not depend on who listens");
 }
