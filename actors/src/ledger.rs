@@ -140,9 +140,7 @@ pub struct Ledger {
     /// Wide, so sizes near 2^64 add up without losing bytes.
     used: u128,
     next_recency: u64,
-    /// Boxed: a removal moves the map's keys and small pointers, not
-    /// whole entries.
-    entries: BTreeMap<String, Box<Entry>>,
+    entries: BTreeMap<String, Entry>,
     history: History,
 }
 
@@ -223,7 +221,7 @@ impl Ledger {
 
     /// The entry of model `id`, if it holds VRAM.
     pub fn get(&self, id: &str) -> Option<&Entry> {
-        self.entries.get(id).map(|e| &**e)
+        self.entries.get(id)
     }
 
     /// Whether `id` is loaded and usable.
@@ -234,7 +232,7 @@ impl Ledger {
 
     /// Every entry, by id.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.values().map(|e| &**e)
+        self.entries.values()
     }
 
     /// How many models hold VRAM.
@@ -272,7 +270,7 @@ impl Ledger {
         self.used += u128::from(model.bytes);
         self.entries.insert(
             model.id.clone(),
-            Box::new(Entry {
+            Entry {
                 id: model.id.clone(),
                 kind: model.kind.clone(),
                 gpu: self.gpu,
@@ -283,7 +281,7 @@ impl Ledger {
                 leases: 0,
                 pinned: model.pinned,
                 recency,
-            }),
+            },
         );
     }
 
@@ -329,7 +327,7 @@ impl Ledger {
     pub fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.entries.remove(id)?;
         self.used = self.used.saturating_sub(u128::from(entry.bytes));
-        Some(*entry)
+        Some(entry)
     }
 
     /// Records `id` as parked: it now holds only `residual` bytes (its

@@ -169,59 +169,86 @@ impl SimBackend {
     }
 }
 
+impl SimBackend {
+    /// The end of a load: the files are read, the card allocates the
+    /// model's footprint (or fails as a real card would), and it is held.
+    fn finish_load(
+        &self,
+        id: &str,
+        file_bytes: u64,
+        options: SimOptions,
+    ) -> Result<(), BackendError> {
+        if let Some(cache) = &self.cache {
+            cache.read(id, file_bytes);
+        }
+        if options.fail_load {
+            return Err(BackendError::new(format!("simulated load failure of {id}")));
+        }
+        let bytes = options.actual_bytes.unwrap_or(file_bytes);
+        if let Some(card) = &self.card {
+            card.allocate(id, bytes).map_err(BackendError::new)?;
+        }
+        let mut state = self.state.borrow_mut();
+        state.bytes.insert(id.to_string(), bytes);
+        state.loaded.insert(id.to_string());
+        state.loads += 1;
+        Ok(())
+    }
+
+    /// The end of an unload: the card gets the memory back (after
+    /// `release_ms`), and the model is no longer held.
+    fn finish_unload(&self, id: &str, options: SimOptions) {
+        if let Some(card) = &self.card {
+            card.release(id, Duration::from_millis(options.release_ms));
+        }
+        let mut state = self.state.borrow_mut();
+        state.parked.remove(id);
+        state.bytes.remove(id);
+        if state.loaded.remove(id) {
+            state.unloads += 1;
+        }
+    }
+}
+
 impl Backend for SimBackend {
+    /// Takes `load_ms` (less what the page cache saves), then finishes;
+    /// an instant load finishes before it answers (no copy of the id for
+    /// a future to keep).
     fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
         let options = self.options(&model.id);
-        let state = self.state.clone();
-        let id = model.id.clone();
-        let card = self.card.clone();
-        let bytes = options.actual_bytes.unwrap_or(model.bytes);
         let cold = Duration::from_millis(options.load_ms);
         let time = match (&self.cache, options.warm_load_ms) {
-            (Some(cache), Some(warm)) => cache.load_time(&id, cold, Duration::from_millis(warm)),
+            (Some(cache), Some(warm)) => {
+                cache.load_time(&model.id, cold, Duration::from_millis(warm))
+            }
             _ => cold,
         };
-        let cache = self.cache.clone();
-        let file_bytes = model.bytes;
+        if time.is_zero() {
+            return Box::pin(std::future::ready(self.finish_load(
+                &model.id,
+                model.bytes,
+                options,
+            )));
+        }
+        let (this, id, file_bytes) = (self.clone(), model.id.clone(), model.bytes);
         Box::pin(async move {
-            if !time.is_zero() {
-                actix::clock::sleep(time).await;
-            }
-            if let Some(cache) = &cache {
-                cache.read(&id, file_bytes);
-            }
-            if options.fail_load {
-                return Err(BackendError::new(format!("simulated load failure of {id}")));
-            }
-            if let Some(card) = &card {
-                card.allocate(&id, bytes).map_err(BackendError::new)?;
-            }
-            let mut state = state.borrow_mut();
-            state.bytes.insert(id.clone(), bytes);
-            state.loaded.insert(id);
-            state.loads += 1;
-            Ok(())
+            actix::clock::sleep(time).await;
+            this.finish_load(&id, file_bytes, options)
         })
     }
 
+    /// Takes `unload_ms`, then finishes (an instant unload before it
+    /// answers).
     fn unload(&self, id: &str) -> BackendFuture<()> {
         let options = self.options(id);
-        let state = self.state.clone();
-        let id = id.to_string();
-        let card = self.card.clone();
+        if options.unload_ms == 0 {
+            self.finish_unload(id, options);
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let (this, id) = (self.clone(), id.to_string());
         Box::pin(async move {
-            if options.unload_ms > 0 {
-                actix::clock::sleep(Duration::from_millis(options.unload_ms)).await;
-            }
-            if let Some(card) = &card {
-                card.release(&id, Duration::from_millis(options.release_ms));
-            }
-            let mut state = state.borrow_mut();
-            state.parked.remove(&id);
-            state.bytes.remove(&id);
-            if state.loaded.remove(&id) {
-                state.unloads += 1;
-            }
+            actix::clock::sleep(Duration::from_millis(options.unload_ms)).await;
+            this.finish_unload(&id, options);
             Ok(())
         })
     }
