@@ -250,6 +250,9 @@ struct CardState {
     total: u64,
     external: u64,
     allocations: foldhash::HashMap<String, u64>,
+    /// The sum of `allocations`, kept as they change (wide: sizes near
+    /// 2^64 add up without wrapping).
+    allocated: u128,
     /// Memory of unloaded models that the "driver" has not returned yet.
     releasing: Vec<(Instant, u64)>,
     peak: u64,
@@ -266,10 +269,7 @@ impl CardState {
             let now = Instant::now();
             self.releasing.retain(|(at, _)| *at > now);
         }
-        let allocated = self
-            .allocations
-            .values()
-            .fold(0u64, |sum, b| sum.saturating_add(*b));
+        let allocated = u64::try_from(self.allocated).unwrap_or(u64::MAX);
         let releasing = self
             .releasing
             .iter()
@@ -296,6 +296,7 @@ impl SimCard {
                 total,
                 external,
                 allocations: Default::default(),
+                allocated: 0,
                 releasing: Vec::new(),
                 peak: external,
                 overcommitted: false,
@@ -328,12 +329,18 @@ impl SimCard {
                 "CUDA out of memory: {id} needs {bytes} bytes, the card has {free} free"
             ));
         }
-        match state.allocations.get_mut(id) {
-            Some(held) => *held = held.saturating_add(bytes),
+        let added = match state.allocations.get_mut(id) {
+            Some(held) => {
+                let before = *held;
+                *held = held.saturating_add(bytes);
+                *held - before
+            }
             None => {
                 state.allocations.insert(id.to_string(), bytes);
+                bytes
             }
-        }
+        };
+        state.allocated += u128::from(added);
         state.peak = state.peak.max(used.saturating_add(bytes));
         Ok(())
     }
@@ -342,6 +349,7 @@ impl SimCard {
     pub fn release(&self, id: &str, after: Duration) {
         let mut state = self.state.borrow_mut();
         if let Some(bytes) = state.allocations.remove(id) {
+            state.allocated -= u128::from(bytes);
             if !after.is_zero() {
                 // An absurd delay is "not in this run", not an overflow.
                 let at = Instant::now()
@@ -361,6 +369,7 @@ impl SimCard {
         };
         let freed = held.saturating_sub(to);
         *held = (*held).min(to);
+        state.allocated -= u128::from(freed);
         if freed > 0 && !after.is_zero() {
             let at = Instant::now()
                 .checked_add(after)

@@ -129,9 +129,11 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
         .collect();
     let settings = settings.clone();
     actix_web::rt::System::new().block_on(async move {
+        // The recorder first: the manager keeps the metric handles it
+        // registers.
+        let prometheus = install_prometheus()?;
         let manager = Manager::start(&settings).map_err(|e| ServeError::Start(e.to_string()))?;
         let (closing_tx, closing) = tokio::sync::watch::channel(false);
-        let prometheus = install_prometheus()?;
         let upkeep = prometheus.clone();
         actix_web::rt::spawn(async move {
             loop {

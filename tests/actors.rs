@@ -205,6 +205,59 @@ async fn concurrent_loads_of_one_model_share_one_backend_load() {
 }
 
 #[actix_rt::test]
+async fn every_waiter_of_one_load_hears_its_whole_answer() {
+    // "m" needs "x" out; four requests wait for the one load, two of them
+    // acquires: each hears the eviction, each acquire gets its own lease.
+    let m = start(
+        &[
+            model("x", "llm", 8, ""),
+            model("m", "llm", 10, "load_ms = 50"),
+        ]
+        .concat(),
+    );
+    load(&m, "x").await.unwrap();
+    let (a, b, c, d) = futures::join!(
+        m.addr.send(Load::new("m")),
+        m.addr.send(Acquire::new("m")),
+        m.addr.send(Acquire::new("m")),
+        m.addr.send(Load::new("m")),
+    );
+    let (a, d) = (a.unwrap().unwrap(), d.unwrap().unwrap());
+    let (b, c) = (b.unwrap().unwrap(), c.unwrap().unwrap());
+    assert_eq!(
+        (a.evicted.clone(), d.evicted.clone()),
+        (vec!["x".to_string()], vec!["x".to_string()])
+    );
+    assert_eq!(
+        (b.evicted(), c.evicted()),
+        (&["x".to_string()][..], &["x".to_string()][..])
+    );
+    assert_ne!(b.id(), c.id(), "one lease each");
+    assert_eq!(m.sims["llm"].load_count(), 2, "x, then m once");
+    assert_eq!(
+        status(&m)
+            .await
+            .models
+            .iter()
+            .find(|e| e.id == "m")
+            .unwrap()
+            .leases,
+        2
+    );
+    drop((b, c));
+    assert_eq!(
+        status(&m)
+            .await
+            .models
+            .iter()
+            .find(|e| e.id == "m")
+            .unwrap()
+            .leases,
+        0
+    );
+}
+
+#[actix_rt::test]
 async fn dropping_a_lease_releases_the_model() {
     let m = start(&[model("a", "llm", 10, ""), model("b", "llm", 10, "")].concat());
     let lease = m.addr.send(Acquire::new("a")).await.unwrap().unwrap();

@@ -82,22 +82,17 @@ async fn after_a_restart_of_the_manager_nothing_queued_runs_as_a_ghost() {
     // Let "a" start loading, then stop the manager under its supervisor.
     assert!(addr.send(Status).await.unwrap().running);
     addr.send(StopManager).await.unwrap();
-    // A restart drops the answer futures with the old context: the
-    // callers see the mailbox close or `unavailable`.
-    let first = first.await;
-    assert!(
-        first.as_ref().map_or(true, |r| r
-            .as_ref()
-            .is_err_and(|e| e.code() == "unavailable")),
-        "{first:?}"
+    // A restart drops the running and queued jobs; their callers are
+    // answered `unavailable` (not left to see the mailbox close).
+    let reason = |answer: Result<Result<_, vram_manager::VramError>, MailboxError>| match answer {
+        Ok(Err(vram_manager::VramError::Unavailable { reason })) => reason,
+        other => panic!("expected unavailable, got {other:?}"),
+    };
+    assert_eq!(
+        reason(first.await),
+        "the manager stopped before answering for a"
     );
-    let queued = queued.await;
-    assert!(
-        queued.as_ref().map_or(true, |r| r
-            .as_ref()
-            .is_err_and(|e| e.code() == "unavailable")),
-        "{queued:?}"
-    );
+    assert_eq!(reason(queued.await), "the manager restarted");
     actix::clock::sleep(Duration::from_secs(1)).await;
     let status = addr.send(Status).await.unwrap();
     assert_eq!(status.queued, 0);

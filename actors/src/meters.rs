@@ -10,40 +10,36 @@
 
 use metrics::{Counter, Gauge, Histogram};
 
-/// The handles of one model.
+/// The handles of one model, each registered at its first use.
+#[derive(Default)]
 struct ModelMeters {
     /// `vram_manager_loads_total{model, result}`, by result code.
     loads: Vec<(&'static str, Counter)>,
     /// `vram_manager_load_duration_seconds{model}`.
-    duration: Histogram,
+    duration: Option<Histogram>,
     /// `vram_manager_evictions_total{model, kind}`.
     evictions: Option<Counter>,
 }
 
-/// The manager's metric handles.
+/// The manager's metric handles, each registered at its first use (so a
+/// recorder installed after the manager started, before its first load,
+/// records everything).
+#[derive(Default)]
 pub(crate) struct Meters {
     models: foldhash::HashMap<String, ModelMeters>,
-    queue_length: Gauge,
-    release_wait: Histogram,
+    queue_length: Option<Gauge>,
+    release_wait: Option<Histogram>,
 }
 
 impl Meters {
     pub(crate) fn new() -> Self {
-        Self {
-            models: Default::default(),
-            queue_length: metrics::gauge!("vram_manager_queue_length"),
-            release_wait: metrics::histogram!("vram_manager_release_wait_seconds"),
-        }
+        Self::default()
     }
 
     fn model(&mut self, model: &str) -> &mut ModelMeters {
         if !self.models.contains_key(model) {
-            let meters = ModelMeters {
-                loads: Vec::new(),
-                duration: metrics::histogram!("vram_manager_load_duration_seconds", "model" => model.to_string()),
-                evictions: None,
-            };
-            self.models.insert(model.to_string(), meters);
+            self.models
+                .insert(model.to_string(), ModelMeters::default());
         }
         self.models
             .get_mut(model)
@@ -54,7 +50,12 @@ impl Meters {
     /// `seconds`.
     pub(crate) fn load(&mut self, model: &str, result: &'static str, seconds: f64) {
         let meters = self.model(model);
-        meters.duration.record(seconds);
+        meters
+            .duration
+            .get_or_insert_with(|| {
+                metrics::histogram!("vram_manager_load_duration_seconds", "model" => model.to_string())
+            })
+            .record(seconds);
         match meters.loads.iter().find(|(r, _)| *r == result) {
             Some((_, counter)) => counter.increment(1),
             None => {
@@ -77,13 +78,17 @@ impl Meters {
     }
 
     /// The queue now holds `length` jobs.
-    pub(crate) fn queue_length(&self, length: usize) {
-        self.queue_length.set(length as f64);
+    pub(crate) fn queue_length(&mut self, length: usize) {
+        self.queue_length
+            .get_or_insert_with(|| metrics::gauge!("vram_manager_queue_length"))
+            .set(length as f64);
     }
 
     /// A load waited `seconds` for evicted memory to come back.
-    pub(crate) fn release_wait(&self, seconds: f64) {
-        self.release_wait.record(seconds);
+    pub(crate) fn release_wait(&mut self, seconds: f64) {
+        self.release_wait
+            .get_or_insert_with(|| metrics::histogram!("vram_manager_release_wait_seconds"))
+            .record(seconds);
     }
 }
 
@@ -96,19 +101,32 @@ mod tests {
     fn kept_handles_record_every_use() {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
+        // Made before the recorder is there (as `serve` starts the manager
+        // before its exporter): nothing is registered until first use.
+        let mut meters = Meters::new();
         metrics::with_local_recorder(&recorder, || {
-            let mut meters = Meters::new();
             meters.load("a", "ok", 0.5);
             meters.load("a", "ok", 0.25);
             meters.load("a", "backend_failed", 0.1);
             meters.evicted("a", "llm");
             meters.evicted("a", "llm");
+            meters.evicted("b", "tts");
             meters.queue_length(3);
+            meters.release_wait(0.2);
         });
         let mut counters = std::collections::BTreeMap::new();
         let mut durations = 0;
+        let mut names = std::collections::BTreeSet::new();
         for (key, _, _, value) in snapshotter.snapshot().into_vec() {
             let (key, labels) = key.key().clone().into_parts();
+            names.insert(format!(
+                "{}{}",
+                key.as_str(),
+                labels
+                    .iter()
+                    .map(|l| format!(" {}={}", l.key(), l.value()))
+                    .collect::<String>()
+            ));
             let labels: Vec<String> = labels
                 .iter()
                 .map(|l| format!("{}={}", l.key(), l.value()))
@@ -136,5 +154,15 @@ mod tests {
             Some(&2)
         );
         assert_eq!(durations, 3);
+        assert!(names.contains("vram_manager_queue_length"), "{names:?}");
+        assert!(
+            names.contains("vram_manager_release_wait_seconds"),
+            "{names:?}"
+        );
+        // A model only ever evicted has no (empty) load-duration series.
+        assert!(
+            !names.contains("vram_manager_load_duration_seconds model=b"),
+            "{names:?}"
+        );
     }
 }

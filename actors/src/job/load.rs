@@ -534,9 +534,13 @@ impl LoadJob {
         }
         if let Some(entry) = books.ledger.get(&self.model)
             && self.waking
-            && books.listening
         {
             tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, "woke");
+        }
+        if let Some(entry) = books.ledger.get(&self.model)
+            && self.waking
+            && books.listening
+        {
             out.push(Command::Publish(VramEvent::Woke {
                 model: entry.id.clone(),
                 kind: entry.kind.clone(),
@@ -669,19 +673,20 @@ fn unload_all(victims: Vec<(String, usize)>, kinds: &[String], out: &mut Vec<Com
         });
         return 1;
     }
-    let mut by_kind: Vec<Vec<String>> = vec![Vec::new(); kinds.len()];
+    // One message per backend, in the order its first victim was planned.
+    let mut by_kind: Vec<(usize, Vec<String>)> = Vec::new();
     for (model, kind) in victims {
-        by_kind[kind].push(model);
-    }
-    let mut asked = 0;
-    for (kind, models) in kinds.iter().zip(by_kind) {
-        if !models.is_empty() {
-            out.push(Command::Unload {
-                kind: kind.clone(),
-                models,
-            });
-            asked += 1;
+        match by_kind.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, models)) => models.push(model),
+            None => by_kind.push((kind, vec![model])),
         }
+    }
+    let asked = by_kind.len();
+    for (kind, models) in by_kind {
+        out.push(Command::Unload {
+            kind: kinds[kind].clone(),
+            models,
+        });
     }
     asked
 }
