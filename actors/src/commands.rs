@@ -142,7 +142,7 @@ impl VramActor {
         let slot = match slot {
             Ok(slot) => slot,
             Err(kind) => {
-                let label = self.call_label(None, &kind);
+                let label = self.call_label(&kind);
                 return Some(event(Err(no_backend(&kind, &label))));
             }
         };
@@ -151,7 +151,7 @@ impl VramActor {
             let result = match answer {
                 Ok(result) => result,
                 Err(e) => {
-                    let label = act.call_label(Some(slot), "");
+                    let label = act.call_label(&act.actors[slot].0);
                     Err(act.backend_lost(slot, &label, e, ctx))
                 }
             };
@@ -160,13 +160,12 @@ impl VramActor {
         None
     }
 
-    /// What a failed call is about: the running job's model, else the
-    /// backend of the kind in `slot` (or of `kind`).
-    fn call_label(&self, slot: Option<usize>, kind: &str) -> String {
-        match (self.running_model(), slot) {
-            (Some(model), _) => model.to_string(),
-            (None, Some(slot)) => format!("<{} backend>", self.actors[slot].0),
-            (None, None) => format!("<{kind} backend>"),
+    /// What a failed call to `kind`'s backend is about: the running job's
+    /// model, else that backend.
+    fn call_label(&self, kind: &str) -> String {
+        match self.running_model() {
+            Some(model) => model.to_string(),
+            None => format!("<{kind} backend>"),
         }
     }
 

@@ -36,6 +36,7 @@ impl Meters {
         Self::default()
     }
 
+    /// `model`'s handles, made (unregistered) at its first use.
     fn model(&mut self, model: &str) -> &mut ModelMeters {
         if !self.models.contains_key(model) {
             self.models

@@ -532,36 +532,30 @@ impl LoadJob {
         if let Some(measured) = measured {
             books.calibrate(&self.model, measured);
         }
-        if let Some(entry) = books.ledger.get(&self.model)
-            && self.waking
-        {
-            tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, "woke");
-        }
-        if let Some(entry) = books.ledger.get(&self.model)
-            && self.waking
-            && books.listening
-        {
-            out.push(Command::Publish(VramEvent::Woke {
-                model: entry.id.clone(),
-                kind: entry.kind.clone(),
-                gpu: entry.gpu,
-                bytes: entry.bytes,
-            }));
-        }
         if let Some(entry) = books.ledger.get(&self.model) {
+            if self.waking {
+                tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, "woke");
+            }
             tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, measured = ?entry.measured, "loaded");
-        }
-        if let Some(entry) = books.ledger.get(&self.model)
-            && books.listening
-        {
-            out.push(Command::Publish(VramEvent::Loaded {
-                model: entry.id.clone(),
-                kind: entry.kind.clone(),
-                gpu: entry.gpu,
-                bytes: entry.bytes,
-                declared: entry.declared,
-                measured: entry.measured,
-            }));
+            // The events are built only for subscribers.
+            if books.listening {
+                if self.waking {
+                    out.push(Command::Publish(VramEvent::Woke {
+                        model: entry.id.clone(),
+                        kind: entry.kind.clone(),
+                        gpu: entry.gpu,
+                        bytes: entry.bytes,
+                    }));
+                }
+                out.push(Command::Publish(VramEvent::Loaded {
+                    model: entry.id.clone(),
+                    kind: entry.kind.clone(),
+                    gpu: entry.gpu,
+                    bytes: entry.bytes,
+                    declared: entry.declared,
+                    measured: entry.measured,
+                }));
+            }
         }
         let loaded = Loaded {
             model: self.model.clone(),
@@ -662,17 +656,6 @@ impl LoadJob {
 /// policy's order, one message); answers how many backends were asked.
 /// Each victim names its kind by position in `kinds`.
 fn unload_all(victims: Vec<(String, usize)>, kinds: &[String], out: &mut Vec<Command>) -> usize {
-    if victims.is_empty() {
-        return 0;
-    }
-    if let [kind] = kinds {
-        // One backend (the usual case): one message, no grouping.
-        out.push(Command::Unload {
-            kind: kind.clone(),
-            models: victims.into_iter().map(|(model, _)| model).collect(),
-        });
-        return 1;
-    }
     // One message per backend, in the order its first victim was planned.
     let mut by_kind: Vec<(usize, Vec<String>)> = Vec::new();
     for (model, kind) in victims {
