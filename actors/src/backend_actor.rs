@@ -20,6 +20,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -56,7 +57,7 @@ pub struct ModelExited {
 /// Load a model through the backend. Answers when it is usable.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), VramError>")]
-pub struct LoadModel(pub ModelSpec);
+pub struct LoadModel(pub Arc<ModelSpec>);
 
 /// Unload a model through the backend. Answers when its memory is back.
 #[derive(Debug, Message)]

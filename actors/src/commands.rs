@@ -65,7 +65,7 @@ impl VramActor {
             Command::Wake(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
             Command::Wake(spec) => {
                 let slot = self.actor_slot(&spec.kind).ok_or_else(|| spec.kind.clone());
-                self.call(id, slot, WakeModel(spec.id), ctx, Event::Loaded)
+                self.call(id, slot, WakeModel(spec.id.clone()), ctx, Event::Loaded)
             }
             // After `Shutdown` no model server starts: the job aborts.
             Command::Load(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),

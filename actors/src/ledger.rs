@@ -263,26 +263,26 @@ impl Ledger {
     }
 
     fn insert(&mut self, model: &ModelSpec, state: ModelState) {
-        if self.entries.contains_key(&model.id) {
+        // One search of the tree: a model with an entry already is rare.
+        let std::collections::btree_map::Entry::Vacant(slot) = self.entries.entry(model.id.clone())
+        else {
             return;
-        }
-        let recency = self.next_recency();
+        };
+        self.next_recency += 1;
+        let recency = self.next_recency;
         self.used += u128::from(model.bytes);
-        self.entries.insert(
-            model.id.clone(),
-            Entry {
-                id: model.id.clone(),
-                kind: model.kind.clone(),
-                gpu: self.gpu,
-                bytes: model.bytes,
-                declared: model.bytes,
-                measured: None,
-                state,
-                leases: 0,
-                pinned: model.pinned,
-                recency,
-            },
-        );
+        slot.insert(Entry {
+            id: model.id.clone(),
+            kind: model.kind.clone(),
+            gpu: self.gpu,
+            bytes: model.bytes,
+            declared: model.bytes,
+            measured: None,
+            state,
+            leases: 0,
+            pinned: model.pinned,
+            recency,
+        });
     }
 
     /// Marks a reserved model resident and most recently used. Returns

@@ -1,6 +1,7 @@
 //! The models a manager may load: their ids, kinds and declared sizes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One model the manager knows how to load.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -63,7 +64,8 @@ impl ModelSpec {
 /// Every model a manager may load, by id.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Catalog {
-    by_id: BTreeMap<String, ModelSpec>,
+    /// Shared, so a load hands its backend the spec without a copy.
+    by_id: BTreeMap<String, Arc<ModelSpec>>,
     /// How many of the models can park: plans look parking up only when
     /// some can.
     parking: usize,
@@ -78,7 +80,7 @@ impl Catalog {
     /// Adds a model, replacing any model with the same id.
     pub fn insert(&mut self, model: ModelSpec) {
         let parks = model.park.is_some();
-        if let Some(old) = self.by_id.insert(model.id.clone(), model) {
+        if let Some(old) = self.by_id.insert(model.id.clone(), Arc::new(model)) {
             self.parking -= usize::from(old.park.is_some());
         }
         self.parking += usize::from(parks);
@@ -91,12 +93,18 @@ impl Catalog {
 
     /// The model with this id, if known.
     pub fn get(&self, id: &str) -> Option<&ModelSpec> {
-        self.by_id.get(id)
+        self.by_id.get(id).map(|spec| &**spec)
+    }
+
+    /// The spec of `id`, shared (a load's command and message carry it
+    /// without copying its strings).
+    pub(crate) fn shared(&self, id: &str) -> Option<Arc<ModelSpec>> {
+        self.by_id.get(id).cloned()
     }
 
     /// All models, by id.
     pub fn iter(&self) -> impl Iterator<Item = &ModelSpec> {
-        self.by_id.values()
+        self.by_id.values().map(|spec| &**spec)
     }
 
     /// How many models there are.

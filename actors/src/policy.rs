@@ -279,15 +279,19 @@ pub fn plan_in_order(
 /// A candidate as policy step 4 lists it: (sort key, bytes, entry).
 type Candidate<'a> = (u128, u64, &'a Entry);
 
+/// The candidates of one plan: a card holds a handful of models, so they
+/// usually fit without a heap allocation.
+pub(crate) type Candidates<'a> = smallvec::SmallVec<[Candidate<'a>; 8]>;
+
 /// The adaptive order: the candidates that should leave, in the order they
 /// leave, for `shortfall` bytes (which all of them together cover). Step
 /// 5's prefix then takes exactly these, and step 6 trims them.
 fn adaptive_order<'a>(
     ledger: &Ledger,
     kinds: &Kinds,
-    candidates: Vec<Candidate<'a>>,
+    candidates: Candidates<'a>,
     shortfall: u64,
-) -> Vec<Candidate<'a>> {
+) -> Candidates<'a> {
     let history = ledger.history();
     let horizon = horizon(history);
     // (p_soon, value, candidate)
@@ -424,7 +428,7 @@ pub(crate) fn candidates<'a>(
     catalog: &Catalog,
     requester: &Kind,
     model: &str,
-) -> (Vec<(u128, u64, &'a Entry)>, u64) {
+) -> (Candidates<'a>, u64) {
     candidates_for(ledger, kinds, catalog, requester, model, true)
 }
 
@@ -437,7 +441,7 @@ fn candidates_for<'a>(
     requester: &Kind,
     model: &str,
     parking: bool,
-) -> (Vec<(u128, u64, &'a Entry)>, u64) {
+) -> (Candidates<'a>, u64) {
     // The few kinds are resolved once, not once per model.
     let kind_table: smallvec::SmallVec<[(&str, u32, bool); 8]> = kinds
         .iter()
@@ -445,7 +449,7 @@ fn candidates_for<'a>(
         .collect();
     let mut leased = 0u64;
     // (priority and recency packed into one sort key, bytes, entry)
-    let mut candidates: Vec<(u128, u64, &Entry)> = Vec::new();
+    let mut candidates = Candidates::new();
     for entry in ledger.entries() {
         let parked = entry.state == ModelState::Parked;
         if !(entry.state == ModelState::Resident || parked) || entry.pinned || entry.id == model {

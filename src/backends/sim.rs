@@ -6,7 +6,7 @@
 //! scenarios, tests and examples.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -17,11 +17,11 @@ use crate::gpu::SimCard;
 
 #[derive(Debug, Default)]
 struct State {
-    loaded: BTreeSet<String>,
+    /// The models held (loaded or parked), each with what it allocated
+    /// (for its wake): one map, so a load or an unload touches one entry.
+    held: BTreeMap<String, u64>,
     /// Of those, the ones asleep (parked).
     parked: BTreeSet<String>,
-    /// What each loaded model allocated, for its wake.
-    bytes: foldhash::HashMap<String, u64>,
     loads: u64,
     unloads: u64,
     parks: u64,
@@ -165,7 +165,7 @@ impl SimBackend {
 
     /// The models this backend holds now (parked ones included).
     pub fn holding(&self) -> Vec<String> {
-        self.state.borrow().loaded.iter().cloned().collect()
+        self.state.borrow().held.keys().cloned().collect()
     }
 }
 
@@ -189,8 +189,7 @@ impl SimBackend {
             card.allocate(id, bytes).map_err(BackendError::new)?;
         }
         let mut state = self.state.borrow_mut();
-        state.bytes.insert(id.to_string(), bytes);
-        state.loaded.insert(id.to_string());
+        state.held.insert(id.to_string(), bytes);
         state.loads += 1;
         Ok(())
     }
@@ -202,9 +201,10 @@ impl SimBackend {
             card.release(id, Duration::from_millis(options.release_ms));
         }
         let mut state = self.state.borrow_mut();
-        state.parked.remove(id);
-        state.bytes.remove(id);
-        if state.loaded.remove(id) {
+        if !state.parked.is_empty() {
+            state.parked.remove(id);
+        }
+        if state.held.remove(id).is_some() {
             state.unloads += 1;
         }
     }
@@ -264,7 +264,7 @@ impl Backend for SimBackend {
             let Some(park) = options.park else {
                 return Err(BackendError::new(format!("{id} cannot be parked")));
             };
-            if !state.borrow().loaded.contains(&id) {
+            if !state.borrow().held.contains_key(&id) {
                 return Err(BackendError::new(format!("{id} is not loaded")));
             }
             if park.sleep_ms > 0 {
@@ -296,7 +296,7 @@ impl Backend for SimBackend {
             if park.wake_ms > 0 {
                 actix::clock::sleep(Duration::from_millis(park.wake_ms)).await;
             }
-            let full = state.borrow().bytes.get(&id).copied().unwrap_or(0);
+            let full = state.borrow().held.get(&id).copied().unwrap_or(0);
             if let Some(card) = &card {
                 card.allocate(&id, full.saturating_sub(park.vram))
                     .map_err(BackendError::new)?;
@@ -317,10 +317,9 @@ impl Backend for SimBackend {
     fn reset(&self) {
         let mut state = self.state.borrow_mut();
         if let Some(card) = &self.card {
-            card.release_all(&state.loaded);
+            card.release_all(state.held.keys());
         }
-        state.loaded.clear();
+        state.held.clear();
         state.parked.clear();
-        state.bytes.clear();
     }
 }

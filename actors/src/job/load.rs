@@ -68,6 +68,13 @@ enum Phase {
     Done,
 }
 
+/// Victims with their kind's position in a [`VictimKinds`] list. Stack-held:
+/// a load has a few victims of one or two kinds.
+type Planned = smallvec::SmallVec<[(String, usize); 4]>;
+
+/// The kinds of a plan's victims, each named once.
+type VictimKinds = smallvec::SmallVec<[String; 2]>;
+
 /// Loads one model; see the module docs.
 #[derive(Debug)]
 pub(crate) struct LoadJob {
@@ -219,7 +226,7 @@ impl LoadJob {
         let ours: u64 = books.ledger.entries().map(true_bytes).sum();
         let others = card.map_or(0, |c| c.used.saturating_sub(ours));
         let mut back: u64 = 0;
-        let mut planned = Vec::with_capacity(victims.len());
+        let mut planned = Planned::new();
         let mut parking = Vec::new();
         // Host RAM promised to victims parking in this plan; bytes the
         // victims free on the ledger.
@@ -229,7 +236,7 @@ impl LoadJob {
         let any_parks = books.declared.any_parks();
         // The victims' kinds, each named once: victims refer to them by
         // position.
-        let mut kinds: Vec<String> = Vec::new();
+        let mut kinds = VictimKinds::new();
         for victim in victims {
             let Some(entry) = books.ledger.get(&victim) else {
                 continue;
@@ -378,15 +385,15 @@ impl LoadJob {
     }
 
     fn start_load(&mut self, used_before: Option<u64>, books: &mut Books, out: &mut Vec<Command>) {
-        match books.declared.get(&self.model) {
+        match books.declared.shared(&self.model) {
             Some(spec) if self.waking => {
                 // Its residual is on the card already: the card's growth
                 // would not be its size, so a wake is not measured.
-                out.push(Command::Wake(spec.clone()));
+                out.push(Command::Wake(spec));
                 self.phase = Phase::Loading { used_before: None };
             }
             Some(spec) => {
-                out.push(Command::Load(spec.clone()));
+                out.push(Command::Load(spec));
                 self.phase = Phase::Loading { used_before };
             }
             None => {
@@ -589,8 +596,8 @@ impl LoadJob {
         match planned {
             Ok(Plan::Load { victims }) if !victims.is_empty() => {
                 tracing::warn!(model = %self.model, measured, victims = ?victims, "measured larger than planned; making room");
-                let mut planned = Vec::with_capacity(victims.len());
-                let mut kinds = Vec::new();
+                let mut planned = Planned::new();
+                let mut kinds = VictimKinds::new();
                 for victim in victims {
                     if let Some(entry) = books.ledger.get(&victim) {
                         let kind = kind_slot(&mut kinds, &entry.kind);
@@ -655,9 +662,9 @@ impl LoadJob {
 /// Asks every backend at once for its victims (each backend's in the
 /// policy's order, one message); answers how many backends were asked.
 /// Each victim names its kind by position in `kinds`.
-fn unload_all(victims: Vec<(String, usize)>, kinds: &[String], out: &mut Vec<Command>) -> usize {
+fn unload_all(victims: Planned, kinds: &[String], out: &mut Vec<Command>) -> usize {
     // One message per backend, in the order its first victim was planned.
-    let mut by_kind: Vec<(usize, Vec<String>)> = Vec::new();
+    let mut by_kind: smallvec::SmallVec<[(usize, Vec<String>); 2]> = smallvec::SmallVec::new();
     for (model, kind) in victims {
         match by_kind.iter_mut().find(|(k, _)| *k == kind) {
             Some((_, models)) => models.push(model),
@@ -675,7 +682,7 @@ fn unload_all(victims: Vec<(String, usize)>, kinds: &[String], out: &mut Vec<Com
 }
 
 /// The position of `kind` in `kinds`, added if it is new.
-fn kind_slot(kinds: &mut Vec<String>, kind: &str) -> usize {
+fn kind_slot(kinds: &mut VictimKinds, kind: &str) -> usize {
     match kinds.iter().position(|k| k == kind) {
         Some(slot) => slot,
         None => {

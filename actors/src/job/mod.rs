@@ -86,7 +86,7 @@ pub(crate) enum Command {
     },
     /// Load this model on its kind's backend; answer with
     /// [`Event::Loaded`].
-    Load(ModelSpec),
+    Load(Arc<ModelSpec>),
     /// Park `model` on the backend of `kind` (its server sleeps); should
     /// the sleep fail, stop it. Answer [`Event::Parked`], then
     /// [`Event::UnloadsDone`].
@@ -98,7 +98,7 @@ pub(crate) enum Command {
     },
     /// Wake this parked model on its kind's backend; answer with
     /// [`Event::Loaded`].
-    Wake(ModelSpec),
+    Wake(Arc<ModelSpec>),
     /// Make the backend of `kind` crash and restart; answer with
     /// [`Event::Crashed`].
     Crash {

@@ -461,7 +461,7 @@ impl World {
                 );
                 if self.die() % 8 == 0 {
                     Event::Loaded(Err(VramError::BackendFailed {
-                        model: spec.id,
+                        model: spec.id.clone(),
                         reason: "would not wake".into(),
                     }))
                 } else {
@@ -472,12 +472,12 @@ impl World {
             Command::Load(spec) => {
                 if self.die() % 8 == 0 {
                     Event::Loaded(Err(VramError::Timeout {
-                        model: spec.id,
+                        model: spec.id.clone(),
                         after_ms: 5,
                         reason: String::new(),
                     }))
                 } else {
-                    self.loaded.insert(spec.id);
+                    self.loaded.insert(spec.id.clone());
                     Event::Loaded(Ok(()))
                 }
             }
