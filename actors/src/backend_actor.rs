@@ -89,6 +89,108 @@ pub struct WakeModel(pub String);
 #[rtype(result = "Result<Vec<String>, VramError>")]
 pub struct ListLoaded;
 
+/// A call from the `VramActor` whose answer comes back as a message
+/// ([`CallAnswered`]) instead of through a reply channel: on the manager's
+/// side a call costs no channel and no spawned future, which is most of
+/// what an instant backend's round trip costs beyond a bare one.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Call {
+    pub(crate) what: CallKind,
+    pub(crate) answer: AnswerTo,
+}
+
+/// What a [`Call`] asks of the backend.
+pub(crate) enum CallKind {
+    /// Load the model; answered [`Answer::Done`].
+    Load(Arc<ModelSpec>),
+    /// Wake the parked model; answered [`Answer::Done`].
+    Wake(String),
+    /// Unload the models in order, as [`UnloadModels`] does; answered
+    /// [`Answer::Unloaded`].
+    Unload(Vec<String>),
+    /// List what the backend holds; answered [`Answer::Listed`].
+    List,
+}
+
+/// The answer to a [`Call`] of job `job`, from the backend actor in
+/// position `slot` of the manager's list.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct CallAnswered {
+    pub(crate) job: u64,
+    pub(crate) slot: usize,
+    pub(crate) answer: Answer,
+}
+
+/// How a [`Call`] ended.
+pub(crate) enum Answer {
+    /// A load or a wake.
+    Done(Result<(), VramError>),
+    /// An unload: each model tried, with its result.
+    Unloaded(Unloads),
+    /// A list.
+    Listed(Result<Vec<String>, VramError>),
+    /// The call was dropped unanswered: its actor stopped, or restarted
+    /// with the call in flight.
+    Lost(Lost),
+}
+
+/// What a lost [`Call`] was, so the manager can fail it as its kind of
+/// call fails.
+pub(crate) enum Lost {
+    /// A load or a wake.
+    Done,
+    /// A list.
+    Listed,
+    /// An unload; its first model names the failure.
+    Unloaded(String),
+}
+
+/// Where a [`Call`]'s answer goes. Dropped unanswered (in a mailbox that
+/// closed, or in a future a restart dropped), it answers [`Answer::Lost`],
+/// as a dropped reply channel would: no call is ever left unanswered.
+pub(crate) struct AnswerTo {
+    job: u64,
+    slot: usize,
+    to: Arc<Recipient<CallAnswered>>,
+    lost: Option<Lost>,
+}
+
+impl AnswerTo {
+    /// Answers for job `job` go to `to`, from the actor in `slot`; `lost`
+    /// is what the call was, should it be dropped.
+    pub(crate) fn new(job: u64, slot: usize, to: Arc<Recipient<CallAnswered>>, lost: Lost) -> Self {
+        Self {
+            job,
+            slot,
+            to,
+            lost: Some(lost),
+        }
+    }
+
+    fn send(mut self, answer: Answer) {
+        self.lost = None;
+        self.to.do_send(CallAnswered {
+            job: self.job,
+            slot: self.slot,
+            answer,
+        });
+    }
+}
+
+impl Drop for AnswerTo {
+    fn drop(&mut self) {
+        if let Some(lost) = self.lost.take() {
+            self.to.do_send(CallAnswered {
+                job: self.job,
+                slot: self.slot,
+                answer: Answer::Lost(lost),
+            });
+        }
+    }
+}
+
 /// Make the actor panic inside a handler, as a crashing backend would
 /// (fault testing). Answers just before the actor stops.
 #[derive(Debug, Default, Message)]
@@ -175,6 +277,28 @@ impl BackendActor {
                     fut.into_actor(self)
                         .map(move |outcome, act, ctx| act.conclude(&model, outcome, ctx)),
                 )
+            }
+        }
+    }
+
+    /// [`BackendActor::guarded`] for a [`Call`]: hands the result to
+    /// `done` (at once when the call is ready at once).
+    fn guarded_then<T: 'static>(
+        &mut self,
+        model: &str,
+        timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
+        call: impl FnOnce(&dyn Backend) -> BackendFuture<T>,
+        done: impl FnOnce(Result<T, VramError>) + 'static,
+    ) {
+        match self.begin(timeout, call) {
+            Begun::Ready(outcome) => done(self.conclude(model, outcome, ctx)),
+            Begun::Pending(fut) => {
+                let model = model.to_string();
+                ctx.spawn(
+                    fut.into_actor(self)
+                        .map(move |outcome, act, ctx| done(act.conclude(&model, outcome, ctx))),
+                );
             }
         }
     }
@@ -422,6 +546,56 @@ impl Handler<WakeModel> for BackendActor {
         let id = msg.0;
         let timeout = Some(self.load_timeout);
         self.guarded(&id, timeout, ctx, |b| b.wake(&id))
+    }
+}
+
+impl Handler<Call> for BackendActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Call, ctx: &mut Context<Self>) {
+        let Call { what, answer } = msg;
+        match what {
+            CallKind::Load(spec) => {
+                let timeout = Some(self.load_timeout);
+                self.guarded_then(
+                    &spec.id,
+                    timeout,
+                    ctx,
+                    |b| b.load(&spec),
+                    |r| answer.send(Answer::Done(r)),
+                );
+            }
+            CallKind::Wake(id) => {
+                let timeout = Some(self.load_timeout);
+                self.guarded_then(
+                    &id,
+                    timeout,
+                    ctx,
+                    |b| b.wake(&id),
+                    |r| answer.send(Answer::Done(r)),
+                );
+            }
+            CallKind::Unload(models) => {
+                let done = Vec::with_capacity(models.len());
+                match self.unload_in_order(models.into_iter(), done, ctx) {
+                    Ok(done) => answer.send(Answer::Unloaded(done)),
+                    Err(rest) => {
+                        ctx.spawn(rest.map(move |done, _, _| answer.send(Answer::Unloaded(done))));
+                    }
+                }
+            }
+            CallKind::List => {
+                let label = format!("<{} backend>", self.kind);
+                let timeout = Some(self.unload_timeout);
+                self.guarded_then(
+                    &label,
+                    timeout,
+                    ctx,
+                    |b| b.loaded(),
+                    |r| answer.send(Answer::Listed(r)),
+                );
+            }
+        }
     }
 }
 

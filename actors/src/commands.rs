@@ -1,16 +1,19 @@
 //! How the `VramActor` carries out its running job's commands: a backend
-//! call is a message to that kind's `BackendActor` whose answer comes back
-//! to the actor directly and is fed to the job (no trip through the
-//! actor's own mailbox); a card read that is ready at once is answered at
-//! once; a wait is a timer. A backend actor found dead is replaced.
+//! call is a [`Call`] message to that kind's `BackendActor`, answered by a
+//! [`CallAnswered`] message that is fed to the job (no reply channel and no
+//! spawned future per call; an answer dropped unsent answers "lost", as a
+//! dropped reply channel would); a card read that is ready at once is
+//! answered at once; a wait is a timer. A backend actor found dead is
+//! replaced.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
 use futures::FutureExt;
 
 use crate::backend_actor::{
-    BackendActor, Crash, ListLoaded, LoadModel, ParkModel, UnloadModels, WakeModel,
+    Answer, AnswerTo, Call, CallAnswered, CallKind, Crash, Lost, ParkModel, UnloadModels,
 };
 use crate::error::VramError;
 use crate::job::RestartJob;
@@ -63,18 +66,15 @@ impl VramActor {
             Command::Park { kind, model } => self.park(id, kind, model, ctx),
             // After `Shutdown` no model server wakes: the job aborts.
             Command::Wake(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
-            Command::Wake(spec) => {
-                let slot = self.actor_slot(&spec.kind).ok_or_else(|| spec.kind.clone());
-                self.call(id, slot, WakeModel(spec.id.clone()), ctx, Event::Loaded)
-            }
+            Command::Wake(spec) => self.ask(id, &spec.kind, CallKind::Wake(spec.id.clone()), ctx),
             // After `Shutdown` no model server starts: the job aborts.
             Command::Load(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
             Command::WaitRelease { .. } | Command::Wait { .. } if self.shutting_down => {
                 Some(Event::Deadline)
             }
             Command::Load(spec) => {
-                let slot = self.actor_slot(&spec.kind).ok_or_else(|| spec.kind.clone());
-                self.call(id, slot, LoadModel(spec), ctx, Event::Loaded)
+                let kind = spec.kind.clone();
+                self.ask(id, &kind, CallKind::Load(spec), ctx)
             }
             Command::Crash { kind } => {
                 let label = format!("<{kind} backend>");
@@ -92,10 +92,7 @@ impl VramActor {
                 ));
                 None
             }
-            Command::List { kind } => {
-                let slot = self.actor_slot(&kind).ok_or(kind);
-                self.call(id, slot, ListLoaded, ctx, Event::Listed)
-            }
+            Command::List { kind } => self.ask(id, &kind, CallKind::List, ctx),
             Command::WaitRelease { until } => {
                 self.waits_release = true;
                 self.wait(id, until, ctx);
@@ -122,42 +119,41 @@ impl VramActor {
         }
     }
 
-    /// Sends `msg` to the backend actor in `slot` of `actors` (or fails:
-    /// no backend for that kind) and feeds the answer back to job `id` (a
-    /// dead actor is replaced; the call fails). Nothing is copied for the
-    /// error case: the slot names the kind, the running job the model.
-    fn call<M, T>(
+    /// Asks the backend of `kind` for a load, a wake or a list (see
+    /// [`VramActor::call`]), or answers the failure at once: no backend
+    /// for that kind.
+    fn ask(
         &mut self,
         id: u64,
-        slot: Result<usize, String>,
-        msg: M,
+        kind: &str,
+        what: CallKind,
         ctx: &mut Context<Self>,
-        event: impl FnOnce(Result<T, VramError>) -> Event + 'static,
-    ) -> Option<Event>
-    where
-        M: Message<Result = Result<T, VramError>> + Send + 'static,
-        T: Send + 'static,
-        BackendActor: Handler<M>,
-    {
-        let slot = match slot {
-            Ok(slot) => slot,
-            Err(kind) => {
-                let label = self.call_label(&kind);
-                return Some(event(Err(no_backend(&kind, &label))));
-            }
+    ) -> Option<Event> {
+        if let Some(slot) = self.actor_slot(kind) {
+            self.call(id, slot, what, ctx);
+            return None;
+        }
+        let failed = Err(no_backend(kind, &self.call_label(kind)));
+        Some(match what {
+            CallKind::List => Event::Listed(failed.map(|()| Vec::new())),
+            _ => Event::Loaded(failed),
+        })
+    }
+
+    /// Sends `what` to the backend actor in `slot` of `actors`; its answer
+    /// comes back as a [`CallAnswered`] for job `id`.
+    fn call(&mut self, id: u64, slot: usize, what: CallKind, ctx: &mut Context<Self>) {
+        let lost = match &what {
+            CallKind::Load(_) | CallKind::Wake(_) => Lost::Done,
+            CallKind::List => Lost::Listed,
+            CallKind::Unload(models) => Lost::Unloaded(models.first().cloned().unwrap_or_default()),
         };
-        let request = self.actors[slot].1.send(msg);
-        ctx.spawn(request.into_actor(self).map(move |answer, act, ctx| {
-            let result = match answer {
-                Ok(result) => result,
-                Err(e) => {
-                    let label = act.call_label(&act.actors[slot].0);
-                    Err(act.backend_lost(slot, &label, e, ctx))
-                }
-            };
-            act.feed(id, event(result), ctx)
-        }));
-        None
+        let to = self
+            .answers
+            .get_or_insert_with(|| Arc::new(ctx.address().recipient()))
+            .clone();
+        let answer = AnswerTo::new(id, slot, to, lost);
+        self.actors[slot].1.do_send(Call { what, answer });
     }
 
     /// What a failed call to `kind`'s backend is about: the running job's
@@ -178,46 +174,29 @@ impl VramActor {
         models: Vec<String>,
         ctx: &mut Context<Self>,
     ) -> Option<Event> {
-        let Some(first) = models.first().cloned() else {
+        if let Some(slot) = self.actor_slot(&kind) {
+            if models.is_empty() {
+                return Some(Event::UnloadsDone);
+            }
+            self.call(id, slot, CallKind::Unload(models), ctx);
+            return None;
+        }
+        let Some(first) = models.into_iter().next() else {
             return Some(Event::UnloadsDone);
         };
-        let Some(slot) = self.actor_slot(&kind) else {
-            // Answered as a backend would: the first fails, then done.
-            let result = Err(no_backend(&kind, &first));
-            ctx.spawn(ActorFutureExt::map(
-                fut::ready(()),
-                move |(), act: &mut Self, ctx| {
-                    let unloaded = Event::Unloaded {
-                        model: first,
-                        result,
-                    };
-                    act.feed(id, unloaded, ctx);
-                    act.feed(id, Event::UnloadsDone, ctx);
-                },
-            ));
-            return None;
-        };
-        let request = self.actors[slot].1.send(UnloadModels(models));
-        ctx.spawn(
-            request
-                .into_actor(self)
-                .map(move |answer, act, ctx| match answer {
-                    Ok(results) => {
-                        let unloaded = results
-                            .into_iter()
-                            .map(|(model, result)| Event::Unloaded { model, result });
-                        act.feed_all(id, unloaded.chain([Event::UnloadsDone]), ctx);
-                    }
-                    Err(e) => {
-                        let result = Err(act.backend_lost(slot, &first, e, ctx));
-                        let unloaded = Event::Unloaded {
-                            model: first,
-                            result,
-                        };
-                        act.feed_all(id, [unloaded, Event::UnloadsDone], ctx);
-                    }
-                }),
-        );
+        // Answered as a backend would: the first fails, then done.
+        let result = Err(no_backend(&kind, &first));
+        ctx.spawn(ActorFutureExt::map(
+            fut::ready(()),
+            move |(), act: &mut Self, ctx| {
+                let unloaded = Event::Unloaded {
+                    model: first,
+                    result,
+                };
+                act.feed(id, unloaded, ctx);
+                act.feed(id, Event::UnloadsDone, ctx);
+            },
+        ));
         None
     }
 
@@ -336,6 +315,68 @@ impl VramActor {
                 act.feed(id, Event::Deadline, ctx);
             }
         });
+    }
+}
+
+impl Handler<CallAnswered> for VramActor {
+    type Result = ();
+
+    /// Feeds a backend's answer to the job that asked; a lost call fails
+    /// as its kind of call fails, and a dead backend actor is replaced.
+    ///
+    /// A failure waits for the messages already in the mailbox: a backend
+    /// that panicked (or was restarted) answers first and announces its
+    /// restart just after, and the job must fail only once the restart is
+    /// known, so the reconcile it calls for runs before any other job.
+    fn handle(&mut self, msg: CallAnswered, ctx: &mut Context<Self>) {
+        let failed = match &msg.answer {
+            Answer::Done(result) => result.is_err(),
+            Answer::Listed(result) => result.is_err(),
+            Answer::Unloaded(results) => results.iter().any(|(_, r)| r.is_err()),
+            Answer::Lost(_) => true,
+        };
+        if failed {
+            ctx.spawn(ActorFutureExt::map(
+                fut::ready(()),
+                move |(), act: &mut Self, ctx| act.answered(msg, ctx),
+            ));
+        } else {
+            self.answered(msg, ctx);
+        }
+    }
+}
+
+impl VramActor {
+    /// Feeds one backend answer to its job.
+    fn answered(&mut self, msg: CallAnswered, ctx: &mut Context<Self>) {
+        let CallAnswered { job, slot, answer } = msg;
+        match answer {
+            Answer::Done(result) => self.feed(job, Event::Loaded(result), ctx),
+            Answer::Listed(result) => self.feed(job, Event::Listed(result), ctx),
+            Answer::Unloaded(results) => {
+                let unloaded = results
+                    .into_iter()
+                    .map(|(model, result)| Event::Unloaded { model, result });
+                self.feed_all(job, unloaded.chain([Event::UnloadsDone]), ctx);
+            }
+            Answer::Lost(Lost::Unloaded(first)) => {
+                let result = Err(self.backend_lost(slot, &first, MailboxError::Closed, ctx));
+                let unloaded = Event::Unloaded {
+                    model: first,
+                    result,
+                };
+                self.feed_all(job, [unloaded, Event::UnloadsDone], ctx);
+            }
+            Answer::Lost(lost) => {
+                let label = self.call_label(&self.actors[slot].0);
+                let error = self.backend_lost(slot, &label, MailboxError::Closed, ctx);
+                let event = match lost {
+                    Lost::Listed => Event::Listed(Err(error)),
+                    _ => Event::Loaded(Err(error)),
+                };
+                self.feed(job, event, ctx);
+            }
+        }
     }
 }
 

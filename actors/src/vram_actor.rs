@@ -101,6 +101,9 @@ pub struct VramActor {
     pub(crate) last_card: Option<crate::probe::GpuMemory>,
     /// The metric handles, kept once registered.
     meters: Meters,
+    /// Where backend actors send their answers to calls (made at the
+    /// first call, shared by every call after it).
+    pub(crate) answers: Option<Arc<Recipient<crate::backend_actor::CallAnswered>>>,
 }
 
 impl VramActor {
@@ -145,6 +148,7 @@ impl VramActor {
             scratch: Vec::new(),
             last_card: None,
             meters: Meters::new(),
+            answers: None,
         }
     }
 
