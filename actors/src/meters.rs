@@ -36,46 +36,46 @@ impl Meters {
         Self::default()
     }
 
-    /// `model`'s handles, made (unregistered) at its first use.
-    fn model(&mut self, model: &str) -> &mut ModelMeters {
-        if !self.models.contains_key(model) {
-            self.models
-                .insert(model.to_string(), ModelMeters::default());
+    /// Runs `f` on `model`'s handles, made (unregistered) at its first
+    /// use: one lookup once they exist.
+    fn with_model(&mut self, model: &str, f: impl FnOnce(&mut ModelMeters)) {
+        match self.models.get_mut(model) {
+            Some(meters) => f(meters),
+            None => f(self.models.entry(model.to_string()).or_default()),
         }
-        self.models
-            .get_mut(model)
-            .expect("the model's meters were just inserted")
     }
 
     /// A load of `model` ended with `result` ("ok" or an error code) after
     /// `seconds`.
     pub(crate) fn load(&mut self, model: &str, result: &'static str, seconds: f64) {
-        let meters = self.model(model);
-        meters
-            .duration
-            .get_or_insert_with(|| {
-                metrics::histogram!("vram_manager_load_duration_seconds", "model" => model.to_string())
-            })
-            .record(seconds);
-        match meters.loads.iter().find(|(r, _)| *r == result) {
-            Some((_, counter)) => counter.increment(1),
-            None => {
-                let counter = metrics::counter!("vram_manager_loads_total", "model" => model.to_string(), "result" => result);
-                counter.increment(1);
-                meters.loads.push((result, counter));
+        self.with_model(model, |meters| {
+            meters
+                .duration
+                .get_or_insert_with(|| {
+                    metrics::histogram!("vram_manager_load_duration_seconds", "model" => model.to_string())
+                })
+                .record(seconds);
+            match meters.loads.iter().find(|(r, _)| *r == result) {
+                Some((_, counter)) => counter.increment(1),
+                None => {
+                    let counter = metrics::counter!("vram_manager_loads_total", "model" => model.to_string(), "result" => result);
+                    counter.increment(1);
+                    meters.loads.push((result, counter));
+                }
             }
-        }
+        });
     }
 
     /// `model` (of `kind`) was evicted.
     pub(crate) fn evicted(&mut self, model: &str, kind: &str) {
-        let meters = self.model(model);
-        meters
-            .evictions
-            .get_or_insert_with(|| {
-                metrics::counter!("vram_manager_evictions_total", "model" => model.to_string(), "kind" => kind.to_string())
-            })
-            .increment(1);
+        self.with_model(model, |meters| {
+            meters
+                .evictions
+                .get_or_insert_with(|| {
+                    metrics::counter!("vram_manager_evictions_total", "model" => model.to_string(), "kind" => kind.to_string())
+                })
+                .increment(1);
+        });
     }
 
     /// The queue now holds `length` jobs.

@@ -85,6 +85,11 @@ impl Queued {
     }
 
     pub(crate) fn span(&self) -> tracing::Span {
+        // With nothing that records spans at this level, no span at all:
+        // building a disabled one still asks the dispatcher, once per job.
+        if !tracing::level_enabled!(tracing::Level::INFO) {
+            return tracing::Span::none();
+        }
         match self {
             Queued::Load(job, _) => tracing::info_span!("load", model = %job.model()),
             Queued::Unload(job, _) if job.is_expiry() => {
