@@ -107,6 +107,33 @@ async fn after_a_restart_of_the_manager_nothing_queued_runs_as_a_ghost() {
 }
 
 #[actix_rt::test]
+async fn a_backend_call_still_queued_when_the_manager_restarts_never_runs() {
+    tokio::time::pause();
+    let log = Rc::new(RefCell::new(vec![]));
+    let (cfg, be) = (config(Duration::ZERO), backends(&log));
+    let addr = Supervisor::start(move |_| VramActor::new(cfg, be));
+    // One mailbox batch: the load's job sends its backend call, then the
+    // manager restarts before the backend actor has run it.
+    let first = addr.send(Load::new("a"));
+    let stop = addr.send(StopManager);
+    let answer = first.await.unwrap();
+    stop.await.unwrap();
+    assert!(
+        matches!(answer, Err(vram_manager::VramError::Unavailable { .. })),
+        "{answer:?}"
+    );
+    actix::clock::sleep(Duration::from_secs(1)).await;
+    // The call went with the job: no server was started for it, and the
+    // rebuilt ledger agrees with the backend.
+    assert!(
+        !log.borrow().contains(&"load a".to_string()),
+        "a ghost load: {:?}",
+        log.borrow()
+    );
+    assert!(addr.send(Status).await.unwrap().resident().is_empty());
+}
+
+#[actix_rt::test]
 async fn no_model_server_starts_after_shutdown() {
     tokio::time::pause();
     let log = Rc::new(RefCell::new(vec![]));

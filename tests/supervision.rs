@@ -349,3 +349,80 @@ async fn an_acquire_behind_a_queued_crash_waits_for_it() {
     assert_eq!(m.sims["tts"].load_count(), 2);
     assert_eq!(m.addr.send(Status).await.unwrap().models[0].leases, 1);
 }
+
+/// Instant; forgets what it holds when reset; loading `a` makes its own
+/// actor crash right behind the call, as a panic in another call would.
+#[derive(Default)]
+struct CrashesBehindA {
+    held: std::rc::Rc<std::cell::RefCell<Vec<String>>>,
+    log: std::rc::Rc<std::cell::RefCell<Vec<String>>>,
+    me: std::rc::Rc<std::cell::RefCell<Option<Addr<BackendActor>>>>,
+}
+
+impl vram_manager::Backend for CrashesBehindA {
+    fn load(&self, model: &vram_manager::ModelSpec) -> vram_manager::BackendFuture<()> {
+        self.log.borrow_mut().push(format!("load {}", model.id));
+        self.held.borrow_mut().push(model.id.clone());
+        if let (Some(me), "a") = (self.me.borrow().as_ref(), model.id.as_str()) {
+            me.do_send(Crash::default());
+        }
+        Box::pin(async { Ok(()) })
+    }
+    fn unload(&self, id: &str) -> vram_manager::BackendFuture<()> {
+        self.held.borrow_mut().retain(|m| m != id);
+        Box::pin(async { Ok(()) })
+    }
+    fn loaded(&self) -> vram_manager::BackendFuture<Vec<String>> {
+        self.log.borrow_mut().push("list".into());
+        let held = self.held.borrow().clone();
+        Box::pin(async move { Ok(held) })
+    }
+    fn reset(&self) {
+        self.held.borrow_mut().clear();
+    }
+}
+
+#[actix_rt::test]
+async fn a_restart_announced_behind_a_successful_call_is_reconciled_before_the_next_job() {
+    let backend = CrashesBehindA::default();
+    let (held, log, me) = (
+        backend.held.clone(),
+        backend.log.clone(),
+        backend.me.clone(),
+    );
+    let (config, _) = faulty(&[model("a", "llm", 1, ""), model("b", "llm", 1, "")].concat());
+    let backends = [(
+        "llm".to_string(),
+        std::rc::Rc::new(backend) as std::rc::Rc<dyn vram_manager::Backend>,
+    )]
+    .into_iter()
+    .collect();
+    // What the ledger and the backend held after every job.
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let (seen_in, held_in) = (seen.clone(), held.clone());
+    let addr = VramActor::new(config, backends)
+        .observe_jobs(move |ledger| {
+            let ids: Vec<String> = ledger.entries().map(|e| e.id.clone()).collect();
+            seen_in.borrow_mut().push((ids, held_in.borrow().clone()));
+        })
+        .start();
+    *me.borrow_mut() = addr.send(BackendOf("llm".into())).await.unwrap();
+    let a = addr.send(Load::new("a"));
+    let b = addr.send(Load::new("b"));
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    // The load of `a` succeeded, then its backend restarted empty: the
+    // reconcile that restart calls for ran before `b` was loaded, so no
+    // job ended on a ledger that still had `a`.
+    let log = log.borrow().clone();
+    let list = log.iter().position(|l| l == "list");
+    let load_b = log.iter().position(|l| l == "load b");
+    assert!(
+        matches!((list, load_b), (Some(l), Some(b)) if l < b),
+        "{log:?}"
+    );
+    for (ledger, backend) in seen.borrow().iter() {
+        assert_eq!(ledger, backend, "a job ended on a stale ledger");
+    }
+    assert_eq!(resident(&addr).await, ["b"]);
+}

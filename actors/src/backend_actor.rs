@@ -21,6 +21,7 @@
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -147,20 +148,45 @@ pub(crate) enum Lost {
     Unloaded(String),
 }
 
+/// The `VramActor` instance that calls come from: its address, and whether
+/// it has stopped. One per instance, shared by all of its calls.
+pub(crate) struct Caller {
+    to: Recipient<CallAnswered>,
+    stopped: AtomicBool,
+}
+
+impl Caller {
+    /// Calls from the actor at `to`.
+    pub(crate) fn new(to: Recipient<CallAnswered>) -> Self {
+        Self {
+            to,
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// The calling instance stopped (or restarts as a new one): its calls
+    /// still queued are dropped unrun, as actix drops a message whose
+    /// sender stopped waiting, so no backend loads a model for a job that
+    /// no longer exists.
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Where a [`Call`]'s answer goes. Dropped unanswered (in a mailbox that
 /// closed, or in a future a restart dropped), it answers [`Answer::Lost`],
 /// as a dropped reply channel would: no call is ever left unanswered.
 pub(crate) struct AnswerTo {
     job: u64,
     slot: usize,
-    to: Arc<Recipient<CallAnswered>>,
+    to: Arc<Caller>,
     lost: Option<Lost>,
 }
 
 impl AnswerTo {
     /// Answers for job `job` go to `to`, from the actor in `slot`; `lost`
     /// is what the call was, should it be dropped.
-    pub(crate) fn new(job: u64, slot: usize, to: Arc<Recipient<CallAnswered>>, lost: Lost) -> Self {
+    pub(crate) fn new(job: u64, slot: usize, to: Arc<Caller>, lost: Lost) -> Self {
         Self {
             job,
             slot,
@@ -169,9 +195,14 @@ impl AnswerTo {
         }
     }
 
+    /// Whether the caller stopped (nobody waits for this answer).
+    fn caller_stopped(&self) -> bool {
+        self.to.stopped.load(Ordering::Relaxed)
+    }
+
     fn send(mut self, answer: Answer) {
         self.lost = None;
-        self.to.do_send(CallAnswered {
+        self.to.to.do_send(CallAnswered {
             job: self.job,
             slot: self.slot,
             answer,
@@ -181,8 +212,10 @@ impl AnswerTo {
 
 impl Drop for AnswerTo {
     fn drop(&mut self) {
-        if let Some(lost) = self.lost.take() {
-            self.to.do_send(CallAnswered {
+        if let Some(lost) = self.lost.take()
+            && !self.caller_stopped()
+        {
+            self.to.to.do_send(CallAnswered {
                 job: self.job,
                 slot: self.slot,
                 answer: Answer::Lost(lost),
@@ -554,6 +587,9 @@ impl Handler<Call> for BackendActor {
 
     fn handle(&mut self, msg: Call, ctx: &mut Context<Self>) {
         let Call { what, answer } = msg;
+        if answer.caller_stopped() {
+            return;
+        }
         match what {
             CallKind::Load(spec) => {
                 let timeout = Some(self.load_timeout);

@@ -13,7 +13,7 @@ use actix::prelude::*;
 use futures::FutureExt;
 
 use crate::backend_actor::{
-    Answer, AnswerTo, Call, CallAnswered, CallKind, Crash, Lost, ParkModel, UnloadModels,
+    Answer, AnswerTo, Call, CallAnswered, CallKind, Caller, Crash, Lost, ParkModel, UnloadModels,
 };
 use crate::error::VramError;
 use crate::job::RestartJob;
@@ -149,8 +149,8 @@ impl VramActor {
             CallKind::Unload(models) => Lost::Unloaded(models.first().cloned().unwrap_or_default()),
         };
         let to = self
-            .answers
-            .get_or_insert_with(|| Arc::new(ctx.address().recipient()))
+            .caller
+            .get_or_insert_with(|| Arc::new(Caller::new(ctx.address().recipient())))
             .clone();
         let answer = AnswerTo::new(id, slot, to, lost);
         self.actors[slot].1.do_send(Call { what, answer });
@@ -324,25 +324,36 @@ impl Handler<CallAnswered> for VramActor {
     /// Feeds a backend's answer to the job that asked; a lost call fails
     /// as its kind of call fails, and a dead backend actor is replaced.
     ///
-    /// A failure waits for the messages already in the mailbox: a backend
-    /// that panicked (or was restarted) answers first and announces its
-    /// restart just after, and the job must fail only once the restart is
-    /// known, so the reconcile it calls for runs before any other job.
-    fn handle(&mut self, msg: CallAnswered, ctx: &mut Context<Self>) {
-        let failed = match &msg.answer {
-            Answer::Done(result) => result.is_err(),
-            Answer::Listed(result) => result.is_err(),
-            Answer::Unloaded(results) => results.iter().any(|(_, r)| r.is_err()),
-            Answer::Lost(_) => true,
-        };
-        if failed {
-            ctx.spawn(ActorFutureExt::map(
-                fut::ready(()),
-                move |(), act: &mut Self, ctx| act.answered(msg, ctx),
-            ));
-        } else {
-            self.answered(msg, ctx);
+    /// An answer waits for the messages already in the mailbox: a backend
+    /// that restarts (after a panic in this call or in another) announces
+    /// it just behind its answer, and the reconcile that restart calls for
+    /// must be queued before the job ends, so that no other job plans on
+    /// the stale ledger.
+    fn handle(&mut self, msg: CallAnswered, _ctx: &mut Context<Self>) {
+        // Fed by `FeedAnswers`, which runs after the mailbox.
+        self.answers.push_back(msg);
+    }
+}
+
+/// Feeds the backend answers that came in, once the mailbox is empty
+/// (actix polls an actor's spawned futures after its mailbox). Spawned once
+/// per instance of the `VramActor`; it never finishes, and costs a check of
+/// an empty queue when there is nothing to feed.
+pub(crate) struct FeedAnswers;
+
+impl ActorFuture<VramActor> for FeedAnswers {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        act: &mut VramActor,
+        ctx: &mut Context<VramActor>,
+        _task: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        while let Some(msg) = act.answers.pop_front() {
+            act.answered(msg, ctx);
         }
+        std::task::Poll::Pending
     }
 }
 

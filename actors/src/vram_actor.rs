@@ -101,9 +101,13 @@ pub struct VramActor {
     pub(crate) last_card: Option<crate::probe::GpuMemory>,
     /// The metric handles, kept once registered.
     meters: Meters,
-    /// Where backend actors send their answers to calls (made at the
-    /// first call, shared by every call after it).
-    pub(crate) answers: Option<Arc<Recipient<crate::backend_actor::CallAnswered>>>,
+    /// Where backend actors send their answers to calls (made at this
+    /// instance's first call, shared by every call after it; marked
+    /// stopped when the instance stops).
+    pub(crate) caller: Option<Arc<crate::backend_actor::Caller>>,
+    /// Backend answers waiting for the mailbox to empty (see
+    /// `FeedAnswers`).
+    pub(crate) answers: VecDeque<crate::backend_actor::CallAnswered>,
 }
 
 impl VramActor {
@@ -148,7 +152,8 @@ impl VramActor {
             scratch: Vec::new(),
             last_card: None,
             meters: Meters::new(),
-            answers: None,
+            caller: None,
+            answers: VecDeque::new(),
         }
     }
 
@@ -552,9 +557,21 @@ impl Actor for VramActor {
             let period = (*shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
             ctx.run_interval(period, |act, ctx| act.expire_idle(ctx));
         }
+        // Answers to an earlier instance's calls are for jobs that are
+        // gone.
+        self.answers.clear();
+        ctx.spawn(crate::commands::FeedAnswers);
         // After a restart, the reconcile jobs queued by `restarting` run
         // now.
         self.start_next(ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // Calls still queued at a backend belong to jobs that are gone:
+        // they are dropped unrun (a restarted instance calls anew).
+        if let Some(caller) = self.caller.take() {
+            caller.stop();
+        }
     }
 }
 
