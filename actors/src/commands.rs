@@ -339,7 +339,7 @@ impl Handler<CallAnswered> for VramActor {
 /// (actix polls an actor's spawned futures after its mailbox). Spawned once
 /// per instance of the `VramActor`; it never finishes, and costs a check of
 /// an empty queue when there is nothing to feed.
-pub(crate) struct FeedAnswers;
+struct FeedAnswers;
 
 impl ActorFuture<VramActor> for FeedAnswers {
     type Output = ();
@@ -358,6 +358,14 @@ impl ActorFuture<VramActor> for FeedAnswers {
 }
 
 impl VramActor {
+    /// Starts feeding backend answers to jobs (at every start of this
+    /// actor, restarts included). Answers to an earlier instance's calls
+    /// are for jobs that are gone.
+    pub(crate) fn feed_answers(&mut self, ctx: &mut Context<Self>) {
+        self.answers.clear();
+        ctx.spawn(FeedAnswers);
+    }
+
     /// Feeds one backend answer to its job.
     fn answered(&mut self, msg: CallAnswered, ctx: &mut Context<Self>) {
         let CallAnswered { job, slot, answer } = msg;

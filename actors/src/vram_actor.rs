@@ -557,10 +557,7 @@ impl Actor for VramActor {
             let period = (*shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
             ctx.run_interval(period, |act, ctx| act.expire_idle(ctx));
         }
-        // Answers to an earlier instance's calls are for jobs that are
-        // gone.
-        self.answers.clear();
-        ctx.spawn(crate::commands::FeedAnswers);
+        self.feed_answers(ctx);
         // After a restart, the reconcile jobs queued by `restarting` run
         // now.
         self.start_next(ctx);
