@@ -144,8 +144,8 @@ pub(crate) enum Lost {
     Done,
     /// A list.
     Listed,
-    /// An unload; its first model names the failure.
-    Unloaded(String),
+    /// An unload.
+    Unloaded,
 }
 
 /// The `VramActor` instance that calls come from: its address, and whether

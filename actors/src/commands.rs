@@ -18,6 +18,7 @@ use crate::backend_actor::{
 use crate::error::VramError;
 use crate::job::RestartJob;
 use crate::job::{Command, Event};
+use crate::ledger::ModelState;
 use crate::probe::{GpuMemory, ProbeError};
 use crate::queue::{Queued, shutting_down};
 use crate::vram_actor::{VramActor, now};
@@ -72,10 +73,13 @@ impl VramActor {
             Command::WaitRelease { .. } | Command::Wait { .. } if self.shutting_down => {
                 Some(Event::Deadline)
             }
-            Command::Load(spec) => {
-                let kind = spec.kind.clone();
-                self.ask(id, &kind, CallKind::Load(spec), ctx)
-            }
+            Command::Load(spec) => match self.actor_slot(&spec.kind) {
+                Some(slot) => {
+                    self.call(id, slot, CallKind::Load(spec), ctx);
+                    None
+                }
+                None => self.ask(id, &spec.kind.clone(), CallKind::Load(spec), ctx),
+            },
             Command::Crash { kind } => {
                 let label = format!("<{kind} backend>");
                 let Some(backend) = self.actor(&kind).cloned() else {
@@ -146,7 +150,7 @@ impl VramActor {
         let lost = match &what {
             CallKind::Load(_) | CallKind::Wake(_) => Lost::Done,
             CallKind::List => Lost::Listed,
-            CallKind::Unload(models) => Lost::Unloaded(models.first().cloned().unwrap_or_default()),
+            CallKind::Unload(_) => Lost::Unloaded,
         };
         let to = self
             .caller
@@ -378,7 +382,18 @@ impl VramActor {
                     .map(|(model, result)| Event::Unloaded { model, result });
                 self.feed_all(job, unloaded.chain([Event::UnloadsDone]), ctx);
             }
-            Answer::Lost(Lost::Unloaded(first)) => {
+            Answer::Lost(Lost::Unloaded) => {
+                // Named after a model that was leaving through that
+                // backend (the job only needs one of its victims there),
+                // else after the job's own model.
+                let kind = &self.actors[slot].0;
+                let first = self
+                    .books
+                    .ledger
+                    .entries()
+                    .find(|e| e.kind == *kind && e.state == ModelState::Unloading)
+                    .map(|e| e.id.clone())
+                    .unwrap_or_else(|| self.call_label(kind));
                 let result = Err(self.backend_lost(slot, &first, MailboxError::Closed, ctx));
                 let unloaded = Event::Unloaded {
                     model: first,
