@@ -17,6 +17,12 @@
 //! back-off (`restart_backoff`, doubling with every restart that is not
 //! followed by a successful call, capped at `restart_backoff_max`) so a
 //! backend that crashes at once cannot spin.
+//!
+//! Calls: the `VramActor`'s own loads, wakes, unloads and lists come as a
+//! [`Call`] answered by a [`CallAnswered`] message (no reply channel per
+//! call); the public messages ([`LoadModel`], [`UnloadModels`], ...) do the
+//! same work for anyone else holding the actor's address and answer through
+//! actix's reply channel.
 
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
