@@ -4,7 +4,7 @@
 
 use actix::Message;
 
-/// What a successful [`Load`] did.
+/// What a successful [`Load`](crate::Load) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loaded {
     /// The model now resident.
@@ -15,7 +15,7 @@ pub struct Loaded {
     pub already_resident: bool,
 }
 
-/// What a successful [`Unload`] did.
+/// What a successful [`Unload`](crate::Unload) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unloaded {
     /// The model asked for.
