@@ -150,8 +150,8 @@ pub(crate) enum Lost {
     Done,
     /// A list.
     Listed,
-    /// An unload.
-    Unloaded,
+    /// An unload; its first model names the failure.
+    Unloaded(String),
 }
 
 /// The `VramActor` instance that calls come from: its address, and whether

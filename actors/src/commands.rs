@@ -18,7 +18,6 @@ use crate::backend_actor::{
 use crate::error::VramError;
 use crate::job::RestartJob;
 use crate::job::{Command, Event};
-use crate::ledger::ModelState;
 use crate::probe::{GpuMemory, ProbeError};
 use crate::queue::{Queued, shutting_down};
 use crate::vram_actor::{VramActor, now};
@@ -150,7 +149,7 @@ impl VramActor {
         let lost = match &what {
             CallKind::Load(_) | CallKind::Wake(_) => Lost::Done,
             CallKind::List => Lost::Listed,
-            CallKind::Unload(_) => Lost::Unloaded,
+            CallKind::Unload(models) => Lost::Unloaded(models.first().cloned().unwrap_or_default()),
         };
         let to = self
             .caller
@@ -382,18 +381,7 @@ impl VramActor {
                     .map(|(model, result)| Event::Unloaded { model, result });
                 self.feed_all(job, unloaded.chain([Event::UnloadsDone]), ctx);
             }
-            Answer::Lost(Lost::Unloaded) => {
-                // Named after a model that was leaving through that
-                // backend (the job only needs one of its victims there),
-                // else after the job's own model.
-                let kind = &self.actors[slot].0;
-                let first = self
-                    .books
-                    .ledger
-                    .entries()
-                    .find(|e| e.kind == *kind && e.state == ModelState::Unloading)
-                    .map(|e| e.id.clone())
-                    .unwrap_or_else(|| self.call_label(kind));
+            Answer::Lost(Lost::Unloaded(first)) => {
                 let result = Err(self.backend_lost(slot, &first, MailboxError::Closed, ctx));
                 let unloaded = Event::Unloaded {
                     model: first,
