@@ -329,14 +329,15 @@ impl SimCard {
                 "CUDA out of memory: {id} needs {bytes} bytes, the card has {free} free"
             ));
         }
-        let added = match state.allocations.get_mut(id) {
-            Some(held) => {
-                let before = *held;
-                *held = held.saturating_add(bytes);
-                *held - before
+        // One hash of the id: a model's first allocation is the usual case.
+        let added = match state.allocations.entry(id.to_string()) {
+            std::collections::hash_map::Entry::Occupied(mut held) => {
+                let before = *held.get();
+                *held.get_mut() = before.saturating_add(bytes);
+                *held.get() - before
             }
-            None => {
-                state.allocations.insert(id.to_string(), bytes);
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(bytes);
                 bytes
             }
         };

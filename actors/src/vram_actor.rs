@@ -431,7 +431,12 @@ impl VramActor {
                     Err(e) => e.code(),
                 };
                 let took = now.saturating_duration_since(running.started);
-                self.meters.load(job.model(), outcome, took.as_secs_f64());
+                // A loaded model's id went into the answer.
+                let model = match &result {
+                    Ok(loaded) => loaded.model.as_str(),
+                    Err(_) => job.model(),
+                };
+                self.meters.load(model, outcome, took.as_secs_f64());
                 if let Some(waited) = waited {
                     self.meters.release_wait(waited.as_secs_f64());
                 }

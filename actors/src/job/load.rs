@@ -112,7 +112,8 @@ impl LoadJob {
         }
     }
 
-    /// The model this job loads.
+    /// The model this job loads (empty once it answered `Ok`: the
+    /// answer took the id).
     pub(crate) fn model(&self) -> &str {
         &self.model
     }
@@ -564,8 +565,9 @@ impl LoadJob {
                 }));
             }
         }
+        // The job is done: its answer takes the model's id.
         let loaded = Loaded {
-            model: self.model.clone(),
+            model: std::mem::take(&mut self.model),
             evicted: self.in_plan_order(),
             already_resident: false,
         };
