@@ -157,15 +157,15 @@ pub(crate) enum Lost {
 /// The `VramActor` instance that calls come from: its address, and whether
 /// it has stopped. One per instance, shared by all of its calls.
 pub(crate) struct Caller {
-    to: Recipient<CallAnswered>,
+    address: Recipient<CallAnswered>,
     stopped: AtomicBool,
 }
 
 impl Caller {
-    /// Calls from the actor at `to`.
-    pub(crate) fn new(to: Recipient<CallAnswered>) -> Self {
+    /// Calls from the actor at `address`.
+    pub(crate) fn new(address: Recipient<CallAnswered>) -> Self {
         Self {
-            to,
+            address,
             stopped: AtomicBool::new(false),
         }
     }
@@ -208,7 +208,7 @@ impl AnswerTo {
 
     fn send(mut self, answer: Answer) {
         self.lost = None;
-        self.to.to.do_send(CallAnswered {
+        self.to.address.do_send(CallAnswered {
             job: self.job,
             slot: self.slot,
             answer,
@@ -221,7 +221,7 @@ impl Drop for AnswerTo {
         if let Some(lost) = self.lost.take()
             && !self.caller_stopped()
         {
-            self.to.to.do_send(CallAnswered {
+            self.to.address.do_send(CallAnswered {
                 job: self.job,
                 slot: self.slot,
                 answer: Answer::Lost(lost),
@@ -298,9 +298,6 @@ impl BackendActor {
     /// polled), applies the timeout, and stops the actor after a panic so
     /// the supervisor restarts it. A call that is done at once (a simulated
     /// backend) is answered at once, with no timer and no spawned future.
-    /// Runs `call` on the backend inside the panic and time guards. A
-    /// call whose future is ready at once is concluded at once, with no
-    /// trip through the actor's context.
     fn guarded<T: 'static>(
         &mut self,
         model: &str,
