@@ -10,7 +10,7 @@ use std::time::Duration;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use tokio::time::Instant;
-use vram_actors::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
+use vram_actors::{ArcStr, GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
 
 use crate::config::{GpuTotal, ProbeChoice, Settings, SettingsError};
 
@@ -249,7 +249,7 @@ pub fn resolve_card(settings: &Settings, index: usize) -> Result<GpuChoice, Sett
 struct CardState {
     total: u64,
     external: u64,
-    allocations: foldhash::HashMap<String, u64>,
+    allocations: foldhash::HashMap<ArcStr, u64>,
     /// The sum of `allocations`, kept as they change (wide: sizes near
     /// 2^64 add up without wrapping).
     allocated: u128,
@@ -319,7 +319,8 @@ impl SimCard {
     /// Allocates `bytes` for model `id`, or fails (out of memory) when the
     /// card lacks room at this moment, noting that a load asked for more
     /// than the card had.
-    pub fn allocate(&self, id: &str, bytes: u64) -> Result<(), String> {
+    pub fn allocate(&self, id: impl Into<ArcStr>, bytes: u64) -> Result<(), String> {
+        let id = id.into();
         let mut state = self.state.borrow_mut();
         let used = state.used();
         let free = state.total.saturating_sub(used);
@@ -330,7 +331,7 @@ impl SimCard {
             ));
         }
         // One hash of the id: a model's first allocation is the usual case.
-        let added = match state.allocations.entry(id.to_string()) {
+        let added = match state.allocations.entry(id) {
             std::collections::hash_map::Entry::Occupied(mut held) => {
                 let before = *held.get();
                 *held.get_mut() = before.saturating_add(bytes);
@@ -380,7 +381,7 @@ impl SimCard {
     }
 
     /// Frees everything of these models at once (their server died).
-    pub fn release_all<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
+    pub fn release_all<'a>(&self, ids: impl IntoIterator<Item = &'a ArcStr>) {
         for id in ids {
             self.release(id, Duration::ZERO);
         }

@@ -78,7 +78,7 @@ impl Manager {
             ttl: settings
                 .models
                 .iter()
-                .filter_map(|m| m.ttl.map(|t| (m.spec.id.clone(), t)))
+                .filter_map(|m| m.ttl.map(|t| (m.spec.id.to_string(), t)))
                 .collect(),
         }
     }
@@ -120,7 +120,7 @@ impl Manager {
                 .models
                 .iter()
                 .filter(|m| !m.files.is_empty())
-                .map(|m| (m.spec.id.clone(), m.files.clone()))
+                .map(|m| (m.spec.id.to_string(), m.files.clone()))
                 .collect(),
         );
         let mut cards = Vec::new();
@@ -144,7 +144,7 @@ impl Manager {
                 sizes: settings
                     .models
                     .iter()
-                    .map(|m| (m.spec.id.clone(), m.spec.bytes))
+                    .map(|m| (m.spec.id.to_string(), m.spec.bytes))
                     .collect(),
             }
             .start();
@@ -156,7 +156,7 @@ impl Manager {
             let allowed = settings
                 .models
                 .iter()
-                .filter_map(|m| m.gpus.clone().map(|g| (m.spec.id.clone(), g)))
+                .filter_map(|m| m.gpus.clone().map(|g| (m.spec.id.to_string(), g)))
                 .collect();
             Fleet::new(
                 cards.clone(),
@@ -231,7 +231,7 @@ impl Manager {
             process_specs.entry(kind.name.clone()).or_default();
         }
         for model in &models {
-            let (id, kind) = (model.spec.id.clone(), model.spec.kind.clone());
+            let (id, kind) = (model.spec.id.to_string(), model.spec.kind.to_string());
             match &model.backend {
                 BackendSpec::Sim(sim) => {
                     sim_options.entry(kind).or_default().insert(id, *sim);
@@ -277,7 +277,7 @@ impl Manager {
         let read_ahead: Vec<String> = models
             .iter()
             .filter(|m| matches!(&m.backend, BackendSpec::Sim(s) if s.warm_load_ms.is_some()))
-            .map(|m| m.spec.id.clone())
+            .map(|m| m.spec.id.to_string())
             .collect();
         if !files.is_empty() || !read_ahead.is_empty() {
             let files = files.clone();
@@ -372,8 +372,11 @@ impl Handler<vram_actors::VramEvent> for KeepWarm {
             | VramEvent::Unloaded { model, .. } => model,
             _ => return,
         };
-        let fits = self.sizes.get(model).is_some_and(|b| *b <= self.keep_warm);
-        if let (true, Some(files)) = (fits, self.files.get(model)) {
+        let fits = self
+            .sizes
+            .get(model.as_str())
+            .is_some_and(|b| *b <= self.keep_warm);
+        if let (true, Some(files)) = (fits, self.files.get(model.as_str())) {
             crate::warm::warm(model, files);
         }
     }

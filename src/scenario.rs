@@ -771,7 +771,7 @@ async fn run_steps(
         let (model, result): (Option<String>, Result<Vec<String>, VramError>) = match &step.op {
             Op::Load(m) => (
                 Some(m.clone()),
-                vram.load(m).await.map(|loaded| loaded.evicted),
+                vram.load(m).await.map(|loaded| names(&loaded.evicted)),
             ),
             Op::Unload(m) => (Some(m.clone()), vram.unload(m).await.map(|_| vec![])),
             Op::Acquire { model, lease } => {
@@ -780,7 +780,7 @@ async fn run_steps(
                 (
                     Some(model.clone()),
                     acquired.map(|l| {
-                        let evicted = l.evicted().to_vec();
+                        let evicted = names(l.evicted());
                         leases.insert(lease.clone(), l);
                         evicted
                     }),
@@ -816,7 +816,7 @@ async fn run_steps(
                         .filter_map(|e| match e {
                             VramEvent::Evicted {
                                 model, for_model, ..
-                            } if &for_model == m => Some(model),
+                            } if for_model == *m => Some(model.to_string()),
                             _ => None,
                         })
                         .collect(),
@@ -828,7 +828,7 @@ async fn run_steps(
         let gpu = status
             .models
             .iter()
-            .find(|m| Some(&m.id) == model.as_ref())
+            .find(|m| model.as_deref() == Some(m.id.as_str()))
             .map(|m| m.gpu);
         let mut report = StepReport {
             step: i + 1,
@@ -852,7 +852,7 @@ async fn run_steps(
                 .models
                 .iter()
                 .filter(|m| m.state == ModelState::Parked)
-                .map(|m| m.id.clone())
+                .map(|m| m.id.to_string())
                 .collect(),
             gpus: status
                 .gpus
@@ -867,7 +867,7 @@ async fn run_steps(
                 .models
                 .iter()
                 .filter(|m| m.state == ModelState::Resident)
-                .map(|m| (m.id.clone(), m.bytes, m.gpu))
+                .map(|m| (m.id.to_string(), m.bytes, m.gpu))
                 .collect(),
         };
         report.failures = check(step, &report, result.err());
@@ -891,6 +891,11 @@ async fn run_steps(
         }
     }
     Ok(())
+}
+
+/// Model ids as the report lists them.
+fn names(ids: &[vram_actors::ArcStr]) -> Vec<String> {
+    ids.iter().map(ToString::to_string).collect()
 }
 
 /// The expectations of `step` that `report` does not meet.

@@ -125,7 +125,12 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
     let models = settings
         .models
         .iter()
-        .map(|m| (m.spec.id.clone(), (m.spec.kind.clone(), m.proxy.clone())))
+        .map(|m| {
+            (
+                m.spec.id.to_string(),
+                (m.spec.kind.to_string(), m.proxy.clone()),
+            )
+        })
         .collect();
     let settings = settings.clone();
     actix_web::rt::System::new().block_on(async move {
@@ -150,7 +155,7 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                 settings
                     .models
                     .iter()
-                    .map(|m| (m.spec.id.clone(), m.spec.clone()))
+                    .map(|m| (m.spec.id.to_string(), m.spec.clone()))
                     .collect(),
             ),
             about: Arc::new(About {
@@ -160,7 +165,7 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                     .map(|m| {
                         let kind = settings.kinds.get(&m.spec.kind);
                         (
-                            m.spec.id.clone(),
+                            m.spec.id.to_string(),
                             (
                                 kind.map_or(0, |k| k.priority),
                                 kind.is_some_and(|k| k.protected),
@@ -500,7 +505,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
                     "measured": entry.measured,
                     "pinned": entry.pinned,
                     "leases": entry.leases,
-                    "idle_s": status.idle_ms.get(&entry.id).map(|ms| *ms as f64 / 1000.0),
+                    "idle_s": status.idle_ms.get(entry.id.as_str()).map(|ms| *ms as f64 / 1000.0),
                 }),
                 None => json!({
                     "id": spec.id,
@@ -510,7 +515,7 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
                     "bytes": spec.bytes,
                     "declared": spec.bytes,
                     "measured": null,
-                    "pinned": pins.get(&spec.id).copied().unwrap_or(spec.pinned),
+                    "pinned": pins.get(spec.id.as_str()).copied().unwrap_or(spec.pinned),
                     "leases": 0,
                     "idle_s": null,
                 }),

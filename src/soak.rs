@@ -120,7 +120,7 @@ fn check_ledger(ledger: &Ledger, backends: &[FaultBackend]) -> Option<String> {
     if !in_flight.is_empty() {
         return Some(format!("models in flight between jobs: {in_flight:?}"));
     }
-    let ledger_ids: BTreeSet<String> = ledger.entries().map(|e| e.id.clone()).collect();
+    let ledger_ids: BTreeSet<String> = ledger.entries().map(|e| e.id.to_string()).collect();
     let held: BTreeSet<String> = backends.iter().flat_map(FaultBackend::holding).collect();
     (ledger_ids != held).then(|| format!("ledger {ledger_ids:?} != backends {held:?}"))
 }
@@ -239,7 +239,7 @@ async fn soak(options: SoakOptions, base: ManagerConfig) -> SoakReport {
             .push("manager did not answer Subscribe".into());
     }
 
-    let ids: Rc<Vec<String>> = Rc::new(catalog.iter().map(|m| m.id.clone()).collect());
+    let ids: Rc<Vec<String>> = Rc::new(catalog.iter().map(|m| m.id.to_string()).collect());
     let results: Rc<RefCell<BTreeMap<String, u64>>> = Rc::default();
     let per_client = options.operations / options.clients as u64;
     let clients: Vec<_> = (0..options.clients)
@@ -287,7 +287,7 @@ async fn soak(options: SoakOptions, base: ManagerConfig) -> SoakReport {
                     .borrow_mut()
                     .push(format!("leases leaked on {leaked:?}"));
             }
-            let ledger: BTreeSet<String> = status.models.iter().map(|m| m.id.clone()).collect();
+            let ledger: BTreeSet<String> = status.models.iter().map(|m| m.id.to_string()).collect();
             let backends_hold: BTreeSet<String> =
                 backends.iter().flat_map(FaultBackend::holding).collect();
             if ledger != backends_hold {

@@ -224,14 +224,9 @@ async fn every_waiter_of_one_load_hears_its_whole_answer() {
     );
     let (a, d) = (a.unwrap().unwrap(), d.unwrap().unwrap());
     let (b, c) = (b.unwrap().unwrap(), c.unwrap().unwrap());
-    assert_eq!(
-        (a.evicted.clone(), d.evicted.clone()),
-        (vec!["x".to_string()], vec!["x".to_string()])
-    );
-    assert_eq!(
-        (b.evicted(), c.evicted()),
-        (&["x".to_string()][..], &["x".to_string()][..])
-    );
+    for evicted in [&a.evicted[..], &d.evicted, b.evicted(), c.evicted()] {
+        assert_eq!(evicted, ["x"]);
+    }
     assert_ne!(b.id(), c.id(), "one lease each");
     assert_eq!(m.sims["llm"].load_count(), 2, "x, then m once");
     let leases_on_m = |status: vram_manager::StatusReport| {
@@ -352,7 +347,7 @@ async fn events_arrive_in_the_order_things_happened() {
 async fn next_expired(events: &mut Events) -> String {
     events
         .next(|e| match e {
-            VramEvent::Expired { model, .. } => Some(model),
+            VramEvent::Expired { model, .. } => Some(model.to_string()),
             _ => None,
         })
         .await
@@ -456,7 +451,7 @@ async fn a_backend_timeout_carries_its_reason_to_the_caller_and_the_event() {
                 model,
                 code,
                 reason,
-            } => Some((model, code, reason)),
+            } => Some((model.to_string(), code, reason)),
             _ => None,
         })
         .collect();

@@ -150,7 +150,7 @@ proptest! {
         let card = SimCard::new(total, external);
         for (i, bytes) in loads.iter().enumerate() {
             let before = card.memory_now();
-            let allocated = card.allocate(&format!("m{i}"), *bytes);
+            let allocated = card.allocate(format!("m{i}"), *bytes);
             let after = card.memory_now();
             prop_assert_eq!(allocated.is_ok(), *bytes <= before.free);
             prop_assert_eq!(after.free, total.saturating_sub(after.used));

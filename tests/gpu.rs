@@ -181,7 +181,7 @@ async fn a_model_measured_larger_than_capacity_is_unloaded_and_then_refused() {
         .await
         .into_iter()
         .filter_map(|e| match e {
-            VramEvent::LoadFailed { model, code, .. } => Some((model, code)),
+            VramEvent::LoadFailed { model, code, .. } => Some((model.to_string(), code)),
             _ => None,
         })
         .collect();

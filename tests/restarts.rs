@@ -25,7 +25,7 @@ struct Slow {
 impl Backend for Slow {
     fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
         self.log.borrow_mut().push(format!("load {}", model.id));
-        self.held.borrow_mut().push(model.id.clone());
+        self.held.borrow_mut().push(model.id.to_string());
         Box::pin(async {
             actix::clock::sleep(Duration::from_millis(200)).await;
             Ok(())

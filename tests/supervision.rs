@@ -362,7 +362,7 @@ struct CrashesBehindA {
 impl vram_manager::Backend for CrashesBehindA {
     fn load(&self, model: &vram_manager::ModelSpec) -> vram_manager::BackendFuture<()> {
         self.log.borrow_mut().push(format!("load {}", model.id));
-        self.held.borrow_mut().push(model.id.clone());
+        self.held.borrow_mut().push(model.id.to_string());
         if let (Some(me), "a") = (self.me.borrow().as_ref(), model.id.as_str()) {
             me.do_send(Crash::default());
         }
@@ -402,7 +402,7 @@ async fn a_restart_announced_behind_a_successful_call_is_reconciled_before_the_n
     let (seen_in, held_in) = (seen.clone(), held.clone());
     let addr = VramActor::new(config, backends)
         .observe_jobs(move |ledger| {
-            let ids: Vec<String> = ledger.entries().map(|e| e.id.clone()).collect();
+            let ids: Vec<String> = ledger.entries().map(|e| e.id.to_string()).collect();
             seen_in.borrow_mut().push((ids, held_in.borrow().clone()));
         })
         .start();

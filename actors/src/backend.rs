@@ -137,7 +137,7 @@ mod tests {
 
     impl Backend for Three {
         fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
-            self.held.borrow_mut().push(model.id.clone());
+            self.held.borrow_mut().push(model.id.to_string());
             Box::pin(async { Ok(()) })
         }
         fn unload(&self, id: &str) -> BackendFuture<()> {

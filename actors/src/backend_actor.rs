@@ -24,6 +24,7 @@
 //! same work for anyone else holding the actor's address and answer through
 //! actix's reply channel.
 
+use arcstr::ArcStr;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -77,8 +78,8 @@ pub struct UnloadModel(pub String);
 /// the victims a load takes from one backend: an eviction of k models costs
 /// one round trip, not k.
 #[derive(Debug, Message)]
-#[rtype(result = "Vec<(String, Result<(), VramError>)>")]
-pub struct UnloadModels(pub Vec<String>);
+#[rtype(result = "Vec<(ArcStr, Result<(), VramError>)>")]
+pub struct UnloadModels(pub Vec<ArcStr>);
 
 /// Park a model through the backend (it leaves the card, its server
 /// stays). Answers when it is asleep.
@@ -112,10 +113,10 @@ pub(crate) enum CallKind {
     /// Load the model; answered [`Answer::Done`].
     Load(Arc<ModelSpec>),
     /// Wake the parked model; answered [`Answer::Done`].
-    Wake(String),
+    Wake(ArcStr),
     /// Unload the models in order, as [`UnloadModels`] does; answered
     /// [`Answer::Unloaded`].
-    Unload(Vec<String>),
+    Unload(Vec<ArcStr>),
     /// List what the backend holds; answered [`Answer::Listed`].
     List,
 }
@@ -151,7 +152,7 @@ pub(crate) enum Lost {
     /// A list.
     Listed,
     /// An unload; its first model names the failure.
-    Unloaded(String),
+    Unloaded(ArcStr),
 }
 
 /// The `VramActor` instance that calls come from: its address, and whether
@@ -370,7 +371,7 @@ impl BackendActor {
     /// handled in a loop; the first that does not continues as a future.
     fn unload_in_order(
         &mut self,
-        mut rest: std::vec::IntoIter<String>,
+        mut rest: std::vec::IntoIter<ArcStr>,
         mut done: Unloads,
         ctx: &mut Context<Self>,
     ) -> InOrder {
@@ -456,7 +457,7 @@ impl BackendActor {
 type InOrder = Result<Unloads, Pending<Unloads>>;
 
 /// Each model tried and its result.
-type Unloads = Vec<(String, Result<(), VramError>)>;
+type Unloads = Vec<(ArcStr, Result<(), VramError>)>;
 
 /// Work the actor goes on with.
 type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<BackendActor, Output = T>>>;
@@ -722,7 +723,7 @@ mod tests {
                 asked: Default::default(),
             });
             let actor = BackendActor::new("llm", backend.clone(), &config()).start();
-            let models = ["a", "b", "c"].map(String::from).to_vec();
+            let models = ["a", "b", "c"].map(ArcStr::from).to_vec();
             let results = actor.send(UnloadModels(models)).await.unwrap();
             assert_eq!(results.len(), 2, "slow: {slow}");
             assert!(results[0].0 == "a" && results[0].1.is_ok());
@@ -743,7 +744,7 @@ mod tests {
                 asked: Default::default(),
             });
             let actor = BackendActor::new("llm", backend.clone(), &config()).start();
-            let models = ["c", "a", "b"].map(String::from).to_vec();
+            let models = ["c", "a", "b"].map(ArcStr::from).to_vec();
             let results = actor.send(UnloadModels(models)).await.unwrap();
             assert_eq!(results.len(), 3);
             assert!(results.iter().all(|(_, r)| r.is_ok()));

@@ -6,6 +6,7 @@
 //! answered at once; a wait is a timer. A backend actor found dead is
 //! replaced.
 
+use arcstr::ArcStr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -173,8 +174,8 @@ impl VramActor {
     fn unload(
         &mut self,
         id: u64,
-        kind: String,
-        models: Vec<String>,
+        kind: ArcStr,
+        models: Vec<ArcStr>,
         ctx: &mut Context<Self>,
     ) -> Option<Event> {
         if let Some(slot) = self.actor_slot(&kind) {
@@ -208,8 +209,8 @@ impl VramActor {
     fn park(
         &mut self,
         id: u64,
-        kind: String,
-        model: String,
+        kind: ArcStr,
+        model: ArcStr,
         ctx: &mut Context<Self>,
     ) -> Option<Event> {
         let Some(backend) = self.actor(&kind).cloned() else {
@@ -226,7 +227,7 @@ impl VramActor {
         let label = model.clone();
         ctx.spawn(
             backend
-                .send(ParkModel(model.clone()))
+                .send(ParkModel(model.to_string()))
                 .into_actor(self)
                 .then(move |answer, act, _ctx| {
                     let stop = match answer {
@@ -247,7 +248,7 @@ impl VramActor {
                                         .pop()
                                         .map_or(Ok(false), |(_, r)| r.map(|()| false)),
                                     Err(e) => Err(VramError::BackendFailed {
-                                        model,
+                                        model: model.to_string(),
                                         reason: format!("backend actor unavailable: {e}"),
                                     }),
                                 }

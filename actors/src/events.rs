@@ -3,14 +3,15 @@
 //! actors.
 
 use actix::Message;
+use arcstr::ArcStr;
 
 /// What a successful [`Load`](crate::Load) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loaded {
     /// The model now resident.
-    pub model: String,
+    pub model: ArcStr,
     /// Models unloaded to make room for it, in unload order.
-    pub evicted: Vec<String>,
+    pub evicted: Vec<ArcStr>,
     /// True if it was already resident (nothing was loaded).
     pub already_resident: bool,
 }
@@ -19,7 +20,7 @@ pub struct Loaded {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unloaded {
     /// The model asked for.
-    pub model: String,
+    pub model: ArcStr,
     /// False if it was not resident (nothing was done).
     pub was_resident: bool,
 }
@@ -32,22 +33,22 @@ pub enum VramEvent {
     /// A load was planned; its bytes are reserved.
     Loading {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
         /// The card it is on (position in the list of cards; 0 with one).
         gpu: usize,
         /// Bytes reserved.
         bytes: u64,
         /// Models that will be evicted for it, in order.
-        victims: Vec<String>,
+        victims: Vec<ArcStr>,
     },
     /// A model is resident.
     Loaded {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
         /// The card it is on (position in the list of cards; 0 with one).
         gpu: usize,
         /// Bytes charged: the larger of declared and measured.
@@ -60,15 +61,15 @@ pub enum VramEvent {
     /// A model was unloaded to make room for another.
     Evicted {
         /// The model unloaded.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
         /// The card it is on (position in the list of cards; 0 with one).
         gpu: usize,
         /// Bytes freed.
         bytes: u64,
         /// The model it made room for.
-        for_model: String,
+        for_model: ArcStr,
         /// The eviction order that chose it (`strict` or `adaptive`).
         order: crate::policy::Order,
     },
@@ -76,9 +77,9 @@ pub enum VramEvent {
     /// `bytes` on the card and its weights in host RAM.
     Parked {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
         /// The card it is on (position in the list of cards; 0 with one).
         gpu: usize,
         /// Bytes it still holds on the card.
@@ -87,14 +88,14 @@ pub enum VramEvent {
         freed: u64,
         /// The model it made room for (none when it parked because it was
         /// idle for its TTL).
-        for_model: Option<String>,
+        for_model: Option<ArcStr>,
     },
     /// A parked model woke and is resident again.
     Woke {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
         /// The card it is on (position in the list of cards; 0 with one).
         gpu: usize,
         /// Bytes charged now.
@@ -103,9 +104,9 @@ pub enum VramEvent {
     /// A model was unloaded on request.
     Unloaded {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
         /// The card it is on (position in the list of cards; 0 with one).
         gpu: usize,
         /// Bytes freed.
@@ -114,9 +115,9 @@ pub enum VramEvent {
     /// A model was unloaded because it was idle for its TTL.
     Expired {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
         /// The card it is on (position in the list of cards; 0 with one).
         gpu: usize,
         /// Bytes freed.
@@ -125,7 +126,7 @@ pub enum VramEvent {
     /// A load failed; no reservation remains.
     LoadFailed {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// The error code.
         code: String,
         /// The error's message.
@@ -134,9 +135,9 @@ pub enum VramEvent {
     /// A resident model's server exited by itself; it left the ledger.
     ModelExited {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
         /// Why: exit status and the last lines of its stderr.
         reason: String,
     },
@@ -144,8 +145,8 @@ pub enum VramEvent {
     /// longer holds, removed from the ledger.
     BackendRestarted {
         /// The backend's kind.
-        kind: String,
+        kind: ArcStr,
         /// Models that left the ledger because of the crash.
-        lost: Vec<String>,
+        lost: Vec<ArcStr>,
     },
 }

@@ -45,14 +45,16 @@ impl Handler<Load> for VramActor {
             self.books.ledger.note_request_as(&msg.model, false);
             self.books.touch(&msg.model, now());
             return Deferred::now(Ok(Loaded {
-                model: msg.model,
+                model: self.id_of(&msg.model),
                 evicted: vec![],
                 already_resident: true,
             }));
         }
         let miss = self.needs_load(&msg.model);
-        let (reply, answer) = deferred(msg.model.clone());
-        match self.submit_load(&msg.model, LoadWaiter::Load(reply), ctx) {
+        // The catalog's id, shared by the answer's label and the job.
+        let model = self.id_of(&msg.model);
+        let (reply, answer) = deferred(model.clone());
+        match self.submit_load(model, LoadWaiter::Load(reply), ctx) {
             Ok(()) => {
                 self.books.ledger.note_request_as(&msg.model, miss);
                 answer
@@ -77,8 +79,9 @@ impl Handler<Acquire> for VramActor {
             return Deferred::now(Err(e));
         }
         let miss = self.needs_load(&msg.model);
-        let (reply, answer) = deferred(msg.model.clone());
-        match self.submit_load(&msg.model, LoadWaiter::Acquire(reply), ctx) {
+        let model = self.id_of(&msg.model);
+        let (reply, answer) = deferred(model.clone());
+        match self.submit_load(model, LoadWaiter::Acquire(reply), ctx) {
             Ok(()) => {
                 self.books.ledger.note_request_as(&msg.model, miss);
                 answer
@@ -135,12 +138,13 @@ impl Handler<Unload> for VramActor {
         }
         if self.books.ledger.get(&msg.model).is_none() && !self.job_pending_for(&msg.model) {
             return Deferred::now(Ok(Unloaded {
-                model: msg.model,
+                model: self.id_of(&msg.model),
                 was_resident: false,
             }));
         }
-        let job = UnloadJob::new(msg.model.clone());
-        let (reply, answer) = deferred(msg.model);
+        let model = self.id_of(&msg.model);
+        let job = UnloadJob::new(model.clone());
+        let (reply, answer) = deferred(model);
         match self.submit(Queued::Unload(job, vec![reply]), ctx) {
             Ok(()) => answer,
             Err(e) => Deferred::now(Err(e)),
@@ -196,8 +200,8 @@ impl Handler<ModelExited> for VramActor {
         self.released(ctx);
         tracing::warn!(model = %msg.model, kind = %msg.kind, reason = %msg.reason, "model server exited");
         self.publish(VramEvent::ModelExited {
-            model: msg.model,
-            kind: msg.kind,
+            model: msg.model.into(),
+            kind: msg.kind.into(),
             reason: msg.reason,
         });
     }
@@ -277,7 +281,7 @@ impl Handler<Status> for VramActor {
                     .iter()
                     .map(|(id, at)| {
                         let idle = now.saturating_duration_since(*at).as_millis();
-                        (id.clone(), u64::try_from(idle).unwrap_or(u64::MAX))
+                        (id.to_string(), u64::try_from(idle).unwrap_or(u64::MAX))
                     })
                     .collect()
             },

@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use arcstr::ArcStr;
+
 use crate::model::ModelSpec;
 
 /// How many gaps between its requests a model's history keeps.
@@ -34,9 +36,9 @@ pub enum ModelState {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Entry {
     /// The model's id.
-    pub id: String,
+    pub id: ArcStr,
     /// The model's kind name.
-    pub kind: String,
+    pub kind: ArcStr,
     /// The card it is on (position in the list of cards; 0 with one).
     pub gpu: usize,
     /// Bytes charged to this model: the larger of declared and measured.
@@ -140,7 +142,7 @@ pub struct Ledger {
     /// Wide, so sizes near 2^64 add up without losing bytes.
     used: u128,
     next_recency: u64,
-    entries: BTreeMap<String, Entry>,
+    entries: BTreeMap<ArcStr, Entry>,
     history: History,
 }
 

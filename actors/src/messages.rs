@@ -1,6 +1,7 @@
 //! The messages a `VramActor` answers and what they answer (the answers
 //! and events themselves are plain data in `events.rs`).
 
+use arcstr::ArcStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -100,8 +101,8 @@ pub struct Release {
 #[must_use = "dropping a lease releases the model at once"]
 pub struct Lease {
     pub(crate) id: u64,
-    pub(crate) model: String,
-    pub(crate) evicted: Vec<String>,
+    pub(crate) model: ArcStr,
+    pub(crate) evicted: Vec<ArcStr>,
     pub(crate) owner: Option<Recipient<Release>>,
     /// Cleared by the manager when the model is lost in a backend crash.
     pub(crate) valid: Arc<AtomicBool>,
@@ -119,7 +120,7 @@ impl Lease {
     }
 
     /// Models evicted to load the model for this lease, in unload order.
-    pub fn evicted(&self) -> &[String] {
+    pub fn evicted(&self) -> &[ArcStr] {
         &self.evicted
     }
 
@@ -214,7 +215,7 @@ impl StatusReport {
         self.models
             .iter()
             .filter(|m| m.state == ModelState::Resident)
-            .map(|m| m.id.clone())
+            .map(|m| m.id.to_string())
             .collect()
     }
 }

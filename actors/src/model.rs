@@ -3,13 +3,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arcstr::ArcStr;
+
 /// One model the manager knows how to load.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModelSpec {
-    /// Unique id, e.g. `"whisper-large-v3"`.
-    pub id: String,
-    /// Name of the model's kind (see [`crate::Kinds`]).
-    pub kind: String,
+    /// Unique id, e.g. `"whisper-large-v3"`. Shared: the ledger, the jobs
+    /// and the backends hold it without copying it.
+    pub id: ArcStr,
+    /// Name of the model's kind (see [`crate::Kinds`]), shared as the id.
+    pub kind: ArcStr,
     /// Declared VRAM footprint in bytes.
     pub bytes: u64,
     /// A pinned model is never evicted nor expired; only an explicit
@@ -31,7 +34,7 @@ pub struct Park {
 
 impl ModelSpec {
     /// A model that is not pinned.
-    pub fn new(id: impl Into<String>, kind: impl Into<String>, bytes: u64) -> Self {
+    pub fn new(id: impl Into<ArcStr>, kind: impl Into<ArcStr>, bytes: u64) -> Self {
         Self {
             id: id.into(),
             kind: kind.into(),
@@ -65,7 +68,7 @@ impl ModelSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Catalog {
     /// Shared, so a load hands its backend the spec without a copy.
-    by_id: BTreeMap<String, Arc<ModelSpec>>,
+    by_id: BTreeMap<ArcStr, Arc<ModelSpec>>,
     /// How many of the models can park: plans look parking up only when
     /// some can.
     parking: usize,

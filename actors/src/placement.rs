@@ -25,6 +25,7 @@ use crate::kind::Kinds;
 use crate::ledger::Ledger;
 use crate::model::Catalog;
 use crate::policy::{Order, Plan, plan_in_order};
+use arcstr::ArcStr;
 
 /// One card as placement sees it.
 #[derive(Debug, Clone, Copy)]
@@ -129,7 +130,7 @@ pub fn place(
             .map_or(0, |k| k.priority)
     };
     // (highest victim priority, victim bytes, victims, card) and the plan.
-    type Ranked = ((u32, u64, usize, usize), Vec<String>);
+    type Ranked = ((u32, u64, usize, usize), Vec<ArcStr>);
     let mut best: Option<Ranked> = None;
     let mut refusal: Option<(u64, VramError)> = None;
     for &c in &usable {

@@ -23,6 +23,7 @@
 //! would cost, weighed by how soon each candidate is likely to be asked for
 //! again; see [`plan_in_order`]). Everything else is the same under both.
 
+use arcstr::ArcStr;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -40,13 +41,13 @@ pub enum Plan {
     /// Empty when the model fits as things are.
     Load {
         /// Victims in unload order.
-        victims: Vec<String>,
+        victims: Vec<ArcStr>,
     },
 }
 
 impl Plan {
     /// The models this plan unloads, in order (none for `Resident`).
-    pub fn victims(&self) -> &[String] {
+    pub fn victims(&self) -> &[ArcStr] {
         match self {
             Plan::Resident => &[],
             Plan::Load { victims } => victims,
@@ -81,7 +82,7 @@ impl Order {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Score {
     /// The model.
-    pub id: String,
+    pub id: ArcStr,
     /// The predicted chance (0..1) it is asked for within the horizon.
     pub p_soon: f64,
     /// Its reload cost (bytes) times `p_soon`: what evicting it is
@@ -161,7 +162,7 @@ pub fn scores(ledger: &Ledger) -> Vec<Score> {
 ///     .into_iter()
 ///     .collect();
 /// let plan = plan(&ledger, &kinds, &catalog, "llm-14b", ledger.free())?;
-/// assert_eq!(plan, Plan::Load { victims: vec!["llm-8b".to_string()] });
+/// assert_eq!(plan.victims(), ["llm-8b"]);
 /// # Ok::<(), vram_actors::VramError>(())
 /// ```
 pub fn plan(
@@ -511,12 +512,16 @@ pub fn servable<'a>(
 /// The resident models whose idle time has reached their TTL: not leased,
 /// not pinned, with a TTL in `ttl`, last used (per `last_used`) at least
 /// that long before `now`. Sorted by id.
-pub fn expired<S: std::hash::BuildHasher>(
+pub fn expired<K, S>(
     ledger: &Ledger,
     ttl: &HashMap<String, Duration>,
-    last_used: &HashMap<String, Instant, S>,
+    last_used: &HashMap<K, Instant, S>,
     now: Instant,
-) -> Vec<String> {
+) -> Vec<ArcStr>
+where
+    K: std::borrow::Borrow<str> + std::hash::Hash + Eq,
+    S: std::hash::BuildHasher,
+{
     ledger
         .entries()
         .filter(|e| is_expired(e, ttl, last_used, now))
@@ -525,13 +530,17 @@ pub fn expired<S: std::hash::BuildHasher>(
 }
 
 /// Whether one ledger entry has expired, by the rule of [`expired`].
-pub fn is_expired<S: std::hash::BuildHasher>(
+pub fn is_expired<K, S>(
     entry: &Entry,
     ttl: &HashMap<String, Duration>,
-    last_used: &HashMap<String, Instant, S>,
+    last_used: &HashMap<K, Instant, S>,
     now: Instant,
-) -> bool {
-    let idle_enough = match (ttl.get(&entry.id), last_used.get(&entry.id)) {
+) -> bool
+where
+    K: std::borrow::Borrow<str> + std::hash::Hash + Eq,
+    S: std::hash::BuildHasher,
+{
+    let idle_enough = match (ttl.get(&*entry.id), last_used.get(&*entry.id)) {
         (Some(ttl), Some(used)) => now.saturating_duration_since(*used) >= *ttl,
         _ => false,
     };
@@ -597,7 +606,7 @@ mod tests {
             }
             self.ledger.reserve(self.catalog.get(id).unwrap());
             self.ledger.commit(id);
-            Ok(plan.victims().to_vec())
+            Ok(plan.victims().iter().map(ToString::to_string).collect())
         }
 
         fn resident(&self) -> Vec<&str> {

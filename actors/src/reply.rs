@@ -10,6 +10,7 @@
 //! directly. Either side may come first: a job that ends inside the
 //! handler leaves its answer in the slot for the channel to take.
 
+use arcstr::ArcStr;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -36,7 +37,7 @@ enum Slot<T> {
 pub(crate) struct Reply<T> {
     slot: Rc<RefCell<Slot<Result<T, VramError>>>>,
     /// The model asked for, named in the `unavailable` answer.
-    model: String,
+    model: ArcStr,
 }
 
 /// What the `VramActor`'s Load, Acquire, Unload and CrashBackend handlers
@@ -59,12 +60,12 @@ impl<T> Deferred<T> {
 }
 
 /// A deferred answer about `model`: the job's end and the handler's.
-pub(crate) fn deferred<T>(model: String) -> (Reply<T>, Deferred<T>) {
+pub(crate) fn deferred<T>(model: impl Into<ArcStr>) -> (Reply<T>, Deferred<T>) {
     let slot = Rc::new(RefCell::new(Slot::Empty));
     (
         Reply {
             slot: slot.clone(),
-            model,
+            model: model.into(),
         },
         Deferred(Answer::Later(slot)),
     )

@@ -22,6 +22,7 @@
 //! backend reports as loaded, and `backend_restarted` published. A backend
 //! actor found dead (a panic escaped its guards) is replaced the same way.
 
+use arcstr::ArcStr;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -167,7 +168,7 @@ impl VramActor {
         match &event {
             VramEvent::Evicted { model, kind, .. } => self.meters.evicted(model, kind),
             VramEvent::BackendRestarted { kind, .. } => {
-                metrics::counter!("vram_manager_backend_restarts_total", "kind" => kind.clone())
+                metrics::counter!("vram_manager_backend_restarts_total", "kind" => kind.to_string())
                     .increment(1);
             }
             _ => {}
@@ -272,17 +273,26 @@ impl VramActor {
     /// Queues a load of `model` for `waiter` (or joins an equal load).
     pub(crate) fn submit_load(
         &mut self,
-        model: &str,
+        model: ArcStr,
         waiter: LoadWaiter,
         ctx: &mut Context<Self>,
     ) -> Result<(), VramError> {
-        let Some(waiter) = self.join_load(model, waiter) else {
+        let Some(waiter) = self.join_load(&model, waiter) else {
             return Ok(());
         };
         self.submit(
             Queued::Load(LoadJob::new(model), smallvec::smallvec![waiter]),
             ctx,
         )
+    }
+
+    /// The catalog's shared id for `model` (a copy of `model` when the
+    /// catalog does not know it: only an error names it then).
+    pub(crate) fn id_of(&self, model: &str) -> ArcStr {
+        self.books
+            .declared
+            .get(model)
+            .map_or_else(|| ArcStr::from(model), |spec| spec.id.clone())
     }
 
     /// Queues `job`, then starts the next job.
@@ -516,23 +526,24 @@ impl VramActor {
     }
 
     /// Takes a lease on a resident model.
-    pub(crate) fn lease(&mut self, model: &str, evicted: Vec<String>) -> Result<Lease, VramError> {
+    pub(crate) fn lease(&mut self, model: &str, evicted: Vec<ArcStr>) -> Result<Lease, VramError> {
         self.books.used_now(model, now());
-        if !self.books.ledger.lease(model) {
+        let id = self.books.ledger.get(model).map(|e| e.id.clone());
+        let (Some(id), true) = (id, self.books.ledger.lease(model)) else {
             // Only reachable if the model left between its load and now.
             return Err(VramError::BackendFailed {
                 model: model.to_string(),
                 reason: "model left the card before it could be leased".to_string(),
             });
-        }
+        };
         self.next_lease += 1;
         let valid = Arc::new(AtomicBool::new(true));
         self.books
             .leases
-            .insert(self.next_lease, (model.to_string(), valid.clone()));
+            .insert(self.next_lease, (id.clone(), valid.clone()));
         Ok(Lease {
             id: self.next_lease,
-            model: model.to_string(),
+            model: id,
             evicted,
             owner: self.me.clone(),
             valid,

@@ -173,7 +173,7 @@ impl World {
                                 "evicted although a card fits"
                             );
                             // The cheapest eviction of all allowed cards.
-                            let key = |d: usize, victims: &[String]| {
+                            let key = |d: usize, victims: &[vram_actors::ArcStr]| {
                                 let card = &self.cards[d];
                                 let entries = victims.iter().map(|v| card.get(v).unwrap());
                                 let top = entries

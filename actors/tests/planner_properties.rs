@@ -152,6 +152,7 @@ impl World {
                 Ok(true)
             }
             Ok(Plan::Load { victims }) => {
+                let victims: Vec<String> = victims.iter().map(ToString::to_string).collect();
                 prop_assert!(!self.reference.resident.contains_key(id));
                 prop_assert!(needed <= CAPACITY);
                 let freed: u64 = victims.iter().map(|v| self.spec(v).bytes).sum();
@@ -247,7 +248,7 @@ impl World {
         let ledger: Vec<_> = self
             .ledger
             .entries()
-            .map(|e| (e.id.clone(), e.leases))
+            .map(|e| (e.id.to_string(), e.leases))
             .collect();
         let reference: Vec<_> = self
             .reference

@@ -189,7 +189,7 @@ impl Backend for FaultBackend {
                 Some(Fault::Hang) => actix::clock::sleep(hang).await,
                 Some(Fault::SlowUnload) | None => {}
             }
-            state.borrow_mut().loaded.insert(id);
+            state.borrow_mut().loaded.insert(id.to_string());
             Ok(())
         })
     }

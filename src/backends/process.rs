@@ -163,7 +163,7 @@ impl ProcessBackend {
         }
         for (pid, id, mut gone) in starting {
             let limit = self.stop_timeout(&id) + KEEPER_MARGIN;
-            let spec = self.specs.get(&id).cloned();
+            let spec = self.specs.get(id.as_str()).cloned();
             stops.push(Box::pin(async move {
                 if let Some(spec) = &spec {
                     run_stop_command(&id, spec).await;
@@ -289,7 +289,7 @@ async fn connect(addr: &str) -> Result<(), String> {
 impl Backend for ProcessBackend {
     fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
         let id = model.id.clone();
-        let spec = self.specs.get(&id).cloned();
+        let spec = self.specs.get(id.as_str()).cloned();
         let this = self.clone();
         Box::pin(async move {
             let spec = spec
@@ -334,7 +334,10 @@ impl Backend for ProcessBackend {
                 actix::clock::sleep(READY_POLL).await;
             }
             tracing::info!(model = %id, pid = server.leader.as_raw(), "model server ready");
-            this.state.borrow_mut().running.insert(id, server);
+            this.state
+                .borrow_mut()
+                .running
+                .insert(id.to_string(), server);
             Ok(())
         })
     }

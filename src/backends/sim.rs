@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
-use vram_actors::{Backend, BackendError, BackendFuture, ModelSpec};
+use vram_actors::{ArcStr, Backend, BackendError, BackendFuture, ModelSpec};
 
 use crate::config::SimOptions;
 use crate::gpu::SimCard;
@@ -19,7 +19,7 @@ use crate::gpu::SimCard;
 struct State {
     /// The models held (loaded or parked), each with what it allocated
     /// (for its wake): one map, so a load or an unload touches one entry.
-    held: BTreeMap<String, u64>,
+    held: BTreeMap<ArcStr, u64>,
     /// Of those, the ones asleep (parked).
     parked: BTreeSet<String>,
     loads: u64,
@@ -165,7 +165,12 @@ impl SimBackend {
 
     /// The models this backend holds now (parked ones included).
     pub fn holding(&self) -> Vec<String> {
-        self.state.borrow().held.keys().cloned().collect()
+        self.state
+            .borrow()
+            .held
+            .keys()
+            .map(ToString::to_string)
+            .collect()
     }
 }
 
@@ -174,7 +179,7 @@ impl SimBackend {
     /// model's footprint (or fails as a real card would), and it is held.
     fn finish_load(
         &self,
-        id: &str,
+        id: &ArcStr,
         file_bytes: u64,
         options: SimOptions,
     ) -> Result<(), BackendError> {
@@ -186,10 +191,11 @@ impl SimBackend {
         }
         let bytes = options.actual_bytes.unwrap_or(file_bytes);
         if let Some(card) = &self.card {
-            card.allocate(id, bytes).map_err(BackendError::new)?;
+            card.allocate(id.clone(), bytes)
+                .map_err(BackendError::new)?;
         }
         let mut state = self.state.borrow_mut();
-        state.held.insert(id.to_string(), bytes);
+        state.held.insert(id.clone(), bytes);
         state.loads += 1;
         Ok(())
     }
@@ -264,7 +270,7 @@ impl Backend for SimBackend {
             let Some(park) = options.park else {
                 return Err(BackendError::new(format!("{id} cannot be parked")));
             };
-            if !state.borrow().held.contains_key(&id) {
+            if !state.borrow().held.contains_key(id.as_str()) {
                 return Err(BackendError::new(format!("{id} is not loaded")));
             }
             if park.sleep_ms > 0 {
@@ -296,9 +302,9 @@ impl Backend for SimBackend {
             if park.wake_ms > 0 {
                 actix::clock::sleep(Duration::from_millis(park.wake_ms)).await;
             }
-            let full = state.borrow().held.get(&id).copied().unwrap_or(0);
+            let full = state.borrow().held.get(id.as_str()).copied().unwrap_or(0);
             if let Some(card) = &card {
-                card.allocate(&id, full.saturating_sub(park.vram))
+                card.allocate(id.as_str(), full.saturating_sub(park.vram))
                     .map_err(BackendError::new)?;
             }
             let mut state = state.borrow_mut();

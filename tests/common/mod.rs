@@ -111,7 +111,7 @@ pub async fn load(m: &Manager, id: &str) -> Result<Vec<String>, &'static str> {
         .send(Load::new(id))
         .await
         .expect("manager answers")
-        .map(|l| l.evicted)
+        .map(|l| l.evicted.iter().map(ToString::to_string).collect())
         .map_err(|e: VramError| e.code())
 }
 

@@ -12,6 +12,7 @@
 //!                            └─ no room ─▶ [Unload self] ─────────▶ done (insufficient_vram)
 //! ```
 
+use arcstr::ArcStr;
 use std::time::{Duration, Instant};
 
 use super::{Books, Command, Event, Job, after, first_pause, load_failed, next_pause, true_bytes};
@@ -70,35 +71,35 @@ enum Phase {
 
 /// Victims with their kind's position in a [`VictimKinds`] list. Stack-held:
 /// a load has a few victims of one or two kinds.
-type Planned = smallvec::SmallVec<[(String, usize); 4]>;
+type Planned = smallvec::SmallVec<[(ArcStr, usize); 4]>;
 
 /// The kinds of a plan's victims, each named once.
-type VictimKinds = smallvec::SmallVec<[String; 2]>;
+type VictimKinds = smallvec::SmallVec<[ArcStr; 2]>;
 
 /// Loads one model; see the module docs.
 #[derive(Debug)]
 pub(crate) struct LoadJob {
-    model: String,
+    model: ArcStr,
     /// Until when a plan blocked by leases may wait for their release.
     lease_deadline: Option<Instant>,
     phase: Phase,
-    evicted: Vec<String>,
+    evicted: Vec<ArcStr>,
     /// Every victim planned, in the policy's order: the answer lists the
     /// evicted in this order, however the backends' answers interleaved.
-    planned: Vec<String>,
+    planned: Vec<ArcStr>,
     /// How long it waited for evicted memory to come back, if it did.
     release_waited: Option<Duration>,
     /// The model was parked: this load wakes it.
     waking: bool,
     /// Victims that were parked (their residual bytes): should the load
     /// stop before they leave, they sleep on, not come back resident.
-    parked_victims: Vec<(String, u64)>,
+    parked_victims: Vec<(ArcStr, u64)>,
     outcome: Option<Result<Loaded, VramError>>,
 }
 
 impl LoadJob {
     /// A load of `model`.
-    pub(crate) fn new(model: impl Into<String>) -> Self {
+    pub(crate) fn new(model: impl Into<ArcStr>) -> Self {
         Self {
             model: model.into(),
             lease_deadline: None,
@@ -205,7 +206,7 @@ impl LoadJob {
     /// the first unload.
     fn reserve(
         &mut self,
-        victims: Vec<String>,
+        victims: Vec<ArcStr>,
         card: Option<GpuMemory>,
         free: u64,
         books: &mut Books,
@@ -214,7 +215,7 @@ impl LoadJob {
     ) {
         let Some(declared_bytes) = books.declared.get(&self.model).map(|s| s.bytes) else {
             let e = VramError::UnknownModel {
-                model: self.model.clone(),
+                model: self.model.to_string(),
             };
             return self.finish(Err(e));
         };
@@ -399,7 +400,7 @@ impl LoadJob {
             }
             None => {
                 let e = VramError::UnknownModel {
-                    model: self.model.clone(),
+                    model: self.model.to_string(),
                 };
                 self.abort(e, books, out);
             }
@@ -425,7 +426,7 @@ impl LoadJob {
     /// Keeps the policy's order of `victims` when more than one backend
     /// gives up some (their answers may interleave); one backend answers
     /// in that order already.
-    fn note_plan_order(&mut self, victims: &[(String, usize)]) {
+    fn note_plan_order(&mut self, victims: &[(ArcStr, usize)]) {
         let one_backend = victims.windows(2).all(|w| w[0].1 == w[1].1);
         if !one_backend || !self.planned.is_empty() {
             self.planned
@@ -434,13 +435,13 @@ impl LoadJob {
     }
 
     /// The victims that left, in the order they were planned.
-    fn in_plan_order(&mut self) -> Vec<String> {
+    fn in_plan_order(&mut self) -> Vec<ArcStr> {
         let gone = std::mem::take(&mut self.evicted);
         if gone.len() < 2 || self.planned.is_empty() {
             return gone;
         }
         // Victims of a one-backend plan left in order, before any noted.
-        let mut ordered: Vec<String> = gone
+        let mut ordered: Vec<ArcStr> = gone
             .iter()
             .filter(|model| !self.planned.contains(model))
             .cloned()
@@ -455,7 +456,7 @@ impl LoadJob {
     }
 
     /// The victim `model` left the card for this load.
-    fn evicted(&mut self, model: String, books: &mut Books, out: &mut Vec<Command>) {
+    fn evicted(&mut self, model: ArcStr, books: &mut Books, out: &mut Vec<Command>) {
         if let Some(entry) = books.forget(&model) {
             tracing::info!(model = %entry.id, kind = %entry.kind, bytes = entry.bytes, for_model = %self.model, "evicted");
             out.push(match books.listening {
@@ -483,7 +484,7 @@ impl LoadJob {
         if let Some(entry) = books.ledger.get(victim)
             && entry.state == ModelState::Parked
         {
-            self.parked_victims.push((victim.to_string(), entry.bytes));
+            self.parked_victims.push((entry.id.clone(), entry.bytes));
         }
     }
 
@@ -499,7 +500,7 @@ impl LoadJob {
     }
 
     /// The victim `model` left the card for this load by parking.
-    fn parked(&mut self, model: String, books: &mut Books, out: &mut Vec<Command>) {
+    fn parked(&mut self, model: ArcStr, books: &mut Books, out: &mut Vec<Command>) {
         out.extend(books.park(&model, Some(&self.model)));
         self.evicted.push(model);
     }
@@ -633,7 +634,7 @@ impl LoadJob {
                     (found.iter().map(|(_, bytes, _)| bytes).sum(), leased)
                 });
                 let error = VramError::InsufficientVram {
-                    model: self.model.clone(),
+                    model: self.model.to_string(),
                     needed: measured,
                     free: view.free(),
                     evictable,
@@ -664,9 +665,9 @@ impl LoadJob {
 /// Asks every backend at once for its victims (each backend's in the
 /// policy's order, one message); answers how many backends were asked.
 /// Each victim names its kind by position in `kinds`.
-fn unload_all(victims: Planned, kinds: &[String], out: &mut Vec<Command>) -> usize {
+fn unload_all(victims: Planned, kinds: &[ArcStr], out: &mut Vec<Command>) -> usize {
     // One message per backend, in the order its first victim was planned.
-    let mut by_kind: smallvec::SmallVec<[(usize, Vec<String>); 2]> = smallvec::SmallVec::new();
+    let mut by_kind: smallvec::SmallVec<[(usize, Vec<ArcStr>); 2]> = smallvec::SmallVec::new();
     for (model, kind) in victims {
         match by_kind.iter_mut().find(|(k, _)| *k == kind) {
             Some((_, models)) => models.push(model),
@@ -684,11 +685,11 @@ fn unload_all(victims: Planned, kinds: &[String], out: &mut Vec<Command>) -> usi
 }
 
 /// The position of `kind` in `kinds`, added if it is new.
-fn kind_slot(kinds: &mut VictimKinds, kind: &str) -> usize {
+fn kind_slot(kinds: &mut VictimKinds, kind: &ArcStr) -> usize {
     match kinds.iter().position(|k| k == kind) {
         Some(slot) => slot,
         None => {
-            kinds.push(kind.to_string());
+            kinds.push(kind.clone());
             kinds.len() - 1
         }
     }
@@ -740,7 +741,7 @@ fn victim_answer(
 
 /// Victims not unloaded yet are resident again.
 fn cancel_unloads(ledger: &mut Ledger) {
-    let unloading: Vec<String> = ledger
+    let unloading: Vec<ArcStr> = ledger
         .entries()
         .filter(|e| e.state == ModelState::Unloading)
         .map(|e| e.id.clone())

@@ -14,6 +14,7 @@ mod load;
 mod restart;
 mod unload;
 
+use arcstr::ArcStr;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +42,7 @@ pub(crate) enum Event {
     /// A backend finished unloading `model`.
     Unloaded {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// How it went.
         result: Result<(), VramError>,
     },
@@ -52,7 +53,7 @@ pub(crate) enum Event {
     /// its sleep failed and it was stopped instead.
     Parked {
         /// The model.
-        model: String,
+        model: ArcStr,
         /// How it went.
         result: Result<bool, VramError>,
     },
@@ -80,9 +81,9 @@ pub(crate) enum Command {
     /// [`Event::UnloadsDone`]. Unloads on different backends run at once.
     Unload {
         /// Their kind (which backend).
-        kind: String,
+        kind: ArcStr,
         /// The models, in the order they leave.
-        models: Vec<String>,
+        models: Vec<ArcStr>,
     },
     /// Load this model on its kind's backend; answer with
     /// [`Event::Loaded`].
@@ -92,9 +93,9 @@ pub(crate) enum Command {
     /// [`Event::UnloadsDone`].
     Park {
         /// Its kind (which backend).
-        kind: String,
+        kind: ArcStr,
         /// The model.
-        model: String,
+        model: ArcStr,
     },
     /// Wake this parked model on its kind's backend; answer with
     /// [`Event::Loaded`].
@@ -103,13 +104,13 @@ pub(crate) enum Command {
     /// [`Event::Crashed`].
     Crash {
         /// The backend's kind.
-        kind: String,
+        kind: ArcStr,
     },
     /// Ask the backend of `kind` what it holds; answer with
     /// [`Event::Listed`].
     List {
         /// The backend's kind.
-        kind: String,
+        kind: ArcStr,
     },
     /// Answer [`Event::Released`] at the next lease release, or
     /// [`Event::Deadline`] at `until`, whichever is first.
@@ -128,9 +129,9 @@ pub(crate) enum Command {
     /// no one subscribes, so none is built).
     CountEviction {
         /// The evicted model.
-        model: String,
+        model: ArcStr,
         /// Its kind.
-        kind: String,
+        kind: ArcStr,
     },
     /// Start reading the job's model's weight files into the page cache,
     /// in the background (no answer): its load is planned, and its server
@@ -140,7 +141,7 @@ pub(crate) enum Command {
     /// else runs (a model it was asked to unload may still be there).
     Reconcile {
         /// The backend's kind.
-        kind: String,
+        kind: ArcStr,
     },
 }
 
@@ -204,9 +205,9 @@ pub(crate) struct Books {
     /// The sizes plans use: declared, or larger once measured.
     pub(crate) planned: Catalog,
     /// Granted leases: id -> (model, validity shared with the guard).
-    pub(crate) leases: foldhash::HashMap<u64, (String, Arc<AtomicBool>)>,
+    pub(crate) leases: foldhash::HashMap<u64, (ArcStr, Arc<AtomicBool>)>,
     /// When each resident model was last used (for TTLs).
-    pub(crate) last_used: foldhash::HashMap<String, Instant>,
+    pub(crate) last_used: foldhash::HashMap<ArcStr, Instant>,
     /// Idle time after which a model expires, by model id.
     pub(crate) ttl: HashMap<String, Duration>,
     /// Bytes of the card never planned for.
@@ -232,12 +233,17 @@ impl Books {
         self.used_now(model, now);
     }
 
-    /// Restarts `model`'s idle clock (no allocation when it has one).
+    /// Restarts `model`'s idle clock (no allocation: a new clock shares
+    /// the ledger's id).
     pub(crate) fn used_now(&mut self, model: &str, now: Instant) {
         match self.last_used.get_mut(model) {
             Some(at) => *at = now,
             None => {
-                self.last_used.insert(model.to_string(), now);
+                let id = self
+                    .ledger
+                    .get(model)
+                    .map_or_else(|| ArcStr::from(model), |e| e.id.clone());
+                self.last_used.insert(id, now);
             }
         }
     }
@@ -362,7 +368,7 @@ impl Books {
             gpu: entry.gpu,
             bytes: residual.min(entry.bytes),
             freed,
-            for_model: for_model.map(str::to_string),
+            for_model: for_model.map(ArcStr::from),
         }))
     }
 
@@ -388,7 +394,7 @@ pub(crate) fn true_bytes(entry: &Entry) -> u64 {
 /// A `load_failed` event for `error`.
 pub(crate) fn load_failed(model: &str, error: &VramError) -> Command {
     Command::Publish(VramEvent::LoadFailed {
-        model: model.to_string(),
+        model: ArcStr::from(model),
         code: error.code().to_string(),
         reason: error.to_string(),
     })

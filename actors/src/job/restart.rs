@@ -2,6 +2,7 @@
 //! follow a restart that happened, then make the ledger's models of that
 //! kind equal to what the restarted backend holds.
 
+use arcstr::ArcStr;
 use std::time::Instant;
 
 use super::{Books, Command, Event, Job};
@@ -20,7 +21,7 @@ enum Phase {
 /// Crashes (when asked) and reconciles one kind's backend.
 #[derive(Debug)]
 pub(crate) struct RestartJob {
-    kind: String,
+    kind: ArcStr,
     crash: bool,
     phase: Phase,
     outcome: Option<Result<(), VramError>>,
@@ -28,16 +29,16 @@ pub(crate) struct RestartJob {
 
 impl RestartJob {
     /// Crash the backend of `kind`, then reconcile.
-    pub(crate) fn crash(kind: impl Into<String>) -> Self {
+    pub(crate) fn crash(kind: impl Into<ArcStr>) -> Self {
         Self::with(kind.into(), true)
     }
 
     /// Reconcile with the backend of `kind` after it restarted.
-    pub(crate) fn reconcile(kind: impl Into<String>) -> Self {
+    pub(crate) fn reconcile(kind: impl Into<ArcStr>) -> Self {
         Self::with(kind.into(), false)
     }
 
-    fn with(kind: String, crash: bool) -> Self {
+    fn with(kind: ArcStr, crash: bool) -> Self {
         Self {
             kind,
             crash,
@@ -110,21 +111,23 @@ pub(crate) fn reconcile(
     kind: &str,
     loaded: &[String],
     now: Instant,
-) -> Vec<String> {
-    let lost: Vec<String> = books
+) -> Vec<ArcStr> {
+    let lost: Vec<ArcStr> = books
         .ledger
         .entries()
-        .filter(|e| e.kind == kind && e.state != ModelState::Loading && !loaded.contains(&e.id))
+        .filter(|e| {
+            e.kind == kind && e.state != ModelState::Loading && !loaded.iter().any(|m| *m == e.id)
+        })
         .map(|e| e.id.clone())
         .collect();
     for id in &lost {
         books.forget(id);
     }
-    let void: Vec<String> = books
+    let void: Vec<ArcStr> = books
         .leases
         .values()
         .map(|(m, _)| m.clone())
-        .filter(|m| !loaded.contains(m))
+        .filter(|m| !loaded.iter().any(|l| l == m))
         .filter(|m| books.declared.get(m).is_some_and(|s| s.kind == kind))
         .collect();
     for id in void {

@@ -120,9 +120,9 @@ struct World {
     books: Books,
     now: Instant,
     /// What each backend really holds.
-    loaded: BTreeSet<String>,
+    loaded: BTreeSet<ArcStr>,
     /// Which of those sleep (parked: only their residual on the card).
-    parked: BTreeSet<String>,
+    parked: BTreeSet<ArcStr>,
     next_lease: u64,
     /// Random choices, consumed in order (cycled).
     dice: Vec<u8>,
@@ -179,7 +179,7 @@ impl World {
             self.next_lease += 1;
             self.books.leases.insert(
                 self.next_lease,
-                (model.to_string(), Arc::new(AtomicBool::new(true))),
+                (ArcStr::from(model), Arc::new(AtomicBool::new(true))),
             );
         }
     }
@@ -292,7 +292,7 @@ impl World {
             // resident models and given back between any two events.
             match self.die() % 8 {
                 6 => {
-                    let resident: Vec<String> = self
+                    let resident: Vec<ArcStr> = self
                         .books
                         .ledger
                         .entries()
@@ -349,7 +349,7 @@ impl World {
     /// The world's answer to the unload of one victim (checked first).
     fn unload(
         &mut self,
-        model: String,
+        model: ArcStr,
         kind: &str,
         requester: Option<&str>,
     ) -> Result<Event, TestCaseError> {
@@ -375,7 +375,7 @@ impl World {
         }
         let result = if self.die() % 10 == 0 {
             Err(VramError::BackendFailed {
-                model: model.clone(),
+                model: model.to_string(),
                 reason: "refused".into(),
             })
         } else {
@@ -390,7 +390,7 @@ impl World {
     /// asleep, or (its sleep failed) stopped, or a failure.
     fn park(
         &mut self,
-        model: String,
+        model: ArcStr,
         kind: &str,
         requester: Option<&str>,
     ) -> Result<Event, TestCaseError> {
@@ -461,7 +461,7 @@ impl World {
                 );
                 if self.die() % 8 == 0 {
                     Event::Loaded(Err(VramError::BackendFailed {
-                        model: spec.id.clone(),
+                        model: spec.id.to_string(),
                         reason: "would not wake".into(),
                     }))
                 } else {
@@ -472,7 +472,7 @@ impl World {
             Command::Load(spec) => {
                 if self.die() % 8 == 0 {
                     Event::Loaded(Err(VramError::Timeout {
-                        model: spec.id.clone(),
+                        model: spec.id.to_string(),
                         after_ms: 5,
                         reason: String::new(),
                     }))
@@ -484,7 +484,7 @@ impl World {
             Command::Crash { kind } => {
                 // The crash loses the kind's models now and then.
                 if self.die() % 2 == 0 {
-                    let lost: Vec<String> = self
+                    let lost: Vec<ArcStr> = self
                         .loaded
                         .iter()
                         .filter(|m| self.books.declared.get(m).is_some_and(|s| s.kind == kind))
@@ -501,10 +501,10 @@ impl World {
                 .loaded
                 .iter()
                 .filter(|m| self.books.declared.get(m).is_some_and(|s| s.kind == kind))
-                .cloned()
+                .map(ToString::to_string)
                 .collect())),
             Command::WaitRelease { until } => {
-                let leased: Vec<String> =
+                let leased: Vec<ArcStr> =
                     self.books.leases.values().map(|(m, _)| m.clone()).collect();
                 if !leased.is_empty() && self.die() % 2 == 0 {
                     let i = self.die() as usize % leased.len();

@@ -5,6 +5,7 @@
 //! An expiry never waits and quietly does nothing if the model was used,
 //! leased or removed since it was queued.
 
+use arcstr::ArcStr;
 use std::time::Instant;
 
 use super::{Books, Command, Event, Job};
@@ -23,7 +24,7 @@ enum Phase {
 /// Unloads one model; see the module docs.
 #[derive(Debug)]
 pub(crate) struct UnloadJob {
-    model: String,
+    model: ArcStr,
     expiry: bool,
     lease_deadline: Option<Instant>,
     phase: Phase,
@@ -34,16 +35,16 @@ pub(crate) struct UnloadJob {
 
 impl UnloadJob {
     /// An unload of `model` on request.
-    pub(crate) fn new(model: impl Into<String>) -> Self {
+    pub(crate) fn new(model: impl Into<ArcStr>) -> Self {
         Self::with(model.into(), false)
     }
 
     /// An unload of `model` if it is still idle past its TTL.
-    pub(crate) fn expiry(model: impl Into<String>) -> Self {
+    pub(crate) fn expiry(model: impl Into<ArcStr>) -> Self {
         Self::with(model.into(), true)
     }
 
-    fn with(model: String, expiry: bool) -> Self {
+    fn with(model: ArcStr, expiry: bool) -> Self {
         Self {
             model,
             expiry,
@@ -90,7 +91,7 @@ impl UnloadJob {
                 out.push(Command::WaitRelease { until: deadline });
             } else {
                 let leases = entry.leases;
-                let model = self.model.clone();
+                let model = self.model.to_string();
                 self.finish(Err(VramError::InUse { model, leases }));
             }
             return;
