@@ -57,6 +57,32 @@ pub type ExitNotifier = Rc<dyn Fn(ModelExit)>;
 /// What a backend answers: a local future.
 pub type BackendFuture<T> = LocalBoxFuture<'static, Result<T, BackendError>>;
 
+/// A call that finished before its backend answered: `Ok(())` at once,
+/// without the allocation a boxed `async { Ok(()) }` or `ready(Ok(()))`
+/// costs (this future has no size, and boxing it allocates nothing).
+///
+/// ```
+/// use futures::FutureExt;
+/// assert_eq!(vram_actors::done().now_or_never(), Some(Ok(())));
+/// ```
+pub fn done() -> BackendFuture<()> {
+    Box::pin(Done)
+}
+
+/// The future of [`done`].
+struct Done;
+
+impl std::future::Future for Done {
+    type Output = Result<(), BackendError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// Loads and unloads models of one kind.
 ///
 /// The manager never asks a backend to do two things at once, and never

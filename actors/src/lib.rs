@@ -39,7 +39,7 @@ mod vram_actor;
 /// A shared, immutable string: model ids and kind names, cloned without
 /// copying (the ledger, the jobs and the backends all hold the catalog's).
 pub use arcstr::ArcStr;
-pub use backend::{Backend, BackendError, BackendFuture, ExitNotifier, ModelExit};
+pub use backend::{Backend, BackendError, BackendFuture, ExitNotifier, ModelExit, done};
 pub use backend_actor::{
     BackendActor, BackendRestarted, Crash, ListLoaded, LoadModel, ModelExited, UnloadModel,
     UnloadModels,

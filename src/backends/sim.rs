@@ -230,11 +230,10 @@ impl Backend for SimBackend {
             _ => cold,
         };
         if time.is_zero() {
-            return Box::pin(std::future::ready(self.finish_load(
-                &model.id,
-                model.bytes,
-                options,
-            )));
+            return match self.finish_load(&model.id, model.bytes, options) {
+                Ok(()) => vram_actors::done(),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            };
         }
         let (this, id, file_bytes) = (self.clone(), model.id.clone(), model.bytes);
         Box::pin(async move {
@@ -249,7 +248,7 @@ impl Backend for SimBackend {
         let options = self.options(id);
         if options.unload_ms == 0 {
             self.finish_unload(id, options);
-            return Box::pin(std::future::ready(Ok(())));
+            return vram_actors::done();
         }
         let (this, id) = (self.clone(), id.to_string());
         Box::pin(async move {
