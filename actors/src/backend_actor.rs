@@ -24,7 +24,6 @@
 //! same work for anyone else holding the actor's address and answer through
 //! actix's reply channel.
 
-use arcstr::ArcStr;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -32,12 +31,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
+use arcstr::ArcStr;
 use futures::FutureExt;
 
 use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
 use crate::config::ManagerConfig;
 use crate::error::VramError;
-use crate::model::ModelSpec;
+use crate::model::{Ids, ModelSpec};
 
 /// Told to the `VramActor` each time a backend actor restarts.
 #[derive(Debug, Clone, Message)]
@@ -116,7 +116,7 @@ pub(crate) enum CallKind {
     Wake(ArcStr),
     /// Unload the models in order, as [`UnloadModels`] does; answered
     /// [`Answer::Unloaded`].
-    Unload(Vec<ArcStr>),
+    Unload(Ids),
     /// List what the backend holds; answered [`Answer::Listed`].
     List,
 }
@@ -371,7 +371,7 @@ impl BackendActor {
     /// handled in a loop; the first that does not continues as a future.
     fn unload_in_order(
         &mut self,
-        mut rest: std::vec::IntoIter<ArcStr>,
+        mut rest: smallvec::IntoIter<[ArcStr; 4]>,
         mut done: Unloads,
         ctx: &mut Context<Self>,
     ) -> InOrder {
@@ -457,7 +457,7 @@ impl BackendActor {
 type InOrder = Result<Unloads, Pending<Unloads>>;
 
 /// Each model tried and its result.
-type Unloads = Vec<(ArcStr, Result<(), VramError>)>;
+type Unloads = smallvec::SmallVec<[(ArcStr, Result<(), VramError>); 1]>;
 
 /// Work the actor goes on with.
 type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<BackendActor, Output = T>>>;
@@ -555,13 +555,13 @@ impl Handler<UnloadModel> for BackendActor {
 }
 
 impl Handler<UnloadModels> for BackendActor {
-    type Result = ActorResponse<Self, Unloads>;
+    type Result = ActorResponse<Self, Vec<(ArcStr, Result<(), VramError>)>>;
 
     fn handle(&mut self, msg: UnloadModels, ctx: &mut Context<Self>) -> Self::Result {
-        let done = Vec::with_capacity(msg.0.len());
-        match self.unload_in_order(msg.0.into_iter(), done, ctx) {
-            Ok(done) => ActorResponse::reply(done),
-            Err(rest) => ActorResponse::r#async(rest),
+        let done = Unloads::with_capacity(msg.0.len());
+        match self.unload_in_order(Ids::from_vec(msg.0).into_iter(), done, ctx) {
+            Ok(done) => ActorResponse::reply(done.into_vec()),
+            Err(rest) => ActorResponse::r#async(rest.map(|done, _, _| done.into_vec())),
         }
     }
 }
@@ -616,7 +616,9 @@ impl Handler<Call> for BackendActor {
                 );
             }
             CallKind::Unload(models) => {
-                let done = Vec::with_capacity(models.len());
+                // A load's victims on one backend are usually one: its
+                // answer stays inline.
+                let done = Unloads::new();
                 match self.unload_in_order(models.into_iter(), done, ctx) {
                     Ok(done) => answer.send(Answer::Unloaded(done)),
                     Err(rest) => {

@@ -6,11 +6,11 @@
 //! answered at once; a wait is a timer. A backend actor found dead is
 //! replaced.
 
-use arcstr::ArcStr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
+use arcstr::ArcStr;
 use futures::FutureExt;
 
 use crate::backend_actor::{
@@ -19,6 +19,7 @@ use crate::backend_actor::{
 use crate::error::VramError;
 use crate::job::RestartJob;
 use crate::job::{Command, Event};
+use crate::model::Ids;
 use crate::probe::{GpuMemory, ProbeError};
 use crate::queue::{Queued, shutting_down};
 use crate::vram_actor::{VramActor, now};
@@ -175,7 +176,7 @@ impl VramActor {
         &mut self,
         id: u64,
         kind: ArcStr,
-        models: Vec<ArcStr>,
+        models: Ids,
         ctx: &mut Context<Self>,
     ) -> Option<Event> {
         if let Some(slot) = self.actor_slot(&kind) {

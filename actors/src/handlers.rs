@@ -5,6 +5,7 @@
 //! `job/` for the jobs).
 
 use actix::prelude::*;
+use arcstr::ArcStr;
 
 use crate::backend_actor::{BackendActor, BackendRestarted, ModelExited};
 use crate::error::VramError;
@@ -21,8 +22,9 @@ use crate::vram_actor::{VramActor, now};
 
 impl VramActor {
     /// Policy step 1 against the sizes plans use now.
-    fn servable(&self, model: &str) -> Result<(), VramError> {
-        servable(&self.books.planned, self.books.ledger.capacity(), model).map(drop)
+    /// Answers the catalog's shared id of a servable model.
+    fn servable(&self, model: &str) -> Result<ArcStr, VramError> {
+        servable(&self.books.planned, self.books.ledger.capacity(), model).map(|s| s.id.clone())
     }
 }
 
@@ -33,9 +35,10 @@ impl Handler<Load> for VramActor {
         if self.shutting_down {
             return Deferred::now(Err(shutting_down()));
         }
-        if let Err(e) = self.servable(&msg.model) {
-            return Deferred::now(Err(e));
-        }
+        let model = match self.servable(&msg.model) {
+            Ok(model) => model,
+            Err(e) => return Deferred::now(Err(e)),
+        };
         // Already resident and nothing queued or running that could change
         // that first: policy step 2 (touch, nothing else) needs no trip
         // through the queue.
@@ -45,14 +48,13 @@ impl Handler<Load> for VramActor {
             self.books.ledger.note_request_as(&msg.model, false);
             self.books.touch(&msg.model, now());
             return Deferred::now(Ok(Loaded {
-                model: self.id_of(&msg.model),
+                model,
                 evicted: vec![],
                 already_resident: true,
             }));
         }
         let miss = self.needs_load(&msg.model);
         // The catalog's id, shared by the answer's label and the job.
-        let model = self.id_of(&msg.model);
         let (reply, answer) = deferred(model.clone());
         match self.submit_load(model, LoadWaiter::Load(reply), ctx) {
             Ok(()) => {
@@ -75,11 +77,11 @@ impl Handler<Acquire> for VramActor {
             self.books.ledger.note_request_as(&msg.model, false);
             return Deferred::now(self.lease(&msg.model, Vec::new()));
         }
-        if let Err(e) = self.servable(&msg.model) {
-            return Deferred::now(Err(e));
-        }
+        let model = match self.servable(&msg.model) {
+            Ok(model) => model,
+            Err(e) => return Deferred::now(Err(e)),
+        };
         let miss = self.needs_load(&msg.model);
-        let model = self.id_of(&msg.model);
         let (reply, answer) = deferred(model.clone());
         match self.submit_load(model, LoadWaiter::Acquire(reply), ctx) {
             Ok(()) => {

@@ -1,11 +1,11 @@
 //! The messages a `VramActor` answers and what they answer (the answers
 //! and events themselves are plain data in `events.rs`).
 
-use arcstr::ArcStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix::prelude::*;
+use arcstr::ArcStr;
 
 use crate::backend_actor::BackendActor;
 use crate::error::VramError;

@@ -64,6 +64,10 @@ impl ModelSpec {
     }
 }
 
+/// Model ids handed over in one message (the victims a backend unloads):
+/// a few, so they stay inline.
+pub(crate) type Ids = smallvec::SmallVec<[ArcStr; 4]>;
+
 /// Every model a manager may load, by id.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Catalog {

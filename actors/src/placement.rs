@@ -20,12 +20,13 @@
 //! second request placed after it sees that room taken: two requests can
 //! never both be placed on room only one of them fits into.
 
+use arcstr::ArcStr;
+
 use crate::error::VramError;
 use crate::kind::Kinds;
 use crate::ledger::Ledger;
 use crate::model::Catalog;
 use crate::policy::{Order, Plan, plan_in_order};
-use arcstr::ArcStr;
 
 /// One card as placement sees it.
 #[derive(Debug, Clone, Copy)]

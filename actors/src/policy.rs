@@ -23,9 +23,10 @@
 //! would cost, weighed by how soon each candidate is likely to be asked for
 //! again; see [`plan_in_order`]). Everything else is the same under both.
 
-use arcstr::ArcStr;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use arcstr::ArcStr;
 
 use crate::error::VramError;
 use crate::kind::{Kind, Kinds};

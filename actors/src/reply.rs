@@ -10,12 +10,12 @@
 //! directly. Either side may come first: a job that ends inside the
 //! handler leaves its answer in the slot for the channel to take.
 
-use arcstr::ArcStr;
 use std::cell::RefCell;
 use std::rc::Rc;
 
 use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
+use arcstr::ArcStr;
 
 use crate::error::VramError;
 

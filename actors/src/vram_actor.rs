@@ -22,7 +22,6 @@
 //! backend reports as loaded, and `backend_restarted` published. A backend
 //! actor found dead (a panic escaped its guards) is replaced the same way.
 
-use arcstr::ArcStr;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -30,6 +29,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use arcstr::ArcStr;
 
 use crate::backend::Backend;
 use crate::backend_actor::{BackendActor, UnloadModel};

@@ -12,13 +12,15 @@
 //!                            └─ no room ─▶ [Unload self] ─────────▶ done (insufficient_vram)
 //! ```
 
-use arcstr::ArcStr;
 use std::time::{Duration, Instant};
+
+use arcstr::ArcStr;
 
 use super::{Books, Command, Event, Job, after, first_pause, load_failed, next_pause, true_bytes};
 use crate::error::VramError;
 use crate::events::{Loaded, VramEvent};
 use crate::ledger::{Ledger, ModelState};
+use crate::model::Ids;
 use crate::policy::{Plan, candidates, plan_in_order};
 use crate::probe::GpuMemory;
 
@@ -537,7 +539,7 @@ impl LoadJob {
         out: &mut Vec<Command>,
     ) {
         books.ledger.commit(&self.model);
-        books.used_now(&self.model, now);
+        books.used_now_id(&self.model, now);
         if let Some(measured) = measured {
             books.calibrate(&self.model, measured);
         }
@@ -656,7 +658,7 @@ impl LoadJob {
         tracing::warn!(model = %self.model, error = %error, "no room for the measured size; unloading it");
         out.push(Command::Unload {
             kind,
-            models: vec![self.model.clone()],
+            models: smallvec::smallvec![self.model.clone()],
         });
         self.phase = Phase::Refusing { error };
     }
@@ -667,11 +669,11 @@ impl LoadJob {
 /// Each victim names its kind by position in `kinds`.
 fn unload_all(victims: Planned, kinds: &[ArcStr], out: &mut Vec<Command>) -> usize {
     // One message per backend, in the order its first victim was planned.
-    let mut by_kind: smallvec::SmallVec<[(usize, Vec<ArcStr>); 2]> = smallvec::SmallVec::new();
+    let mut by_kind: smallvec::SmallVec<[(usize, Ids); 2]> = smallvec::SmallVec::new();
     for (model, kind) in victims {
         match by_kind.iter_mut().find(|(k, _)| *k == kind) {
             Some((_, models)) => models.push(model),
-            None => by_kind.push((kind, vec![model])),
+            None => by_kind.push((kind, smallvec::smallvec![model])),
         }
     }
     let asked = by_kind.len();
@@ -842,7 +844,7 @@ impl Job for LoadJob {
                             Some(kind) => {
                                 out.push(Command::Unload {
                                     kind,
-                                    models: vec![self.model.clone()],
+                                    models: smallvec::smallvec![self.model.clone()],
                                 });
                                 self.phase = Phase::Refusing { error: e };
                             }

@@ -14,11 +14,12 @@ mod load;
 mod restart;
 mod unload;
 
-use arcstr::ArcStr;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use arcstr::ArcStr;
 
 pub(crate) use load::LoadJob;
 pub(crate) use restart::RestartJob;
@@ -28,7 +29,7 @@ use crate::error::VramError;
 use crate::events::VramEvent;
 use crate::kind::Kinds;
 use crate::ledger::{Entry, Ledger};
-use crate::model::{Catalog, ModelSpec};
+use crate::model::{Catalog, Ids, ModelSpec};
 use crate::policy::Order;
 use crate::probe::GpuMemory;
 
@@ -83,7 +84,7 @@ pub(crate) enum Command {
         /// Their kind (which backend).
         kind: ArcStr,
         /// The models, in the order they leave.
-        models: Vec<ArcStr>,
+        models: Ids,
     },
     /// Load this model on its kind's backend; answer with
     /// [`Event::Loaded`].
@@ -246,6 +247,11 @@ impl Books {
                 self.last_used.insert(id, now);
             }
         }
+    }
+
+    /// [`Books::used_now`] for an id at hand: one map operation.
+    pub(crate) fn used_now_id(&mut self, model: &ArcStr, now: Instant) {
+        self.last_used.insert(model.clone(), now);
     }
 
     /// Gives lease `id` back: its model is used now. Answers whether the

@@ -2,8 +2,9 @@
 //! follow a restart that happened, then make the ledger's models of that
 //! kind equal to what the restarted backend holds.
 
-use arcstr::ArcStr;
 use std::time::Instant;
+
+use arcstr::ArcStr;
 
 use super::{Books, Command, Event, Job};
 use crate::error::VramError;

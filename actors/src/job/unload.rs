@@ -5,8 +5,9 @@
 //! An expiry never waits and quietly does nothing if the model was used,
 //! leased or removed since it was queued.
 
-use arcstr::ArcStr;
 use std::time::Instant;
+
+use arcstr::ArcStr;
 
 use super::{Books, Command, Event, Job};
 use crate::error::VramError;
@@ -110,7 +111,7 @@ impl UnloadJob {
         } else {
             out.push(Command::Unload {
                 kind,
-                models: vec![self.model.clone()],
+                models: smallvec::smallvec![self.model.clone()],
             });
         }
     }
