@@ -135,16 +135,15 @@ impl Handler<Unload> for VramActor {
         if self.shutting_down {
             return Deferred::now(Err(shutting_down()));
         }
-        if self.books.declared.get(&msg.model).is_none() {
+        let Some(model) = self.books.declared.get(&msg.model).map(|s| s.id.clone()) else {
             return Deferred::now(Err(VramError::UnknownModel { model: msg.model }));
-        }
+        };
         if self.books.ledger.get(&msg.model).is_none() && !self.job_pending_for(&msg.model) {
             return Deferred::now(Ok(Unloaded {
-                model: self.id_of(&msg.model),
+                model,
                 was_resident: false,
             }));
         }
-        let model = self.id_of(&msg.model);
         let job = UnloadJob::new(model.clone());
         let (reply, answer) = deferred(model);
         match self.submit(Queued::Unload(job, vec![reply]), ctx) {

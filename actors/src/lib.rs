@@ -37,7 +37,8 @@ mod reply;
 mod vram_actor;
 
 /// A shared, immutable string: model ids and kind names, cloned without
-/// copying (the ledger, the jobs and the backends all hold the catalog's).
+/// copying (the ledger, the jobs, their events and the simulated backend
+/// hold the catalog's).
 pub use arcstr::ArcStr;
 pub use backend::{Backend, BackendError, BackendFuture, ExitNotifier, ModelExit, done};
 pub use backend_actor::{

@@ -9,9 +9,9 @@ use arcstr::ArcStr;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModelSpec {
     /// Unique id, e.g. `"whisper-large-v3"`. Shared: the ledger, the jobs
-    /// and the backends hold it without copying it.
+    /// and the simulated backend hold it without copying it.
     pub id: ArcStr,
-    /// Name of the model's kind (see [`crate::Kinds`]), shared as the id.
+    /// Name of the model's kind (see [`crate::Kinds`]), shared like the id.
     pub kind: ArcStr,
     /// Declared VRAM footprint in bytes.
     pub bytes: u64,

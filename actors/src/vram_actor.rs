@@ -286,15 +286,6 @@ impl VramActor {
         )
     }
 
-    /// The catalog's shared id for `model` (a copy of `model` when the
-    /// catalog does not know it: only an error names it then).
-    pub(crate) fn id_of(&self, model: &str) -> ArcStr {
-        self.books
-            .declared
-            .get(model)
-            .map_or_else(|| ArcStr::from(model), |spec| spec.id.clone())
-    }
-
     /// Queues `job`, then starts the next job.
     pub(crate) fn submit(&mut self, job: Queued, ctx: &mut Context<Self>) -> Result<(), VramError> {
         if self.queue.len() >= self.config.max_queue {
@@ -527,7 +518,6 @@ impl VramActor {
 
     /// Takes a lease on a resident model.
     pub(crate) fn lease(&mut self, model: &str, evicted: Vec<ArcStr>) -> Result<Lease, VramError> {
-        self.books.used_now(model, now());
         let id = self.books.ledger.get(model).map(|e| e.id.clone());
         let (Some(id), true) = (id, self.books.ledger.lease(model)) else {
             // Only reachable if the model left between its load and now.
@@ -541,6 +531,7 @@ impl VramActor {
         self.books
             .leases
             .insert(self.next_lease, (id.clone(), valid.clone()));
+        self.books.used_now_id(&id, now());
         Ok(Lease {
             id: self.next_lease,
             model: id,

@@ -262,7 +262,7 @@ impl Books {
         };
         self.ledger.release(&model);
         if self.ledger.get(&model).is_some() {
-            self.used_now(&model, now);
+            self.used_now_id(&model, now);
         }
         true
     }
