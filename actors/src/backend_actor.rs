@@ -37,7 +37,7 @@ use futures::FutureExt;
 use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
 use crate::config::ManagerConfig;
 use crate::error::VramError;
-use crate::model::{Ids, ModelSpec};
+use crate::model::{Ids, ModelSpec, Unloads};
 
 /// Told to the `VramActor` each time a backend actor restarts.
 #[derive(Debug, Clone, Message)]
@@ -455,9 +455,6 @@ impl BackendActor {
 /// How one backend call ended.
 /// Unloads in order: all results at once, or the rest as a future.
 type InOrder = Result<Unloads, Pending<Unloads>>;
-
-/// Each model tried and its result.
-type Unloads = smallvec::SmallVec<[(ArcStr, Result<(), VramError>); 1]>;
 
 /// Work the actor goes on with.
 type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<BackendActor, Output = T>>>;

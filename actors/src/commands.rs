@@ -377,12 +377,7 @@ impl VramActor {
         match answer {
             Answer::Done(result) => self.feed(job, Event::Loaded(result), ctx),
             Answer::Listed(result) => self.feed(job, Event::Listed(result), ctx),
-            Answer::Unloaded(results) => {
-                let unloaded = results
-                    .into_iter()
-                    .map(|(model, result)| Event::Unloaded { model, result });
-                self.feed_all(job, unloaded.chain([Event::UnloadsDone]), ctx);
-            }
+            Answer::Unloaded(results) => self.feed(job, Event::Unloads(results), ctx),
             Answer::Lost(Lost::Unloaded(first)) => {
                 let result = Err(self.backend_lost(slot, &first, MailboxError::Closed, ctx));
                 let unloaded = Event::Unloaded {

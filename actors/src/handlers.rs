@@ -44,8 +44,9 @@ impl Handler<Load> for VramActor {
         // through the queue.
         if self.books.ledger.is_resident(&msg.model) && !self.is_busy() {
             // Every accepted request counts in the history the adaptive
-            // order predicts from (a counter and two small updates).
-            self.books.ledger.note_request_as(&msg.model, false);
+            // order predicts from (a counter and two small updates; under
+            // the strict order, nothing).
+            self.books.note_request(&msg.model, false);
             self.books.touch(&msg.model, now());
             return Deferred::now(Ok(Loaded {
                 model,
@@ -53,12 +54,13 @@ impl Handler<Load> for VramActor {
                 already_resident: true,
             }));
         }
-        let miss = self.needs_load(&msg.model);
+        // Whether it misses matters only to the adaptive order's history.
+        let miss = self.books.order == Order::Adaptive && self.needs_load(&msg.model);
         // The catalog's id, shared by the answer's label and the job.
         let (reply, answer) = deferred(model.clone());
         match self.submit_load(model, LoadWaiter::Load(reply), ctx) {
             Ok(()) => {
-                self.books.ledger.note_request_as(&msg.model, miss);
+                self.books.note_request(&msg.model, miss);
                 answer
             }
             Err(e) => Deferred::now(Err(e)),
@@ -74,18 +76,19 @@ impl Handler<Acquire> for VramActor {
             return Deferred::now(Err(shutting_down()));
         }
         if self.books.ledger.is_resident(&msg.model) && !self.job_pending_for(&msg.model) {
-            self.books.ledger.note_request_as(&msg.model, false);
+            self.books.note_request(&msg.model, false);
             return Deferred::now(self.lease(&msg.model, Vec::new()));
         }
         let model = match self.servable(&msg.model) {
             Ok(model) => model,
             Err(e) => return Deferred::now(Err(e)),
         };
-        let miss = self.needs_load(&msg.model);
+        // Whether it misses matters only to the adaptive order's history.
+        let miss = self.books.order == Order::Adaptive && self.needs_load(&msg.model);
         let (reply, answer) = deferred(model.clone());
         match self.submit_load(model, LoadWaiter::Acquire(reply), ctx) {
             Ok(()) => {
-                self.books.ledger.note_request_as(&msg.model, miss);
+                self.books.note_request(&msg.model, miss);
                 answer
             }
             Err(e) => Deferred::now(Err(e)),

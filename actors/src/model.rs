@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use arcstr::ArcStr;
 
+use crate::error::VramError;
+
 /// One model the manager knows how to load.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModelSpec {
@@ -67,6 +69,10 @@ impl ModelSpec {
 /// Model ids handed over in one message (the victims a backend unloads):
 /// a few, so they stay inline.
 pub(crate) type Ids = smallvec::SmallVec<[ArcStr; 4]>;
+
+/// What a backend answers a batch of unloads: each model it tried, in
+/// order, with its result (it stops at the first failure). Usually one.
+pub(crate) type Unloads = smallvec::SmallVec<[(ArcStr, Result<(), VramError>); 1]>;
 
 /// Every model a manager may load, by id.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -238,6 +238,10 @@ impl LoadJob {
         let mut freed = 0u64;
         // Catalog lookups only when some model can park at all.
         let any_parks = books.declared.any_parks();
+        // Host RAM the parked models hold now, counted before any victim
+        // starts leaving: a parked victim being stopped keeps its share
+        // until it is gone (its stop may fail), so no victim parks on it.
+        let parked_host = if any_parks { books.host_parked() } else { 0 };
         // The victims' kinds, each named once: victims refer to them by
         // position.
         let mut kinds = VictimKinds::new();
@@ -251,7 +255,7 @@ impl LoadJob {
             let kind = kind_slot(&mut kinds, &entry.kind);
             let true_size = true_bytes(entry);
             let host = (any_parks && state == ModelState::Resident)
-                .then(|| books.may_park(&victim, promised))
+                .then(|| books.may_park_beside(&victim, parked_host.saturating_add(promised)))
                 .flatten();
             let leaving = match host {
                 Some(host) => {
@@ -278,8 +282,10 @@ impl LoadJob {
             }
         }
         // The plan may have counted victims whole (parking them all would
-        // not make room): those stop, the last planned first.
-        while free.saturating_add(freed) < charged {
+        // not make room, with what a ledger over its capacity owes on top):
+        // those stop, the last planned first.
+        let owed = books.ledger.used().saturating_sub(books.ledger.capacity());
+        while free.saturating_add(freed) < charged.saturating_add(owed) {
             let Some(pair) = parking.pop() else { break };
             let residual = books.residual(&pair.0);
             freed = freed.saturating_add(residual);
@@ -776,6 +782,39 @@ impl Job for LoadJob {
                     back,
                     others,
                 },
+                Event::Unloads(results),
+            ) => {
+                // A backend's whole answer: its victims, then its end, as
+                // the single events would, with one pass through the phase.
+                for (model, result) in results {
+                    let event = Event::Unloaded { model, result };
+                    victim_answer(self, event, books, out, &mut pending, &mut failed);
+                }
+                victim_answer(
+                    self,
+                    Event::UnloadsDone,
+                    books,
+                    out,
+                    &mut pending,
+                    &mut failed,
+                );
+                self.phase = Phase::Evicting {
+                    pending,
+                    failed,
+                    card,
+                    back,
+                    others,
+                };
+                self.evictions_done(books, now, out);
+            }
+            (
+                Phase::Evicting {
+                    mut pending,
+                    mut failed,
+                    card,
+                    back,
+                    others,
+                },
                 event @ (Event::Unloaded { .. } | Event::Parked { .. } | Event::UnloadsDone),
             ) => {
                 victim_answer(self, event, books, out, &mut pending, &mut failed);
@@ -889,6 +928,10 @@ impl Job for LoadJob {
                 }
                 out.push(load_failed(&self.model, &error));
                 self.finish(Err(error));
+            }
+            (phase, Event::Unloads(results)) => {
+                self.phase = phase;
+                self.unloads(results, books, now, out);
             }
             (phase, event) => {
                 // An event this phase does not wait for (a stale timer):

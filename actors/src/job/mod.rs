@@ -29,7 +29,7 @@ use crate::error::VramError;
 use crate::events::VramEvent;
 use crate::kind::Kinds;
 use crate::ledger::{Entry, Ledger};
-use crate::model::{Catalog, Ids, ModelSpec};
+use crate::model::{Catalog, Ids, ModelSpec, Unloads};
 use crate::policy::Order;
 use crate::probe::GpuMemory;
 
@@ -50,6 +50,10 @@ pub(crate) enum Event {
     /// A backend answered a whole [`Command::Unload`] or [`Command::Park`]:
     /// every `Unloaded` or `Parked` of it came before this.
     UnloadsDone,
+    /// A backend answered a whole [`Command::Unload`] at once: the same as
+    /// one [`Event::Unloaded`] per model it tried, in order, then
+    /// [`Event::UnloadsDone`] (one event instead of several).
+    Unloads(Unloads),
     /// A backend finished parking `model`: `Ok(true)` it sleeps, `Ok(false)`
     /// its sleep failed and it was stopped instead.
     Parked {
@@ -154,6 +158,22 @@ pub(crate) trait Job {
     /// Takes one event; changes `books`; pushes commands to `out`.
     fn handle(&mut self, event: Event, books: &mut Books, now: Instant, out: &mut Vec<Command>);
 
+    /// Takes a batch of unload answers as the events it stands for: one
+    /// `Unloaded` per model, then `UnloadsDone`. A job that can take the
+    /// batch whole does so in `handle`.
+    fn unloads(
+        &mut self,
+        results: Unloads,
+        books: &mut Books,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
+        for (model, result) in results {
+            self.handle(Event::Unloaded { model, result }, books, now, out);
+        }
+        self.handle(Event::UnloadsDone, books, now, out);
+    }
+
     /// The outcome, once the job has finished (taken once).
     fn outcome(&mut self) -> Option<Self::Output>;
 
@@ -246,6 +266,15 @@ impl Books {
                     .map_or_else(|| ArcStr::from(model), |e| e.id.clone());
                 self.last_used.insert(id, now);
             }
+        }
+    }
+
+    /// Counts a request for `model` (`miss` when it needs a load) in the
+    /// history the adaptive order predicts from. Under the strict order
+    /// nothing reads that history, so nothing is counted.
+    pub(crate) fn note_request(&mut self, model: &str, miss: bool) {
+        if self.order == Order::Adaptive {
+            self.ledger.note_request_as(model, miss);
         }
     }
 
@@ -350,12 +379,14 @@ impl Books {
     /// Whether `model` can park now with `more` host bytes already promised
     /// to other models parking: it declares how, and the budget allows.
     pub(crate) fn may_park(&self, model: &str, more: u64) -> Option<u64> {
+        self.may_park_beside(model, self.host_parked().saturating_add(more))
+    }
+
+    /// Whether `model` can park beside `taken` host bytes (parked models
+    /// and promises): answers the host bytes it would take.
+    pub(crate) fn may_park_beside(&self, model: &str, taken: u64) -> Option<u64> {
         let park = self.declared.get(model)?.park?;
-        let total = self
-            .host_parked()
-            .saturating_add(more)
-            .saturating_add(park.host);
-        (total <= self.host_budget).then_some(park.host)
+        (taken.saturating_add(park.host) <= self.host_budget).then_some(park.host)
     }
 
     /// `model`'s server is asleep: the ledger keeps only its residual and

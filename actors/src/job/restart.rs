@@ -68,6 +68,9 @@ impl Job for RestartJob {
     type Output = Result<(), VramError>;
 
     fn handle(&mut self, event: Event, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
+        if let Event::Unloads(results) = event {
+            return self.unloads(results, books, now, out);
+        }
         let kind = self.kind.clone();
         match (self.phase, event) {
             (Phase::Starting, Event::Start) if self.crash => {

@@ -121,6 +121,9 @@ impl Job for UnloadJob {
     type Output = Result<Unloaded, VramError>;
 
     fn handle(&mut self, event: Event, books: &mut Books, now: Instant, out: &mut Vec<Command>) {
+        if let Event::Unloads(results) = event {
+            return self.unloads(results, books, now, out);
+        }
         match (self.phase, event) {
             (Phase::Checking, Event::Start)
             | (Phase::WaitingLeases, Event::Released | Event::Deadline) => {
