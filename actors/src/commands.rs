@@ -170,8 +170,9 @@ impl VramActor {
         }
     }
 
-    /// Unloads `models` on the backend of `kind` with one message and
-    /// feeds job `id` one `Unloaded` per model it tried, in order.
+    /// Unloads `models` on the backend of `kind` with one message; its
+    /// answer feeds job `id` one `Unloads` event (with no backend: one
+    /// failed `Unloaded`, then `UnloadsDone`).
     fn unload(
         &mut self,
         id: u64,

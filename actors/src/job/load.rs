@@ -154,6 +154,9 @@ impl LoadJob {
             view
         });
         let ledger = view.as_ref().unwrap_or(&books.ledger);
+        // What a ledger over its capacity owes (a reconcile found a model
+        // its backend would not unload), on the same view as the plan.
+        let owed = ledger.used().saturating_sub(ledger.capacity());
         // Plan against the tighter of the ledger and the card: memory held
         // by other processes, or not yet returned, is not free.
         let free = match card {
@@ -182,7 +185,9 @@ impl LoadJob {
                     already_resident: true,
                 }));
             }
-            Ok(Plan::Load { victims }) => self.reserve(victims, card, free, books, now, out),
+            Ok(Plan::Load { victims }) => {
+                self.reserve(victims, card, (free, owed), books, now, out)
+            }
             Err(VramError::InsufficientVram {
                 needed,
                 free,
@@ -206,11 +211,13 @@ impl LoadJob {
 
     /// Reserves the model's bytes, marks the victims unloading and starts
     /// the first unload.
+    /// `room` is what the plan found: the free bytes, and what a ledger
+    /// over its capacity owes on top of the model's own bytes.
     fn reserve(
         &mut self,
         victims: Vec<ArcStr>,
         card: Option<GpuMemory>,
-        free: u64,
+        room: (u64, u64),
         books: &mut Books,
         now: Instant,
         out: &mut Vec<Command>,
@@ -284,7 +291,7 @@ impl LoadJob {
         // The plan may have counted victims whole (parking them all would
         // not make room, with what a ledger over its capacity owes on top):
         // those stop, the last planned first.
-        let owed = books.ledger.used().saturating_sub(books.ledger.capacity());
+        let (free, owed) = room;
         while free.saturating_add(freed) < charged.saturating_add(owed) {
             let Some(pair) = parking.pop() else { break };
             let residual = books.residual(&pair.0);

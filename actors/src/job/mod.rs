@@ -47,8 +47,10 @@ pub(crate) enum Event {
         /// How it went.
         result: Result<(), VramError>,
     },
-    /// A backend answered a whole [`Command::Unload`] or [`Command::Park`]:
-    /// every `Unloaded` or `Parked` of it came before this.
+    /// The end of a backend's answer to a [`Command::Park`], or to a
+    /// [`Command::Unload`] answered as single events (see
+    /// [`Event::Unloads`]): every `Unloaded` or `Parked` of it came before
+    /// this.
     UnloadsDone,
     /// A backend answered a whole [`Command::Unload`] at once: the same as
     /// one [`Event::Unloaded`] per model it tried, in order, then
@@ -80,10 +82,12 @@ pub(crate) enum Command {
     /// Read the card; answer with [`Event::Card`].
     ReadCard,
     /// Unload `models`, one after the other, on the backend of `kind`
-    /// (one message for them all); answer one [`Event::Unloaded`] per
+    /// (one message for them all); answer [`Event::Unloads`] with each
     /// model in order, up to and including the first failure (the models
-    /// after a failure were not touched and get no event), then
-    /// [`Event::UnloadsDone`]. Unloads on different backends run at once.
+    /// after a failure were not touched), or the same as single events:
+    /// one [`Event::Unloaded`] per model, then [`Event::UnloadsDone`] (a
+    /// lost call, or no backend for `kind`). Unloads on different backends
+    /// run at once.
     Unload {
         /// Their kind (which backend).
         kind: ArcStr,
@@ -169,9 +173,14 @@ pub(crate) trait Job {
         out: &mut Vec<Command>,
     ) {
         for (model, result) in results {
+            if self.is_done() {
+                return;
+            }
             self.handle(Event::Unloaded { model, result }, books, now, out);
         }
-        self.handle(Event::UnloadsDone, books, now, out);
+        if !self.is_done() {
+            self.handle(Event::UnloadsDone, books, now, out);
+        }
     }
 
     /// The outcome, once the job has finished (taken once).
@@ -367,7 +376,9 @@ impl Books {
 }
 
 impl Books {
-    /// Host RAM the parked models hold (and those on their way to parking).
+    /// Host RAM the parked models hold (entries in the `Parked` state; a
+    /// parked model being stopped no longer counts here, so a load counts
+    /// the host RAM it plans against before its victims start leaving).
     pub(crate) fn host_parked(&self) -> u64 {
         self.ledger
             .entries()

@@ -222,7 +222,17 @@ impl World {
             .iter()
             .filter_map(|m| self.books.planned.get(m))
             .map(|s| match parks(&s.id) {
-                Some((vram, _)) if self.parked.contains(&s.id) && !self.unknown.contains(&s.id) => {
+                // A model of unknown state counts whole unless the ledger
+                // has it asleep again.
+                Some((vram, _))
+                    if self.parked.contains(&s.id)
+                        && (!self.unknown.contains(&s.id)
+                            || self
+                                .books
+                                .ledger
+                                .get(&s.id)
+                                .is_some_and(|e| e.state == ModelState::Parked)) =>
+                {
                     vram
                 }
                 _ => s.bytes,
@@ -501,7 +511,10 @@ impl World {
                         reason: String::new(),
                     }))
                 } else {
+                    // A fresh start: awake, its state known again.
                     self.loaded.insert(spec.id.clone());
+                    self.parked.remove(&spec.id);
+                    self.unknown.remove(&spec.id);
                     Event::Loaded(Ok(()))
                 }
             }
@@ -855,6 +868,32 @@ fn a_victim_stops_instead_of_parking_when_the_ledger_owes_an_excess() {
         "stopped, not parked"
     );
     assert_eq!(world.books.ledger.used(), 16 * GIB);
+}
+
+#[test]
+fn batched_and_single_unload_answers_leave_the_same_books() {
+    // Die 1 answers every unload as single events, die 2 as one batch;
+    // nothing else the world decides differs between them (no failures,
+    // no sleep refused, no leases taken in between).
+    let run = |die: u8| {
+        let mut world = World::new(vec![die]);
+        let mut answers = Vec::new();
+        for model in [
+            "llm-a", "llm-b", "big", "llm-c", "tts-a", "tts-b", "asr-a", "llm-b", "big",
+        ] {
+            let loaded = world.run(LoadJob::new(model), Some(model)).unwrap();
+            answers.push(format!("{loaded:?}"));
+        }
+        let books: Vec<_> = world.books.ledger.entries().cloned().collect();
+        (answers, books, world.loaded.clone())
+    };
+    let (single, batched) = (run(1), run(2));
+    assert!(
+        single.0.iter().any(|a| a.contains("evicted: [\"")),
+        "some load evicted: {:?}",
+        single.0
+    );
+    assert_eq!(single, batched);
 }
 
 #[test]
