@@ -789,42 +789,25 @@ impl Job for LoadJob {
                     back,
                     others,
                 },
-                Event::Unloads(results),
+                event @ (Event::Unloaded { .. }
+                | Event::Parked { .. }
+                | Event::UnloadsDone
+                | Event::Unloads(_)),
             ) => {
-                // A backend's whole answer: its victims, then its end, as
-                // the single events would, with one pass through the phase.
-                for (model, result) in results {
-                    let event = Event::Unloaded { model, result };
-                    victim_answer(self, event, books, out, &mut pending, &mut failed);
+                match event {
+                    // A backend's whole answer: its victims, then its end,
+                    // as the single events would, with one pass through
+                    // the phase.
+                    Event::Unloads(results) => {
+                        for (model, result) in results {
+                            let event = Event::Unloaded { model, result };
+                            victim_answer(self, event, books, out, &mut pending, &mut failed);
+                        }
+                        let done = Event::UnloadsDone;
+                        victim_answer(self, done, books, out, &mut pending, &mut failed);
+                    }
+                    event => victim_answer(self, event, books, out, &mut pending, &mut failed),
                 }
-                victim_answer(
-                    self,
-                    Event::UnloadsDone,
-                    books,
-                    out,
-                    &mut pending,
-                    &mut failed,
-                );
-                self.phase = Phase::Evicting {
-                    pending,
-                    failed,
-                    card,
-                    back,
-                    others,
-                };
-                self.evictions_done(books, now, out);
-            }
-            (
-                Phase::Evicting {
-                    mut pending,
-                    mut failed,
-                    card,
-                    back,
-                    others,
-                },
-                event @ (Event::Unloaded { .. } | Event::Parked { .. } | Event::UnloadsDone),
-            ) => {
-                victim_answer(self, event, books, out, &mut pending, &mut failed);
                 self.phase = Phase::Evicting {
                     pending,
                     failed,

@@ -814,16 +814,8 @@ fn a_spent_host_budget_stops_instead_of_parking() {
 fn a_parked_victim_keeps_its_host_ram_until_it_is_stopped() {
     let mut world = World::new(vec![1]);
     world.books.host_budget = 10 * GIB;
-    world
-        .books
-        .ttl
-        .insert("llm-a".into(), Duration::from_secs(5));
-    world.load("llm-a");
-    world.now += Duration::from_secs(10);
-    world
-        .run(UnloadJob::expiry("llm-a"), None)
-        .unwrap()
-        .unwrap();
+    let expired = park_idle(&mut world, "llm-a");
+    assert!(expired.was_resident);
     assert_eq!(world.books.host_parked(), 8 * GIB, "llm-a sleeps");
     for model in ["llm-c", "tts-a", "tts-b"] {
         world.load(model);
@@ -899,16 +891,7 @@ fn batched_and_single_unload_answers_leave_the_same_books() {
 #[test]
 fn an_idle_model_parks_and_an_explicit_unload_stops_it() {
     let mut world = World::new(vec![1]);
-    world
-        .books
-        .ttl
-        .insert("llm-a".into(), Duration::from_secs(5));
-    world.load("llm-a");
-    world.now += Duration::from_secs(10);
-    let expired = world
-        .run(UnloadJob::expiry("llm-a"), None)
-        .unwrap()
-        .unwrap();
+    let expired = park_idle(&mut world, "llm-a");
     assert!(expired.was_resident);
     assert_eq!(
         world.books.ledger.get("llm-a").unwrap().state,
@@ -918,6 +901,15 @@ fn an_idle_model_parks_and_an_explicit_unload_stops_it() {
     world.run(UnloadJob::new("llm-a"), None).unwrap().unwrap();
     assert!(world.books.ledger.get("llm-a").is_none());
     assert!(!world.loaded.contains("llm-a"));
+}
+
+/// Loads `model` (it can park), lets it sit past its TTL and expires it:
+/// it parks. Answers the expiry's outcome.
+fn park_idle(world: &mut World, model: &str) -> crate::events::Unloaded {
+    world.books.ttl.insert(model.into(), Duration::from_secs(5));
+    world.load(model);
+    world.now += Duration::from_secs(10);
+    world.run(UnloadJob::expiry(model), None).unwrap().unwrap()
 }
 
 /// Runs a load of `model` in `world`, answering every command; answers
