@@ -54,8 +54,7 @@ impl Handler<Load> for VramActor {
                 already_resident: true,
             }));
         }
-        // Whether it misses matters only to the adaptive order's history.
-        let miss = self.books.order == Order::Adaptive && self.needs_load(&msg.model);
+        let miss = self.counted_miss(&msg.model);
         // The catalog's id, shared by the answer's label and the job.
         let (reply, answer) = deferred(model.clone());
         match self.submit_load(model, LoadWaiter::Load(reply), ctx) {
@@ -83,8 +82,7 @@ impl Handler<Acquire> for VramActor {
             Ok(model) => model,
             Err(e) => return Deferred::now(Err(e)),
         };
-        // Whether it misses matters only to the adaptive order's history.
-        let miss = self.books.order == Order::Adaptive && self.needs_load(&msg.model);
+        let miss = self.counted_miss(&msg.model);
         let (reply, answer) = deferred(model.clone());
         match self.submit_load(model, LoadWaiter::Acquire(reply), ctx) {
             Ok(()) => {

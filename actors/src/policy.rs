@@ -208,10 +208,9 @@ pub fn plan_in_order(
     if ledger.is_resident(model) {
         return Ok(Plan::Resident);
     }
-    // Step 3: fits as things are. A ledger over its capacity (a reconcile
-    // found a model its backend would not unload) must first come back
-    // under it: that excess is owed too.
-    let over = ledger.used().saturating_sub(ledger.capacity());
+    // Step 3: fits as things are. A ledger over its capacity must first
+    // come back under it: that excess is owed too.
+    let over = owed(ledger);
     let shortfall = needed.saturating_sub(free).saturating_add(over);
     if shortfall == 0 {
         return Ok(Plan::Load { victims: vec![] });
@@ -276,6 +275,13 @@ pub fn plan_in_order(
             .map(|(_, _, entry)| entry.id.clone()),
     );
     Ok(Plan::Load { victims })
+}
+
+/// What `ledger` owes beyond its capacity: it is over only when a
+/// reconcile found a model its backend would not unload. A plan frees it
+/// on top of the requested model's bytes.
+pub(crate) fn owed(ledger: &Ledger) -> u64 {
+    ledger.used().saturating_sub(ledger.capacity())
 }
 
 /// A candidate as policy step 4 lists it: (sort key, bytes, entry).

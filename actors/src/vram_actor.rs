@@ -40,7 +40,7 @@ use crate::job::{Books, Command, Event, Job as _, LoadJob, ReleaseWait, RestartJ
 use crate::ledger::Ledger;
 use crate::messages::{Lease, Release};
 use crate::meters::Meters;
-use crate::policy::expired;
+use crate::policy::{Order, expired};
 use crate::probe::GpuProbe;
 use crate::queue::{LoadWaiter, LoadWaiters, Queued, refuse_load, shutting_down};
 
@@ -190,6 +190,13 @@ impl VramActor {
             .map(|r| &r.job)
             .chain(&self.queue)
             .any(|j| j.may_change(model, kind))
+    }
+
+    /// Whether a request for `model` counts as a miss in the request
+    /// history. Only the adaptive order reads that history, so under the
+    /// strict order nothing is worked out (and nothing counted).
+    pub(crate) fn counted_miss(&self, model: &str) -> bool {
+        self.books.order == Order::Adaptive && self.needs_load(model)
     }
 
     /// Whether a request for `model` needs a load of its own: it holds no

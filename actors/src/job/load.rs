@@ -21,7 +21,7 @@ use crate::error::VramError;
 use crate::events::{Loaded, VramEvent};
 use crate::ledger::{Ledger, ModelState};
 use crate::model::Ids;
-use crate::policy::{Plan, candidates, plan_in_order};
+use crate::policy::{Plan, candidates, owed, plan_in_order};
 use crate::probe::GpuMemory;
 
 /// Where a load is.
@@ -154,9 +154,8 @@ impl LoadJob {
             view
         });
         let ledger = view.as_ref().unwrap_or(&books.ledger);
-        // What a ledger over its capacity owes (a reconcile found a model
-        // its backend would not unload), on the same view as the plan.
-        let owed = ledger.used().saturating_sub(ledger.capacity());
+        // What the plan owes beyond the model's bytes, on its own view.
+        let owed = owed(ledger);
         // Plan against the tighter of the ledger and the card: memory held
         // by other processes, or not yet returned, is not free.
         let free = match card {
