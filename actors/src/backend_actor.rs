@@ -24,10 +24,11 @@
 //! same work for anyone else holding the actor's address and answer through
 //! actix's reply channel.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -97,10 +98,11 @@ pub struct WakeModel(pub String);
 #[rtype(result = "Result<Vec<String>, VramError>")]
 pub struct ListLoaded;
 
-/// A call from the `VramActor` whose answer comes back as a message
-/// ([`CallAnswered`]) instead of through a reply channel: on the manager's
-/// side a call costs no channel and no spawned future, which is most of
-/// what an instant backend's round trip costs beyond a bare one.
+/// A call from the `VramActor` whose answer ([`CallAnswered`]) comes back
+/// through its [`Caller`] instead of through a reply channel: on the
+/// manager's side a call costs no channel, no spawned future and no second
+/// message, which is most of what an instant backend's round trip costs
+/// beyond a bare one.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Call {
@@ -123,8 +125,6 @@ pub(crate) enum CallKind {
 
 /// The answer to a [`Call`] of job `job`, from the backend actor in
 /// position `slot` of the manager's list.
-#[derive(Message)]
-#[rtype(result = "()")]
 pub(crate) struct CallAnswered {
     pub(crate) job: u64,
     pub(crate) slot: usize,
@@ -155,28 +155,68 @@ pub(crate) enum Lost {
     Unloaded(ArcStr),
 }
 
-/// The `VramActor` instance that calls come from: its address, and whether
-/// it has stopped. One per instance, shared by all of its calls.
+/// The `VramActor` instance that calls come from: the answers it has not
+/// fed yet, its task to wake when one comes, and whether it has stopped.
+/// One per instance, shared by all of its calls.
+///
+/// An answer is not a message: it skips the mailbox's envelope and
+/// channel, and the manager feeds it after its mailbox is empty (see
+/// `FeedAnswers`), as it would a message handled last.
+#[derive(Default)]
 pub(crate) struct Caller {
-    address: Recipient<CallAnswered>,
+    /// Backend actors share the manager's thread, so the lock is never
+    /// contended; it is a `Mutex` because a [`Call`] crosses an `Addr`,
+    /// which asks for `Send`.
+    inbox: Mutex<Inbox>,
     stopped: AtomicBool,
 }
 
-impl Caller {
-    /// Calls from the actor at `address`.
-    pub(crate) fn new(address: Recipient<CallAnswered>) -> Self {
-        Self {
-            address,
-            stopped: AtomicBool::new(false),
-        }
-    }
+#[derive(Default)]
+struct Inbox {
+    /// Answers in the order they came.
+    answers: VecDeque<CallAnswered>,
+    /// The manager's task, woken by each answer (kept: a context runs in
+    /// one task for its whole life).
+    waker: Option<std::task::Waker>,
+}
 
+impl Caller {
     /// The calling instance stopped (or restarts as a new one): its calls
     /// still queued are dropped unrun, as actix drops a message whose
     /// sender stopped waiting, so no backend loads a model for a job that
-    /// no longer exists.
+    /// no longer exists; answers not yet fed are for jobs that are gone.
     pub(crate) fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
+        self.inbox().answers.clear();
+    }
+
+    /// Each answer that comes from now on wakes `waker`.
+    pub(crate) fn wake(&self, waker: &std::task::Waker) {
+        self.inbox().waker = Some(waker.clone());
+    }
+
+    /// The next answer to feed.
+    pub(crate) fn next(&self) -> Option<CallAnswered> {
+        self.inbox().answers.pop_front()
+    }
+
+    fn answer(&self, answer: CallAnswered) {
+        if self.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut inbox = self.inbox();
+        inbox.answers.push_back(answer);
+        if let Some(waker) = &inbox.waker {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// The inbox (a panic elsewhere while the lock was held left it as it
+    /// was: still good).
+    fn inbox(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -209,7 +249,7 @@ impl AnswerTo {
 
     fn send(mut self, answer: Answer) {
         self.lost = None;
-        self.to.address.do_send(CallAnswered {
+        self.to.answer(CallAnswered {
             job: self.job,
             slot: self.slot,
             answer,
@@ -222,7 +262,7 @@ impl Drop for AnswerTo {
         if let Some(lost) = self.lost.take()
             && !self.caller_stopped()
         {
-            self.to.address.do_send(CallAnswered {
+            self.to.answer(CallAnswered {
                 job: self.job,
                 slot: self.slot,
                 answer: Answer::Lost(lost),

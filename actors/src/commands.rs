@@ -1,7 +1,8 @@
 //! How the `VramActor` carries out its running job's commands: a backend
 //! call is a [`Call`] message to that kind's `BackendActor`, answered by a
-//! [`CallAnswered`] message that is fed to the job (no reply channel and no
-//! spawned future per call; an answer dropped unsent answers "lost", as a
+//! [`CallAnswered`] put in the manager's [`Caller`] queue and fed to the job
+//! once the mailbox is empty (no reply channel, no spawned future and no
+//! message back per call; an answer dropped unsent answers "lost", as a
 //! dropped reply channel would); a card read that is ready at once is
 //! answered at once; a wait is a timer. A backend actor found dead is
 //! replaced.
@@ -68,7 +69,7 @@ impl VramActor {
             Command::Park { kind, model } => self.park(id, kind, model, ctx),
             // After `Shutdown` no model server wakes: the job aborts.
             Command::Wake(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
-            Command::Wake(spec) => self.ask(id, &spec.kind, CallKind::Wake(spec.id.clone()), ctx),
+            Command::Wake(spec) => self.ask(id, &spec.kind, CallKind::Wake(spec.id.clone())),
             // After `Shutdown` no model server starts: the job aborts.
             Command::Load(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
             Command::WaitRelease { .. } | Command::Wait { .. } if self.shutting_down => {
@@ -76,10 +77,10 @@ impl VramActor {
             }
             Command::Load(spec) => match self.actor_slot(&spec.kind) {
                 Some(slot) => {
-                    self.call(id, slot, CallKind::Load(spec), ctx);
+                    self.call(id, slot, CallKind::Load(spec));
                     None
                 }
-                None => self.ask(id, &spec.kind.clone(), CallKind::Load(spec), ctx),
+                None => self.ask(id, &spec.kind.clone(), CallKind::Load(spec)),
             },
             Command::Crash { kind } => {
                 let label = format!("<{kind} backend>");
@@ -97,7 +98,7 @@ impl VramActor {
                 ));
                 None
             }
-            Command::List { kind } => self.ask(id, &kind, CallKind::List, ctx),
+            Command::List { kind } => self.ask(id, &kind, CallKind::List),
             Command::WaitRelease { until } => {
                 self.waits_release = true;
                 self.wait(id, until, ctx);
@@ -127,15 +128,9 @@ impl VramActor {
     /// Asks the backend of `kind` for a load, a wake or a list (see
     /// [`VramActor::call`]), or answers the failure at once: no backend
     /// for that kind.
-    fn ask(
-        &mut self,
-        id: u64,
-        kind: &str,
-        what: CallKind,
-        ctx: &mut Context<Self>,
-    ) -> Option<Event> {
+    fn ask(&mut self, id: u64, kind: &str, what: CallKind) -> Option<Event> {
         if let Some(slot) = self.actor_slot(kind) {
-            self.call(id, slot, what, ctx);
+            self.call(id, slot, what);
             return None;
         }
         let failed = Err(no_backend(kind, &self.call_label(kind)));
@@ -146,18 +141,14 @@ impl VramActor {
     }
 
     /// Sends `what` to the backend actor in `slot` of `actors`; its answer
-    /// comes back as a [`CallAnswered`] for job `id`.
-    fn call(&mut self, id: u64, slot: usize, what: CallKind, ctx: &mut Context<Self>) {
+    /// comes back through [`Caller`] as a [`CallAnswered`] for job `id`.
+    fn call(&mut self, id: u64, slot: usize, what: CallKind) {
         let lost = match &what {
             CallKind::Load(_) | CallKind::Wake(_) => Lost::Done,
             CallKind::List => Lost::Listed,
             CallKind::Unload(models) => Lost::Unloaded(models.first().cloned().unwrap_or_default()),
         };
-        let to = self
-            .caller
-            .get_or_insert_with(|| Arc::new(Caller::new(ctx.address().recipient())))
-            .clone();
-        let answer = AnswerTo::new(id, slot, to, lost);
+        let answer = AnswerTo::new(id, slot, self.caller.clone(), lost);
         self.actors[slot].1.do_send(Call { what, answer });
     }
 
@@ -184,7 +175,7 @@ impl VramActor {
             if models.is_empty() {
                 return Some(Event::UnloadsDone);
             }
-            self.call(id, slot, CallKind::Unload(models), ctx);
+            self.call(id, slot, CallKind::Unload(models));
             return None;
         }
         let Some(first) = models.into_iter().next() else {
@@ -324,28 +315,21 @@ impl VramActor {
     }
 }
 
-impl Handler<CallAnswered> for VramActor {
-    type Result = ();
-
-    /// Feeds a backend's answer to the job that asked; a lost call fails
-    /// as its kind of call fails, and a dead backend actor is replaced.
-    ///
-    /// An answer waits for the messages already in the mailbox: a backend
-    /// that restarts (after a panic in this call or in another) announces
-    /// it just behind its answer, and the reconcile that restart calls for
-    /// must be queued before the job ends, so that no other job plans on
-    /// the stale ledger.
-    fn handle(&mut self, msg: CallAnswered, _ctx: &mut Context<Self>) {
-        // Fed by `FeedAnswers`, which runs after the mailbox.
-        self.answers.push_back(msg);
-    }
-}
-
 /// Feeds the backend answers that came in, once the mailbox is empty
-/// (actix polls an actor's spawned futures after its mailbox). Spawned once
-/// per instance of the `VramActor`; it never finishes, and costs a check of
-/// an empty queue when there is nothing to feed.
-struct FeedAnswers;
+/// (actix polls an actor's spawned futures after its mailbox). An answer
+/// so waits for the messages already in the mailbox: a backend that
+/// restarts (after a panic in this call or in another) announces it just
+/// behind its answer, and the reconcile that restart calls for must be
+/// queued before the job ends, so that no other job plans on the stale
+/// ledger. Spawned once per instance of the `VramActor`; it never
+/// finishes, and is woken by each answer.
+struct FeedAnswers {
+    caller: Arc<Caller>,
+    /// Whether the caller wakes this future's task. A context runs in one
+    /// task for its whole life, so its waker is given once, not at every
+    /// poll (every message the actor handles polls this future).
+    registered: bool,
+}
 
 impl ActorFuture<VramActor> for FeedAnswers {
     type Output = ();
@@ -354,9 +338,16 @@ impl ActorFuture<VramActor> for FeedAnswers {
         self: std::pin::Pin<&mut Self>,
         act: &mut VramActor,
         ctx: &mut Context<VramActor>,
-        _task: &mut std::task::Context<'_>,
+        task: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
-        while let Some(msg) = act.answers.pop_front() {
+        let this = self.get_mut();
+        if !this.registered {
+            this.caller.wake(task.waker());
+            this.registered = true;
+        }
+        // One at a time: feeding an answer may drop a call whose answer
+        // comes back into the same queue.
+        while let Some(msg) = this.caller.next() {
             act.answered(msg, ctx);
         }
         std::task::Poll::Pending
@@ -368,8 +359,11 @@ impl VramActor {
     /// actor, restarts included). Answers to an earlier instance's calls
     /// are for jobs that are gone.
     pub(crate) fn feed_answers(&mut self, ctx: &mut Context<Self>) {
-        self.answers.clear();
-        ctx.spawn(FeedAnswers);
+        self.caller = Arc::default();
+        ctx.spawn(FeedAnswers {
+            caller: self.caller.clone(),
+            registered: false,
+        });
     }
 
     /// Feeds one backend answer to its job.

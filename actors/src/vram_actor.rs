@@ -102,13 +102,10 @@ pub struct VramActor {
     pub(crate) last_card: Option<crate::probe::GpuMemory>,
     /// The metric handles, kept once registered.
     meters: Meters,
-    /// Where backend actors send their answers to calls (made at this
-    /// instance's first call, shared by every call after it; marked
-    /// stopped when the instance stops).
-    pub(crate) caller: Option<Arc<crate::backend_actor::Caller>>,
-    /// Backend answers waiting for the mailbox to empty (see
-    /// `FeedAnswers`).
-    pub(crate) answers: VecDeque<crate::backend_actor::CallAnswered>,
+    /// Where backend actors put their answers to calls (made when this
+    /// instance starts, shared by all of its calls; marked stopped when
+    /// the instance stops).
+    pub(crate) caller: Arc<crate::backend_actor::Caller>,
 }
 
 impl VramActor {
@@ -153,8 +150,7 @@ impl VramActor {
             scratch: Vec::new(),
             last_card: None,
             meters: Meters::new(),
-            caller: None,
-            answers: VecDeque::new(),
+            caller: Arc::default(),
         }
     }
 
@@ -300,8 +296,14 @@ impl VramActor {
                 queued: self.queue.len(),
             });
         }
-        self.queue.push_back(job);
-        self.start_next(ctx);
+        if self.running.is_none() && self.queue.is_empty() && !self.shutting_down {
+            // Nothing ahead of it: it runs now, without a trip through
+            // the queue (a job is a few hundred bytes to move).
+            self.start(job, ctx);
+        } else {
+            self.queue.push_back(job);
+            self.start_next(ctx);
+        }
         Ok(())
     }
 
@@ -315,9 +317,13 @@ impl VramActor {
         if self.running.is_some() {
             return;
         }
-        let Some(job) = self.queue.pop_front() else {
-            return;
-        };
+        if let Some(job) = self.queue.pop_front() {
+            self.start(job, ctx);
+        }
+    }
+
+    /// Runs `job` (none is running).
+    fn start(&mut self, job: Queued, ctx: &mut Context<Self>) {
         self.runs += 1;
         let id = self.runs;
         let span = job.span();
@@ -580,9 +586,7 @@ impl Actor for VramActor {
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         // Calls still queued at a backend belong to jobs that are gone:
         // they are dropped unrun (a restarted instance calls anew).
-        if let Some(caller) = self.caller.take() {
-            caller.stop();
-        }
+        self.caller.stop();
     }
 }
 
