@@ -19,10 +19,11 @@
 //! backend that crashes at once cannot spin.
 //!
 //! Calls: the `VramActor`'s own loads, wakes, unloads and lists come as a
-//! [`Call`] answered by a [`CallAnswered`] message (no reply channel per
-//! call); the public messages ([`LoadModel`], [`UnloadModels`], ...) do the
-//! same work for anyone else holding the actor's address and answer through
-//! actix's reply channel.
+//! [`Call`] answered by a [`CallAnswered`] put in the manager's [`Caller`]
+//! queue (no reply channel and no message back per call); the public
+//! messages ([`LoadModel`], [`UnloadModels`], ...) do the same work for
+//! anyone else holding the actor's address and answer through actix's reply
+//! channel.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;

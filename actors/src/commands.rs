@@ -327,7 +327,7 @@ struct FeedAnswers {
     caller: Arc<Caller>,
     /// Whether the caller wakes this future's task. A context runs in one
     /// task for its whole life, so its waker is given once, not at every
-    /// poll (every message the actor handles polls this future).
+    /// pass of the context (each pass polls this future).
     registered: bool,
 }
 
