@@ -147,7 +147,7 @@ pub(crate) fn reconcile(
                 let bytes = planned.bytes;
                 books.ledger.calibrate(id, bytes);
             }
-            books.used_now(id, now);
+            books.used_now_id(&spec.id, now);
             let held = books.leases.values().filter(|(m, _)| m == id).count();
             for _ in 0..held {
                 books.ledger.lease(id);
