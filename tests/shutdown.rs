@@ -99,3 +99,34 @@ async fn queued_work_is_unavailable_and_a_running_load_does_not_delay_the_shutdo
     assert_eq!(m.card.memory_now().used, 0);
     assert!(status(&m).await.models.is_empty());
 }
+
+#[actix_rt::test]
+async fn a_shutdown_while_a_swaps_victims_leave_starts_no_model() {
+    // "new" evicts "old" on the same backend: one call unloads "old" and
+    // would load "new" right after.
+    let m = start(
+        &[
+            model("old", "llm", 8, "unload_ms = 300"),
+            model("new", "llm", 12, ""),
+        ]
+        .concat(),
+    );
+    load(&m, "old").await.unwrap();
+    let swap = m.addr.send(Load::new("new"));
+    futures::pin_mut!(swap);
+    assert!(futures::poll!(&mut swap).is_pending());
+    assert!(status(&m).await.running);
+
+    // The shutdown lands while "old" is still leaving.
+    m.shutdown().await;
+    let swap = swap.await.unwrap().unwrap_err();
+    assert_eq!(swap.code(), "unavailable", "{swap}");
+    assert_eq!(
+        m.sims["llm"].load_count(),
+        1,
+        "only \"old\" was ever loaded"
+    );
+    assert!(m.sims["llm"].holding().is_empty());
+    assert_eq!(m.card.memory_now().used, 0);
+    assert!(status(&m).await.models.is_empty());
+}

@@ -40,6 +40,7 @@ use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
 use crate::config::ManagerConfig;
 use crate::error::VramError;
 use crate::model::{Ids, ModelSpec, Unloads};
+use crate::probe::{GpuMemory, GpuProbe, ProbeError};
 
 /// Told to the `VramActor` each time a backend actor restarts.
 #[derive(Debug, Clone, Message)]
@@ -120,6 +121,14 @@ pub(crate) enum CallKind {
     /// Unload the models in order, as [`UnloadModels`] does; answered
     /// [`Answer::Unloaded`].
     Unload(Ids),
+    /// Unload the models in order, answered [`Answer::Unloaded`]; if every
+    /// one left, load the model, answered [`Answer::Done`] next. With a
+    /// number of free bytes to wait for, first read the card: it loads
+    /// only if the card shows them ([`Answer::LoadingAfter`], then
+    /// [`Answer::Done`]); otherwise the reading is the last answer
+    /// ([`Answer::Card`]). A caller that has closed gets no load: its
+    /// [`Answer::Done`] is `unavailable`.
+    UnloadThenLoad(Ids, Arc<ModelSpec>, Option<u64>),
     /// List what the backend holds; answered [`Answer::Listed`].
     List,
 }
@@ -140,6 +149,12 @@ pub(crate) enum Answer {
     Unloaded(Unloads),
     /// A list.
     Listed(Result<Vec<String>, VramError>),
+    /// The card read after the unloads of an unload-then-load, which did
+    /// not load.
+    Card(Result<GpuMemory, ProbeError>),
+    /// The card read after the unloads of an unload-then-load showed the
+    /// memory back: the load started.
+    LoadingAfter(GpuMemory),
     /// The call was dropped unanswered: its actor stopped, or restarted
     /// with the call in flight.
     Lost(Lost),
@@ -154,6 +169,9 @@ pub(crate) enum Lost {
     Listed,
     /// An unload; its first model names the failure.
     Unloaded(ArcStr),
+    /// The card read between the unloads and the load of an
+    /// unload-then-load.
+    Card,
 }
 
 /// The `VramActor` instance that calls come from: the answers it has not
@@ -170,6 +188,8 @@ pub(crate) struct Caller {
     /// which asks for `Send`.
     inbox: Mutex<Inbox>,
     stopped: AtomicBool,
+    /// The manager is shutting down: no call of its starts a model.
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -189,6 +209,13 @@ impl Caller {
     pub(crate) fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
         self.inbox().answers.clear();
+    }
+
+    /// The manager is shutting down: a load that would follow unloads
+    /// asked for before is refused instead (the manager refuses the loads
+    /// it has not asked for yet itself).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
     }
 
     /// Each answer that comes from now on wakes `waker`.
@@ -248,8 +275,20 @@ impl AnswerTo {
         self.to.stopped.load(Ordering::Relaxed)
     }
 
+    /// Whether the caller is shutting down (it starts no model).
+    fn caller_closed(&self) -> bool {
+        self.to.closed.load(Ordering::Relaxed)
+    }
+
     fn send(mut self, answer: Answer) {
         self.lost = None;
+        self.send_then(answer, None);
+    }
+
+    /// Sends `answer` and stays armed for a next one: dropped unanswered
+    /// from now on, it answers `next` lost.
+    fn send_then(&mut self, answer: Answer, next: Option<Lost>) {
+        self.lost = next;
         self.to.answer(CallAnswered {
             job: self.job,
             slot: self.slot,
@@ -293,6 +332,8 @@ pub struct BackendActor {
     backoff_max: Duration,
     on_restart: Option<Recipient<BackendRestarted>>,
     on_exit: Option<Recipient<ModelExited>>,
+    /// The card, read between an unload-then-load's unloads and its load.
+    probe: Option<Rc<dyn GpuProbe>>,
     restarts: u32,
     /// Restarts since the last call that finished without a panic.
     consecutive: u32,
@@ -311,6 +352,7 @@ impl BackendActor {
             backoff_max: config.restart_backoff_max,
             on_restart: None,
             on_exit: None,
+            probe: None,
             restarts: 0,
             consecutive: 0,
         }
@@ -327,6 +369,12 @@ impl BackendActor {
     /// Tells `recipient` of every restart.
     pub fn notify_restarts(mut self, recipient: Recipient<BackendRestarted>) -> Self {
         self.on_restart = Some(recipient);
+        self
+    }
+
+    /// Reads `probe` when a call asks to load only once memory is back.
+    pub(crate) fn with_probe(mut self, probe: Option<Rc<dyn GpuProbe>>) -> Self {
+        self.probe = probe;
         self
     }
 
@@ -664,6 +712,17 @@ impl Handler<Call> for BackendActor {
                     }
                 }
             }
+            CallKind::UnloadThenLoad(models, spec, when_free) => {
+                let done = Unloads::new();
+                match self.unload_in_order(models.into_iter(), done, ctx) {
+                    Ok(done) => self.load_after(done, spec, when_free, answer, ctx),
+                    Err(rest) => {
+                        ctx.spawn(rest.map(move |done, act, ctx| {
+                            act.load_after(done, spec, when_free, answer, ctx)
+                        }));
+                    }
+                }
+            }
             CallKind::List => {
                 let label = format!("<{} backend>", self.kind);
                 let timeout = Some(self.unload_timeout);
@@ -676,6 +735,84 @@ impl Handler<Call> for BackendActor {
                 );
             }
         }
+    }
+}
+
+impl BackendActor {
+    /// Answers the unloads `done` of an [`CallKind::UnloadThenLoad`]; if
+    /// every one succeeded (a failure, or a panic that is stopping this
+    /// actor, ends the call there), loads `spec`, at once or once the card
+    /// shows `when_free` bytes free.
+    fn load_after(
+        &mut self,
+        done: Unloads,
+        spec: Arc<ModelSpec>,
+        when_free: Option<u64>,
+        mut answer: AnswerTo,
+        ctx: &mut Context<Self>,
+    ) {
+        if done.iter().any(|(_, result)| result.is_err()) {
+            return answer.send(Answer::Unloaded(done));
+        }
+        let Some(target) = when_free else {
+            answer.send_then(Answer::Unloaded(done), Some(Lost::Done));
+            return self.load_now(spec, answer, ctx);
+        };
+        answer.send_then(Answer::Unloaded(done), Some(Lost::Card));
+        let Some(probe) = self.probe.clone() else {
+            let unread = ProbeError("no probe for the backend to read".to_string());
+            return answer.send(Answer::Card(Err(unread)));
+        };
+        match probe.memory_at_once() {
+            Some(read) => self.load_if_free(read, target, spec, answer, ctx),
+            None => {
+                ctx.spawn(
+                    probe.memory().into_actor(self).map(move |read, act, ctx| {
+                        act.load_if_free(read, target, spec, answer, ctx)
+                    }),
+                );
+            }
+        }
+    }
+
+    /// Loads `spec` if the card `read` shows `target` bytes free; else
+    /// answers the reading.
+    fn load_if_free(
+        &mut self,
+        read: Result<GpuMemory, ProbeError>,
+        target: u64,
+        spec: Arc<ModelSpec>,
+        mut answer: AnswerTo,
+        ctx: &mut Context<Self>,
+    ) {
+        match read {
+            Ok(card) if card.free >= target => {
+                answer.send_then(Answer::LoadingAfter(card), Some(Lost::Done));
+                self.load_now(spec, answer, ctx);
+            }
+            read => answer.send(Answer::Card(read)),
+        }
+    }
+
+    /// Loads `spec` for a caller that asked before it closed; a stopped
+    /// caller gets nothing.
+    fn load_now(&mut self, spec: Arc<ModelSpec>, answer: AnswerTo, ctx: &mut Context<Self>) {
+        if answer.caller_stopped() {
+            // Nobody waits for the load: it is not started (dropped, the
+            // answer says nothing to a stopped caller).
+            return;
+        }
+        if answer.caller_closed() {
+            return answer.send(Answer::Done(Err(VramError::shutting_down())));
+        }
+        let timeout = Some(self.load_timeout);
+        self.guarded_then(
+            &spec.id,
+            timeout,
+            ctx,
+            |b| b.load(&spec),
+            |r| answer.send(Answer::Done(r)),
+        );
     }
 }
 

@@ -22,7 +22,7 @@ use crate::job::RestartJob;
 use crate::job::{Command, Event};
 use crate::model::Ids;
 use crate::probe::{GpuMemory, ProbeError};
-use crate::queue::{Queued, shutting_down};
+use crate::queue::Queued;
 use crate::vram_actor::{VramActor, now};
 
 impl VramActor {
@@ -66,12 +66,41 @@ impl VramActor {
                 None
             }
             Command::Unload { kind, models } => self.unload(id, kind, models, ctx),
+            // After `Shutdown` the backend unloads but does not load (it
+            // sees its caller closed): the job aborts.
+            Command::UnloadThenLoad {
+                models,
+                spec,
+                when_free,
+            } => match self.actor_slot(&spec.kind) {
+                Some(slot) => {
+                    self.call(id, slot, CallKind::UnloadThenLoad(models, spec, when_free));
+                    None
+                }
+                // No backend: the first victim fails (the job aborts), or
+                // with none, the load does.
+                None if models.is_empty() => {
+                    let failed = Err(no_backend(&spec.kind, &spec.id));
+                    ctx.spawn(ActorFutureExt::map(
+                        fut::ready(()),
+                        move |(), act: &mut Self, ctx| {
+                            act.feed_all(id, [Event::UnloadsDone, Event::Loaded(failed)], ctx);
+                        },
+                    ));
+                    None
+                }
+                None => self.unload(id, spec.kind.clone(), models, ctx),
+            },
             Command::Park { kind, model } => self.park(id, kind, model, ctx),
             // After `Shutdown` no model server wakes: the job aborts.
-            Command::Wake(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
+            Command::Wake(_) if self.shutting_down => {
+                Some(Event::Loaded(Err(VramError::shutting_down())))
+            }
             Command::Wake(spec) => self.ask(id, &spec.kind, CallKind::Wake(spec.id.clone())),
             // After `Shutdown` no model server starts: the job aborts.
-            Command::Load(_) if self.shutting_down => Some(Event::Loaded(Err(shutting_down()))),
+            Command::Load(_) if self.shutting_down => {
+                Some(Event::Loaded(Err(VramError::shutting_down())))
+            }
             Command::WaitRelease { .. } | Command::Wait { .. } if self.shutting_down => {
                 Some(Event::Deadline)
             }
@@ -146,7 +175,9 @@ impl VramActor {
         let lost = match &what {
             CallKind::Load(_) | CallKind::Wake(_) => Lost::Done,
             CallKind::List => Lost::Listed,
-            CallKind::Unload(models) => Lost::Unloaded(models.first().cloned().unwrap_or_default()),
+            CallKind::Unload(models) | CallKind::UnloadThenLoad(models, ..) => {
+                Lost::Unloaded(models.first().cloned().unwrap_or_default())
+            }
         };
         let answer = AnswerTo::new(id, slot, self.caller.clone(), lost);
         self.actors[slot].1.do_send(Call { what, answer });
@@ -360,6 +391,9 @@ impl VramActor {
     /// are for jobs that are gone.
     pub(crate) fn feed_answers(&mut self, ctx: &mut Context<Self>) {
         self.caller = Arc::default();
+        if self.shutting_down {
+            self.caller.close();
+        }
         ctx.spawn(FeedAnswers {
             caller: self.caller.clone(),
             registered: false,
@@ -373,6 +407,23 @@ impl VramActor {
             Answer::Done(result) => self.feed(job, Event::Loaded(result), ctx),
             Answer::Listed(result) => self.feed(job, Event::Listed(result), ctx),
             Answer::Unloaded(results) => self.feed(job, Event::Unloads(results), ctx),
+            Answer::Card(read) => {
+                self.last_card = card(read);
+                self.feed(job, Event::Card(self.last_card), ctx);
+            }
+            Answer::LoadingAfter(memory) => {
+                self.last_card = Some(memory);
+                self.feed(job, Event::LoadingAfter(memory), ctx);
+            }
+            Answer::Lost(Lost::Card) => {
+                // The backend went before it read the card (so it did not
+                // load): the read falls back to the manager.
+                let label = self.call_label(&self.actors[slot].0);
+                self.backend_lost(slot, &label, MailboxError::Closed, ctx);
+                if let Some(read) = self.execute(job, Command::ReadCard, ctx) {
+                    self.feed(job, read, ctx);
+                }
+            }
             Answer::Lost(Lost::Unloaded(first)) => {
                 let result = Err(self.backend_lost(slot, &first, MailboxError::Closed, ctx));
                 let unloaded = Event::Unloaded {

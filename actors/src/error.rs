@@ -119,6 +119,13 @@ impl VramError {
         "busy",
         "unavailable",
     ];
+
+    /// What a manager that is shutting down answers.
+    pub(crate) fn shutting_down() -> Self {
+        Self::Unavailable {
+            reason: "the manager is shutting down".to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

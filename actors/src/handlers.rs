@@ -16,7 +16,7 @@ use crate::messages::{
     Shutdown, Snapshot, Status, StatusReport, Subscribe, Unload,
 };
 use crate::policy::{Order, scores, servable};
-use crate::queue::{LoadWaiter, Queued, shutting_down};
+use crate::queue::{LoadWaiter, Queued};
 use crate::reply::{Deferred, deferred};
 use crate::vram_actor::{VramActor, now};
 
@@ -33,7 +33,7 @@ impl Handler<Load> for VramActor {
 
     fn handle(&mut self, msg: Load, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return Deferred::now(Err(shutting_down()));
+            return Deferred::now(Err(VramError::shutting_down()));
         }
         let model = match self.servable(&msg.model) {
             Ok(model) => model,
@@ -72,7 +72,7 @@ impl Handler<Acquire> for VramActor {
 
     fn handle(&mut self, msg: Acquire, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return Deferred::now(Err(shutting_down()));
+            return Deferred::now(Err(VramError::shutting_down()));
         }
         if self.books.ledger.is_resident(&msg.model) && !self.job_pending_for(&msg.model) {
             self.books.note_request(&msg.model, false);
@@ -134,7 +134,7 @@ impl Handler<Unload> for VramActor {
 
     fn handle(&mut self, msg: Unload, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return Deferred::now(Err(shutting_down()));
+            return Deferred::now(Err(VramError::shutting_down()));
         }
         let Some(model) = self.books.declared.get(&msg.model).map(|s| s.id.clone()) else {
             return Deferred::now(Err(VramError::UnknownModel { model: msg.model }));
@@ -159,7 +159,7 @@ impl Handler<CrashBackend> for VramActor {
 
     fn handle(&mut self, msg: CrashBackend, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
-            return Deferred::now(Err(shutting_down()));
+            return Deferred::now(Err(VramError::shutting_down()));
         }
         let (reply, answer) = deferred(format!("<{} backend>", msg.kind));
         match self.submit(
@@ -230,6 +230,7 @@ impl Handler<Shutdown> for VramActor {
 
     fn handle(&mut self, _msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
+        self.caller.close();
         self.refuse_queued();
         tracing::info!(
             running = self.is_running(),

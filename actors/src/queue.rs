@@ -104,13 +104,6 @@ impl Queued {
     }
 }
 
-/// What a manager that is shutting down answers.
-pub(crate) fn shutting_down() -> VramError {
-    VramError::Unavailable {
-        reason: "the manager is shutting down".to_string(),
-    }
-}
-
 /// Answers everyone waiting for a load `error`.
 pub(crate) fn refuse_load(waiters: LoadWaiters, error: VramError) {
     for waiter in waiters {

@@ -42,7 +42,7 @@ use crate::messages::{Lease, Release};
 use crate::meters::Meters;
 use crate::policy::{Order, expired};
 use crate::probe::GpuProbe;
-use crate::queue::{LoadWaiter, LoadWaiters, Queued, refuse_load, shutting_down};
+use crate::queue::{LoadWaiter, LoadWaiters, Queued, refuse_load};
 
 /// Called with a model's id when its load is planned; see
 /// [`VramActor::warm_with`].
@@ -340,7 +340,7 @@ impl VramActor {
 
     /// Empties the queue, answering everyone waiting `unavailable`.
     pub(crate) fn refuse_queued(&mut self) {
-        self.refuse_queued_with(shutting_down);
+        self.refuse_queued_with(VramError::shutting_down);
     }
 
     /// Empties the queue, answering everyone waiting `error()`.
@@ -508,7 +508,7 @@ impl VramActor {
         waiters: LoadWaiters,
         ctx: &mut Context<Self>,
     ) {
-        let refuse = move || refuse_load(waiters, shutting_down());
+        let refuse = move || refuse_load(waiters, VramError::shutting_down());
         // The ledger was emptied by the shutdown: the kind comes from the
         // catalog.
         self.books.forget(model);
@@ -621,6 +621,7 @@ impl VramActor {
             return;
         };
         let actor = BackendActor::new(kind, backend, &self.config)
+            .with_probe(self.probe.clone())
             .notify_restarts(ctx.address().recipient())
             .notify_exits(ctx.address().recipient());
         let addr = Supervisor::start(move |_| actor);

@@ -6,7 +6,10 @@
 //! Start ─▶ [ReadCard] ─▶ plan ─┬─ resident ─────────────────────────▶ done
 //!                              ├─ refuse ──────────────────────────▶ done (load_failed)
 //!                              ├─ leased victims ─▶ [WaitRelease] ─▶ plan again
-//!                              └─ victims ─▶ [Unload]* ─▶ [ReadCard/Wait]* ─▶ [Load]
+//!                              ├─ victims ─▶ [Unload]* ─▶ [ReadCard/Wait]* ─▶ [Load]
+//!                              └─ victims on the model's backend ─▶ [UnloadThenLoad]
+//!                                   (the backend reads the card; short of the
+//!                                    target it does not load: [Wait/ReadCard]* ─▶ [Load])
 //!   ─▶ [ReadCard] (measure) ─┬─ fits ─────────────────────────────▶ done (loaded)
 //!                            ├─ room by policy ─▶ [Unload]* ──────▶ done (loaded)
 //!                            └─ no room ─▶ [Unload self] ─────────▶ done (insufficient_vram)
@@ -43,6 +46,9 @@ enum Phase {
         back: u64,
         /// Bytes of the card held by other processes at plan time.
         others: u64,
+        /// The backend loads the model as soon as its victims have left
+        /// ([`Command::UnloadThenLoad`]): no load to ask for after them.
+        load_follows: bool,
     },
     /// Waiting for the card to show the victims' memory back.
     Releasing {
@@ -50,6 +56,9 @@ enum Phase {
         since: Instant,
         until: Instant,
         pause: Duration,
+        /// The backend reads the card first, and loads if the target is
+        /// met ([`Command::UnloadThenLoad`]).
+        load_follows: bool,
     },
     /// The backend is loading the model.
     Loading { used_before: Option<u64> },
@@ -340,7 +349,42 @@ impl LoadJob {
             self.planned
                 .extend(planned.iter().chain(&parking).map(|(m, _)| m.clone()));
         }
-        let mut pending = unload_all(planned, &kinds, out);
+        // With no card to wait for, nothing is decided between the last
+        // unload and the load but whether every victim left, which their
+        // backend knows: when they all share the model's backend, it loads
+        // the model right after them, and a message to it and an answer
+        // back are saved.
+        // With a card, the backend checks the release target the job
+        // would wait for (a card that shows nothing coming back is read
+        // after the unloads only to measure: not combined).
+        let when_free =
+            card.map(|before| release_target(before, back, others, books.release.fraction));
+        let follows = match &*kinds {
+            [kind]
+                if parking.is_empty()
+                    && !self.waking
+                    && !planned.is_empty()
+                    && (card.is_none() || back > 0) =>
+            {
+                books
+                    .declared
+                    .shared(&self.model)
+                    .filter(|spec| spec.kind == *kind)
+            }
+            _ => None,
+        };
+        let load_follows = follows.is_some();
+        let mut pending = match follows {
+            Some(spec) => {
+                out.push(Command::UnloadThenLoad {
+                    models: planned.into_iter().map(|(model, _)| model).collect(),
+                    spec,
+                    when_free,
+                });
+                1
+            }
+            None => unload_all(planned, &kinds, out),
+        };
         for (model, kind) in parking {
             out.push(Command::Park {
                 kind: kinds[kind].clone(),
@@ -354,6 +398,7 @@ impl LoadJob {
             card,
             back,
             others,
+            load_follows,
         };
         self.evictions_done(books, now, out);
     }
@@ -367,6 +412,7 @@ impl LoadJob {
             card,
             back,
             others,
+            load_follows,
         } = &mut self.phase
         else {
             return;
@@ -377,25 +423,25 @@ impl LoadJob {
         if let Some(error) = failed.take() {
             return self.abort(error, books, out);
         }
+        let load_follows = *load_follows;
         match *card {
             Some(before) if *back > 0 => {
-                // Wait for what the card can really show: the victims'
-                // true bytes, capped by the card's total less other
-                // processes' use, times the release fraction.
-                let max_free = before.total.saturating_sub(*others);
-                let expected = before.free.saturating_add(*back).min(max_free);
-                let gain = expected.saturating_sub(before.free);
-                let target = before
-                    .free
-                    .saturating_add((gain as f64 * books.release.fraction) as u64);
+                let target = release_target(before, *back, *others, books.release.fraction);
                 self.phase = Phase::Releasing {
                     target,
                     since: now,
                     until: after(now, books.release.timeout),
                     pause: first_pause(books.release.poll),
+                    load_follows,
                 };
-                out.push(Command::ReadCard);
+                // A backend that loads after its unloads reads the card
+                // itself.
+                if !load_follows {
+                    out.push(Command::ReadCard);
+                }
             }
+            // Asked for with the unloads; no card to measure it on.
+            None if load_follows => self.phase = Phase::Loading { used_before: None },
             card => self.start_load(card.map(|c| c.used), books, out),
         }
     }
@@ -698,6 +744,17 @@ fn unload_all(victims: Planned, kinds: &[ArcStr], out: &mut Vec<Command>) -> usi
     asked
 }
 
+/// The free bytes a load waits for after its evictions: what the card can
+/// really show back (the victims' true bytes `back`, capped by the card's
+/// total less what `others` hold), times the release `fraction`, on top of
+/// what was free `before`.
+fn release_target(before: GpuMemory, back: u64, others: u64, fraction: f64) -> u64 {
+    let max_free = before.total.saturating_sub(others);
+    let expected = before.free.saturating_add(back).min(max_free);
+    let gain = expected.saturating_sub(before.free);
+    before.free.saturating_add((gain as f64 * fraction) as u64)
+}
+
 /// The position of `kind` in `kinds`, added if it is new.
 fn kind_slot(kinds: &mut VictimKinds, kind: &ArcStr) -> usize {
     match kinds.iter().position(|k| k == kind) {
@@ -787,6 +844,7 @@ impl Job for LoadJob {
                     card,
                     back,
                     others,
+                    load_follows,
                 },
                 event @ (Event::Unloaded { .. }
                 | Event::Parked { .. }
@@ -813,15 +871,26 @@ impl Job for LoadJob {
                     card,
                     back,
                     others,
+                    load_follows,
                 };
                 self.evictions_done(books, now, out);
             }
+            (Phase::Releasing { since, .. }, Event::LoadingAfter(card)) => {
+                // The backend saw the memory back and loads.
+                self.release_waited = Some(now.saturating_duration_since(since));
+                self.phase = Phase::Loading {
+                    used_before: Some(card.used),
+                };
+            }
+            // A reading, whoever took it: no load followed (a backend that
+            // loads answers `LoadingAfter`); the wait goes on here.
             (
                 Phase::Releasing {
                     target,
                     since,
                     until,
                     pause,
+                    ..
                 },
                 Event::Card(card),
             ) => match card {
@@ -831,6 +900,7 @@ impl Job for LoadJob {
                         since,
                         until,
                         pause: next_pause(pause, books.release.poll),
+                        load_follows: false,
                     };
                     out.push(Command::Wait {
                         until: after(now, pause).min(until),
@@ -852,7 +922,15 @@ impl Job for LoadJob {
                     self.start_load(None, books, out)
                 }
             },
-            (phase @ Phase::Releasing { .. }, Event::Deadline) => {
+            // While the backend reads (`load_follows`), no wait is set: a
+            // deadline then is stale, and another reading could load twice.
+            (
+                phase @ Phase::Releasing {
+                    load_follows: false,
+                    ..
+                },
+                Event::Deadline,
+            ) => {
                 self.phase = phase;
                 out.push(Command::ReadCard);
             }

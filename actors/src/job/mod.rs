@@ -66,6 +66,9 @@ pub(crate) enum Event {
     },
     /// The backend finished loading the job's model.
     Loaded(Result<(), VramError>),
+    /// After the unloads of a [`Command::UnloadThenLoad`], the card showed
+    /// the memory asked for (this reading), and the load started.
+    LoadingAfter(GpuMemory),
     /// The backend crashed as asked and restarted.
     Crashed(Result<(), VramError>),
     /// The backend listed the models it holds.
@@ -97,6 +100,28 @@ pub(crate) enum Command {
     /// Load this model on its kind's backend; answer with
     /// [`Event::Loaded`].
     Load(Arc<ModelSpec>),
+    /// Unload `models` on the backend of the model's kind, as
+    /// [`Command::Unload`] does, and once every one of them has left,
+    /// load the model there, as [`Command::Load`] does: one message for a
+    /// load whose victims share its backend. Answer as the unload would;
+    /// then, if every victim left:
+    /// - with no `when_free`, the load's [`Event::Loaded`];
+    /// - with `when_free`, read the card: if it shows at least that many
+    ///   bytes free, [`Event::LoadingAfter`] and the load's
+    ///   [`Event::Loaded`]; else (or if it cannot be read) no load, and
+    ///   the reading as [`Event::Card`].
+    ///
+    /// The job decides the condition; the backend only checks it, which
+    /// saves the round trip back to the job between the unloads and the
+    /// load.
+    UnloadThenLoad {
+        /// The victims, in the order they leave.
+        models: Ids,
+        /// The model to load after them.
+        spec: Arc<ModelSpec>,
+        /// Load only once the card shows this many bytes free.
+        when_free: Option<u64>,
+    },
     /// Park `model` on the backend of `kind` (its server sleeps); should
     /// the sleep fail, stop it. Answer [`Event::Parked`], then
     /// [`Event::UnloadsDone`].

@@ -445,6 +445,39 @@ impl World {
                 Event::UnloadsDone,
             ]);
         }
+        if let Command::UnloadThenLoad {
+            models,
+            spec,
+            when_free,
+        } = command
+        {
+            // The unloads as one backend answers them; the load only if
+            // every victim left (and the card, read when asked, shows the
+            // memory back).
+            let kind = spec.kind.clone();
+            let mut events = self.answers(Command::Unload { kind, models }, requester)?;
+            let failed = events.iter().any(|e| match e {
+                Event::Unloaded { result, .. } => result.is_err(),
+                Event::Unloads(batch) => batch.iter().any(|(_, r)| r.is_err()),
+                _ => false,
+            });
+            if failed {
+                return Ok(events);
+            }
+            if let Some(target) = when_free {
+                match self.answer(Command::ReadCard)? {
+                    Some(Event::Card(Some(card))) if card.free >= target => {
+                        events.push(Event::LoadingAfter(card));
+                    }
+                    reading => {
+                        events.extend(reading);
+                        return Ok(events);
+                    }
+                }
+            }
+            events.extend(self.answer(Command::Load(spec))?);
+            return Ok(events);
+        }
         let Command::Unload { kind, models } = command else {
             return Ok(self.answer(command)?.into_iter().collect());
         };
@@ -483,7 +516,7 @@ impl World {
                     Event::Card(Some(self.memory()))
                 }
             }
-            Command::Unload { .. } | Command::Park { .. } => {
+            Command::Unload { .. } | Command::UnloadThenLoad { .. } | Command::Park { .. } => {
                 unreachable!("unloads and parks are answered by `answers`")
             }
             Command::Wake(spec) => {
@@ -963,4 +996,195 @@ fn events_are_built_only_for_subscribers_and_evictions_count_either_way() {
     assert_eq!(published(&heard), ["loading", "evicted", "loaded"]);
     assert_eq!(published(&silent), ["counted"]);
     assert_eq!(with, without, "the books do not depend on who listens");
+}
+
+/// Runs a load of `model` in `world` on a manager with no card to read
+/// (every read answers `None`); answers the commands the job gave and
+/// its outcome.
+fn load_without_card(
+    world: &mut World,
+    model: &str,
+) -> (
+    Vec<Command>,
+    Option<Result<crate::events::Loaded, VramError>>,
+) {
+    let mut job = LoadJob::new(model);
+    let mut given = Vec::new();
+    let mut events = VecDeque::from([Event::Start]);
+    while let Some(event) = events.pop_front() {
+        let mut out = Vec::new();
+        job.handle(event, &mut world.books, world.now, &mut out);
+        for command in out {
+            given.push(command.clone());
+            if command == Command::ReadCard {
+                events.push_back(Event::Card(None));
+            } else if let Ok(next) = world.answers(command, Some(model)) {
+                events.extend(next);
+            }
+        }
+    }
+    (given, job.outcome())
+}
+
+#[test]
+fn with_no_card_victims_on_the_models_backend_and_its_load_are_one_call() {
+    let mut world = World::new(vec![1]);
+    world.load("llm-b"); // 10 GiB
+    // llm-a (8 GiB) needs llm-b out: same backend, nothing to wait for.
+    let (commands, outcome) = load_without_card(&mut world, "llm-a");
+    let calls: Vec<&Command> = commands
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Command::Load(_) | Command::Unload { .. } | Command::UnloadThenLoad { .. }
+            )
+        })
+        .collect();
+    assert!(
+        matches!(calls.as_slice(), [Command::UnloadThenLoad { models, spec, when_free: None }]
+            if models.as_slice() == ["llm-b"] && spec.id == "llm-a"),
+        "{calls:?}"
+    );
+    assert_eq!(outcome.unwrap().unwrap().evicted, vec!["llm-b".to_string()]);
+    assert_eq!(
+        world.books.ledger.get("llm-a").map(|e| e.state),
+        Some(ModelState::Resident)
+    );
+    assert!(world.books.ledger.get("llm-b").is_none());
+    assert_eq!(world.loaded, BTreeSet::from([ArcStr::from("llm-a")]));
+}
+
+#[test]
+fn victims_on_another_backend_are_unloaded_before_the_load_is_asked_for() {
+    let mut world = World::new(vec![1]);
+    world.load("llm-b"); // 10 GiB
+    world.load("llm-c"); // 4 GiB
+    // tts-b (3 GiB) evicts an LLM: another backend, so two calls.
+    let (commands, outcome) = load_without_card(&mut world, "tts-b");
+    let calls: Vec<&Command> = commands
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Command::Load(_) | Command::Unload { .. } | Command::UnloadThenLoad { .. }
+            )
+        })
+        .collect();
+    assert!(
+        matches!(calls.as_slice(), [Command::Unload { kind, .. }, Command::Load(spec)]
+            if kind == "llm" && spec.id == "tts-b"),
+        "{calls:?}"
+    );
+    assert!(outcome.unwrap().is_ok());
+}
+
+#[test]
+fn a_victim_that_will_not_leave_stops_a_combined_call_before_its_load() {
+    // Die 10: loads and card reads succeed, every unload fails.
+    let mut world = World::new(vec![10]);
+    world.load("llm-b");
+    let (commands, outcome) = load_without_card(&mut world, "llm-a");
+    assert!(
+        commands
+            .iter()
+            .any(|c| matches!(c, Command::UnloadThenLoad { .. })),
+        "{commands:?}"
+    );
+    let error = outcome.unwrap().unwrap_err();
+    assert_eq!(error.code(), "backend_failed");
+    // No load followed the failure; the books are as before.
+    assert_eq!(world.loaded, BTreeSet::from([ArcStr::from("llm-b")]));
+    assert!(world.books.ledger.get("llm-a").is_none());
+    assert_eq!(
+        world.books.ledger.get("llm-b").map(|e| e.state),
+        Some(ModelState::Resident)
+    );
+    assert!(world.books.ledger.used() <= CAPACITY);
+}
+
+#[test]
+fn with_a_card_the_backend_loads_once_the_card_shows_the_memory_back() {
+    let mut world = World::new(vec![1]);
+    world.load("llm-b"); // 10 GiB declared, 2 GiB on the card
+    let mut job = LoadJob::new("llm-a");
+    let mut events = VecDeque::from([Event::Start]);
+    let mut combined = Vec::new();
+    while let Some(event) = events.pop_front() {
+        let mut out = Vec::new();
+        job.handle(event, &mut world.books, world.now, &mut out);
+        for command in out {
+            assert!(
+                !matches!(command, Command::Load(_) | Command::Unload { .. }),
+                "a separate call: {command:?}"
+            );
+            if let Command::UnloadThenLoad { when_free, .. } = &command {
+                combined.push(*when_free);
+            }
+            events.extend(world.answers(command, Some("llm-a")).unwrap());
+        }
+    }
+    // The card showed 14 GiB free at plan time; llm-b gives 2 GiB back,
+    // three quarters of which the backend waits for.
+    assert_eq!(combined, vec![Some(14 * GIB + 3 * GIB / 2)]);
+    assert!(job.outcome().unwrap().is_ok());
+    assert_eq!(job.release_waited(), Some(Duration::ZERO));
+    assert_eq!(world.loaded, BTreeSet::from([ArcStr::from("llm-a")]));
+}
+
+#[test]
+fn a_card_not_yet_showing_the_memory_back_leaves_the_wait_and_the_load_to_the_job() {
+    let mut world = World::new(vec![1]);
+    world.load("llm-b");
+    let mut books = world.books;
+    let now = world.now;
+    let mut job = LoadJob::new("llm-a");
+    let mut out = Vec::new();
+    job.handle(Event::Start, &mut books, now, &mut out);
+    let before = GpuMemory {
+        total: CAPACITY,
+        used: 2 * GIB,
+        free: 14 * GIB,
+    };
+    out.clear();
+    job.handle(Event::Card(Some(before)), &mut books, now, &mut out);
+    let Some(Command::UnloadThenLoad {
+        models, when_free, ..
+    }) = out
+        .iter()
+        .find(|c| matches!(c, Command::UnloadThenLoad { .. }))
+        .cloned()
+    else {
+        panic!("no combined call: {out:?}");
+    };
+    assert!(when_free.is_some());
+    // The backend unloaded llm-b, read the card too early and did not load.
+    out.clear();
+    let unloads = models.into_iter().map(|m| (m, Ok(()))).collect();
+    job.handle(Event::Unloads(unloads), &mut books, now, &mut out);
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::ReadCard)),
+        "{out:?}"
+    );
+    out.clear();
+    job.handle(Event::Card(Some(before)), &mut books, now, &mut out);
+    assert!(matches!(out.as_slice(), [Command::Wait { .. }]), "{out:?}");
+    // The job reads again after its pause; now the memory is back and the
+    // job asks for the load itself.
+    out.clear();
+    let later = now + Duration::from_millis(10);
+    job.handle(Event::Deadline, &mut books, later, &mut out);
+    assert_eq!(out, vec![Command::ReadCard]);
+    out.clear();
+    let back = GpuMemory {
+        total: CAPACITY,
+        used: 0,
+        free: CAPACITY,
+    };
+    job.handle(Event::Card(Some(back)), &mut books, later, &mut out);
+    assert!(
+        matches!(out.as_slice(), [Command::Load(spec)] if spec.id == "llm-a"),
+        "{out:?}"
+    );
+    assert_eq!(job.release_waited(), Some(Duration::from_millis(10)));
 }
