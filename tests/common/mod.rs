@@ -27,13 +27,26 @@ pub fn outcome(output: &Output) -> (i32, String, String) {
     )
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and never handed out before in
+/// this test process: the kernel may give a port just let go to the next
+/// caller, and tests running in parallel would then start two servers on
+/// one port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Waits (up to 10 s) until something listens on `port` of 127.0.0.1;
