@@ -130,3 +130,36 @@ async fn a_shutdown_while_a_swaps_victims_leave_starts_no_model() {
     assert_eq!(m.card.memory_now().used, 0);
     assert!(status(&m).await.models.is_empty());
 }
+
+#[test]
+fn a_shutdown_during_a_release_wait_that_never_ends_answers_the_load() {
+    // "old" leaves the backend, but the card never shows its memory back:
+    // the swap waits for it. The manager runs on its own thread so that a
+    // manager that never answers fails this test instead of hanging it.
+    let (answered, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            let m = start(
+                &[
+                    model("old", "llm", 8, "release_ms = 3600000"),
+                    model("new", "llm", 12, ""),
+                ]
+                .concat(),
+            );
+            load(&m, "old").await.unwrap();
+            let swap = m.addr.send(Load::new("new"));
+            futures::pin_mut!(swap);
+            assert!(futures::poll!(&mut swap).is_pending());
+            while !status(&m).await.running {}
+            m.shutdown().await;
+            let swap = swap.await.unwrap().map_err(|e| e.code());
+            let loads = m.sims["llm"].load_count();
+            let _ = answered.send((swap.map(|_| ()), loads));
+        });
+    });
+    let (swap, loads) = answer
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the manager answers the swap after a shutdown");
+    assert_eq!(swap, Err("unavailable"));
+    assert_eq!(loads, 1, "only \"old\" was ever loaded");
+}

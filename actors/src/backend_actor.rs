@@ -153,7 +153,8 @@ pub(crate) enum Answer {
     /// not load.
     Card(Result<GpuMemory, ProbeError>),
     /// The card read after the unloads of an unload-then-load showed the
-    /// memory back: the load started.
+    /// memory back: the load goes on ([`Answer::Done`] follows; it is
+    /// `unavailable`, with no load, for a caller that has closed).
     LoadingAfter(GpuMemory),
     /// The call was dropped unanswered: its actor stopped, or restarted
     /// with the call in flight.

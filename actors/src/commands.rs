@@ -43,6 +43,10 @@ impl VramActor {
                 self.count_eviction(&model, &kind);
                 None
             }
+            // No new reading once the manager is stopping: a release wait
+            // would spin (its waits answer at once), so the job goes on as
+            // without a probe, and its load is refused.
+            Command::ReadCard if self.shutting_down => Some(Event::Card(None)),
             Command::ReadCard => {
                 let Some(probe) = self.probe.clone() else {
                     return Some(Event::Card(None));
@@ -80,11 +84,16 @@ impl VramActor {
                 // No backend: the first victim fails (the job aborts), or
                 // with none, the load does.
                 None if models.is_empty() => {
-                    let failed = Err(no_backend(&spec.kind, &spec.id));
+                    // As the backend would answer: a job waiting for its
+                    // reading gets none (and asks for the load itself).
+                    let next = match when_free {
+                        Some(_) => Event::Card(None),
+                        None => Event::Loaded(Err(no_backend(&spec.kind, &spec.id))),
+                    };
                     ctx.spawn(ActorFutureExt::map(
                         fut::ready(()),
                         move |(), act: &mut Self, ctx| {
-                            act.feed_all(id, [Event::UnloadsDone, Event::Loaded(failed)], ctx);
+                            act.feed_all(id, [Event::UnloadsDone, next], ctx);
                         },
                     ));
                     None

@@ -128,6 +128,8 @@ struct World {
     /// them whole (never less than they may hold).
     unknown: BTreeSet<ArcStr>,
     next_lease: u64,
+    /// Models the running job has asked to start.
+    started: BTreeSet<ArcStr>,
     /// Random choices, consumed in order (cycled).
     dice: Vec<u8>,
     roll: usize,
@@ -142,6 +144,7 @@ impl World {
             parked: BTreeSet::new(),
             unknown: BTreeSet::new(),
             next_lease: 0,
+            started: BTreeSet::new(),
             dice,
             roll: 0,
         }
@@ -269,6 +272,7 @@ impl World {
         J::Output: std::fmt::Debug,
     {
         let restarting = std::any::TypeId::of::<J>() == std::any::TypeId::of::<RestartJob>();
+        self.started.clear();
         let mut events = VecDeque::from([Event::Start]);
         let mut steps = 0;
         loop {
@@ -537,6 +541,14 @@ impl World {
                 }
             }
             Command::Load(spec) => {
+                // One job starts its model once (a backend that loads
+                // after its unloads answers `LoadingAfter`, and the job
+                // must not ask again).
+                prop_assert!(
+                    self.started.insert(spec.id.clone()),
+                    "{} started twice by one job",
+                    spec.id
+                );
                 if self.die() % 8 == 0 {
                     Event::Loaded(Err(VramError::Timeout {
                         model: spec.id.to_string(),
