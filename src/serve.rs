@@ -793,6 +793,26 @@ async fn forward_any(
 }
 
 /// Headers that belong to one connection, not to the request.
+/// Whether an upstream answer's body ends only when its server closes the
+/// connection (HTTP/1.1 with no length and no chunked encoding, RFC 9112
+/// 6.3). The HTTP client reads no body for such an answer: forwarded, it
+/// would reach the caller empty, so it is refused instead.
+fn ends_at_close(
+    method: &actix_web::http::Method,
+    version: actix_web::http::Version,
+    status: StatusCode,
+    headers: &header::HeaderMap,
+) -> bool {
+    let bodiless = method == actix_web::http::Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    version == actix_web::http::Version::HTTP_11
+        && !bodiless
+        && !headers.contains_key(header::CONTENT_LENGTH)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+}
+
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -858,6 +878,23 @@ async fn forward(
             );
         }
     };
+    if ends_at_close(
+        request.method(),
+        answer.version(),
+        answer.status(),
+        answer.headers(),
+    ) {
+        // The lease goes with this scope.
+        return error_body(
+            StatusCode::BAD_GATEWAY,
+            "backend_failed",
+            &format!(
+                "{model}: its server answered HTTP/1.1 with neither Content-Length nor chunked \
+                 Transfer-Encoding (a body that ends when it closes the connection), which this \
+                 proxy cannot forward; have the server send one of them"
+            ),
+        );
+    }
     let mut response = HttpResponse::build(answer.status());
     for (name, value) in answer.headers() {
         if !hop_by_hop(name) {

@@ -727,3 +727,42 @@ async fn status_shows_the_adaptive_scores() {
     let unloaded = models.iter().find(|m| m["id"] == "llm-a").unwrap();
     assert!(unloaded.get("p_soon").is_none(), "{report}");
 }
+
+#[actix_rt::test]
+async fn an_answer_that_ends_at_close_is_refused_not_forwarded_empty() {
+    // A server that streams with neither a length nor chunked encoding
+    // (the body ends when it closes the connection).
+    let port = free_port();
+    let mark = format!("serve-close-{}", std::process::id());
+    let extra = format!(
+        "[[models]]\nid = \"llm-close\"\nkind = \"llm\"\nvram = \"2GiB\"\nbackend = \"process\"\n\
+         command = [\"{STAND_IN}\", \"--port\", \"{port}\", \"--name\", \"llm-close\", \"--close-delimited\"]\n\
+         ready = \"http://127.0.0.1:{port}/health\"\nenv = {{ VRAM_TEST_MARK = \"{mark}\" }}\n"
+    );
+    let s = start("close", &extra);
+    // An answer with a length goes through.
+    let (status, answer) = post_chat(&s.base, chat("llm-close")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "hello from llm-close"
+    );
+    // One that ends at close would arrive empty: refused, naming why.
+    let mut streamed = chat("llm-close");
+    streamed["stream"] = json!(true);
+    let (status, error) = post_chat(&s.base, streamed).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (502, Some("backend_failed")),
+        "{error}"
+    );
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Content-Length"), "{message}");
+    until_leases(
+        &s.base,
+        "llm-close",
+        0,
+        "the lease outlived the refused answer",
+    )
+    .await;
+}

@@ -61,6 +61,11 @@ struct Args {
     /// Answer `POST /sleep` with 500 (a server whose sleep fails).
     #[arg(long)]
     fail_sleep: bool,
+    /// Stream answers with neither a length nor chunked encoding: the
+    /// body ends when the server closes the connection (HTTP/1.1 allows
+    /// it; some small servers do it).
+    #[arg(long)]
+    close_delimited: bool,
 }
 
 /// Whether the server sleeps (its weights "in host RAM").
@@ -91,8 +96,9 @@ fn read_request(reader: &mut BufReader<std::net::TcpStream>) -> Option<(String, 
     Some((method, path, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Answers a chat completion with `name`, streamed when asked.
-fn chat(stream: &mut std::net::TcpStream, body: &str, args: &Args) {
+/// Answers a chat completion with `name`, streamed when asked. Answers
+/// whether the connection stays open.
+fn chat(stream: &mut std::net::TcpStream, body: &str, args: &Args) -> bool {
     let streamed = body.replace(' ', "").contains("\"stream\":true");
     if !streamed {
         let answer = format!(
@@ -104,7 +110,20 @@ fn chat(stream: &mut std::net::TcpStream, body: &str, args: &Args) {
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
             answer.len()
         );
-        return;
+        return true;
+    }
+    if args.close_delimited {
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+        );
+        for i in 0..args.chunks {
+            std::thread::sleep(Duration::from_millis(args.chunk_ms));
+            let _ = write!(stream, "data: {{\"content\":\"{i} \"}}\n\n");
+        }
+        let _ = write!(stream, "data: [DONE]\n\n");
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return false;
     }
     // Chunked, as llama-server streams: each event is one chunk.
     let _ = write!(
@@ -124,11 +143,11 @@ fn chat(stream: &mut std::net::TcpStream, body: &str, args: &Args) {
             args.name
         );
         if send(&chunk).is_err() {
-            return;
+            return false;
         }
     }
     let _ = send("data: [DONE]\n\n");
-    let _ = send("");
+    send("").is_ok()
 }
 
 fn main() -> ExitCode {
@@ -195,8 +214,10 @@ fn main() -> ExitCode {
                     && path == "/v1/chat/completions"
                     && !ASLEEP.load(std::sync::atomic::Ordering::SeqCst)
                 {
-                    chat(&mut stream, &body, &args);
-                    continue;
+                    if chat(&mut stream, &body, &args) {
+                        continue;
+                    }
+                    return;
                 }
                 break (path, body);
             };
