@@ -792,7 +792,6 @@ async fn forward_any(
     .await
 }
 
-/// Headers that belong to one connection, not to the request.
 /// Whether an upstream answer's body ends only when its server closes the
 /// connection (HTTP/1.1 with no length and no chunked encoding, RFC 9112
 /// 6.3). The HTTP client reads no body for such an answer: forwarded, it
@@ -807,12 +806,19 @@ fn ends_at_close(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    // Chunked when the last coding says so (`identity` delimits nothing).
+    let chunked = headers
+        .get(header::TRANSFER_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
     version == actix_web::http::Version::HTTP_11
         && !bodiless
+        && !chunked
         && !headers.contains_key(header::CONTENT_LENGTH)
-        && !headers.contains_key(header::TRANSFER_ENCODING)
 }
 
+/// Headers that belong to one connection, not to the request.
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -889,9 +895,10 @@ async fn forward(
             StatusCode::BAD_GATEWAY,
             "backend_failed",
             &format!(
-                "{model}: its server answered HTTP/1.1 with neither Content-Length nor chunked \
-                 Transfer-Encoding (a body that ends when it closes the connection), which this \
-                 proxy cannot forward; have the server send one of them"
+                "{model}: its server answered {} over HTTP/1.1 with neither Content-Length nor \
+                 chunked Transfer-Encoding (a body that ends when it closes the connection), \
+                 which this proxy cannot forward; have the server send one of them",
+                answer.status()
             ),
         );
     }
@@ -953,5 +960,55 @@ where
             self.lease = None;
         }
         next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::{Method, Version};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> header::HeaderMap {
+        let mut map = header::HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(
+                HeaderName::from_static(name),
+                header::HeaderValue::from_static(value),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn only_answers_that_end_at_close_are_caught() {
+        let ok = StatusCode::OK;
+        let get = &Method::GET;
+        let v11 = Version::HTTP_11;
+        let ends =
+            |m, v, s, h: &[(&'static str, &'static str)]| ends_at_close(m, v, s, &headers(h));
+        // Ends at close: no length, no chunked coding.
+        assert!(ends(get, v11, ok, &[]));
+        assert!(ends(get, v11, ok, &[("transfer-encoding", "identity")]));
+        assert!(ends(
+            get,
+            v11,
+            StatusCode::NOT_FOUND,
+            &[("connection", "close")]
+        ));
+        // Delimited, or bodiless.
+        assert!(!ends(get, v11, ok, &[("content-length", "0")]));
+        assert!(!ends(get, v11, ok, &[("transfer-encoding", "chunked")]));
+        assert!(!ends(
+            get,
+            v11,
+            ok,
+            &[("transfer-encoding", "gzip, Chunked")]
+        ));
+        assert!(!ends(&Method::HEAD, v11, ok, &[]));
+        assert!(!ends(get, v11, StatusCode::NO_CONTENT, &[]));
+        assert!(!ends(get, v11, StatusCode::NOT_MODIFIED, &[]));
+        assert!(!ends(get, v11, StatusCode::SWITCHING_PROTOCOLS, &[]));
+        // HTTP/1.0 answers are read to the end.
+        assert!(!ends(get, Version::HTTP_10, ok, &[]));
     }
 }

@@ -163,3 +163,41 @@ fn a_shutdown_during_a_release_wait_that_never_ends_answers_the_load() {
     assert_eq!(swap, Err("unavailable"));
     assert_eq!(loads, 1, "only \"old\" was ever loaded");
 }
+
+#[test]
+fn a_shutdown_during_a_wait_for_leases_answers_the_load() {
+    // "new" needs "old" out, but "old" is leased twice: the load waits for
+    // the leases. A shutdown ends every wait at once, and one lease given
+    // back afterwards must not start the wait over and over. The manager
+    // runs on its own thread so that one that never answers fails this
+    // test instead of hanging it.
+    let (answered, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            let m = start(&format!(
+                "[policy]\nlease_wait = \"60s\"\n{}{}",
+                model("old", "llm", 8, ""),
+                model("new", "llm", 12, "")
+            ));
+            load(&m, "old").await.unwrap();
+            let first = m.addr.send(Acquire::new("old")).await.unwrap().unwrap();
+            let second = m.addr.send(Acquire::new("old")).await.unwrap().unwrap();
+            let swap = m.addr.send(Load::new("new"));
+            futures::pin_mut!(swap);
+            assert!(futures::poll!(&mut swap).is_pending());
+            while !status(&m).await.running {}
+            let shutdown = m.addr.send(Shutdown);
+            drop(first);
+            shutdown.await.unwrap();
+            let swap = swap.await.unwrap().map_err(|e| e.code());
+            drop(second);
+            let loads = m.sims["llm"].load_count();
+            let _ = answered.send((swap.map(|_| ()), loads));
+        });
+    });
+    let (swap, loads) = answer
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the manager answers the swap after a shutdown");
+    assert!(swap.is_err(), "the swap cannot succeed: {swap:?}");
+    assert_eq!(loads, 1, "only \"old\" was ever loaded");
+}

@@ -833,7 +833,13 @@ impl Job for LoadJob {
                 out.push(Command::ReadCard);
             }
             (Phase::Planning, Event::Card(card)) => self.plan(card, books, now, out),
-            (Phase::WaitingLeases, Event::Released | Event::Deadline) => {
+            (Phase::WaitingLeases, event @ (Event::Released | Event::Deadline)) => {
+                if matches!(event, Event::Deadline) {
+                    // The wait is over, whatever the clock says: a manager
+                    // that is shutting down ends every wait at once, and a
+                    // plan against the old deadline would wait again.
+                    self.lease_deadline = Some(now);
+                }
                 self.phase = Phase::Planning;
                 out.push(Command::ReadCard);
             }

@@ -1200,3 +1200,52 @@ fn a_card_not_yet_showing_the_memory_back_leaves_the_wait_and_the_load_to_the_jo
     );
     assert_eq!(job.release_waited(), Some(Duration::from_millis(10)));
 }
+
+#[test]
+fn a_deadline_ends_a_wait_for_leases_even_before_its_time() {
+    // A manager that is shutting down answers every wait at once, with the
+    // clock where it was: the jobs must not wait again.
+    let mut world = World::new(vec![1]);
+    world.load("llm-b"); // 10 GiB
+    world.lease("llm-b");
+    let now = world.now;
+
+    let mut unload = UnloadJob::new("llm-b");
+    let mut out = Vec::new();
+    unload.handle(Event::Start, &mut world.books, now, &mut out);
+    assert!(
+        matches!(out.as_slice(), [Command::WaitRelease { .. }]),
+        "{out:?}"
+    );
+    out.clear();
+    unload.handle(Event::Deadline, &mut world.books, now, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(unload.outcome().unwrap().unwrap_err().code(), "in_use");
+
+    // llm-a (8 GiB) needs leased llm-b out of the 16 GiB card.
+    let mut load = LoadJob::new("llm-a");
+    out.clear();
+    load.handle(Event::Start, &mut world.books, now, &mut out);
+    load.handle(Event::Card(None), &mut world.books, now, &mut out);
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Command::ReadCard, Command::WaitRelease { .. }]
+        ),
+        "{out:?}"
+    );
+    out.clear();
+    load.handle(Event::Deadline, &mut world.books, now, &mut out);
+    assert_eq!(out, vec![Command::ReadCard]);
+    out.clear();
+    load.handle(Event::Card(None), &mut world.books, now, &mut out);
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::WaitRelease { .. })),
+        "{out:?}"
+    );
+    assert_eq!(
+        load.outcome().unwrap().unwrap_err().code(),
+        "insufficient_vram"
+    );
+    assert!(world.books.ledger.get("llm-a").is_none());
+}

@@ -125,8 +125,14 @@ impl Job for UnloadJob {
             return self.unloads(results, books, now, out);
         }
         match (self.phase, event) {
-            (Phase::Checking, Event::Start)
-            | (Phase::WaitingLeases, Event::Released | Event::Deadline) => {
+            (Phase::Checking, Event::Start) | (Phase::WaitingLeases, Event::Released) => {
+                self.check(books, now, out)
+            }
+            (Phase::WaitingLeases, Event::Deadline) => {
+                // The wait is over, whatever the clock says: a manager
+                // that is shutting down ends every wait at once, and a
+                // check against the old deadline would wait again.
+                self.lease_deadline = Some(now);
                 self.check(books, now, out)
             }
             (
