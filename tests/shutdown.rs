@@ -4,8 +4,9 @@
 
 mod common;
 
+use actix::dev::Request;
 use common::{GIB, load, model, start, status};
-use vram_manager::{Acquire, CrashBackend, Load, Shutdown, Unload, VramError};
+use vram_manager::{Acquire, CrashBackend, Load, Manager, Shutdown, Unload, VramActor, VramError};
 
 #[actix_rt::test]
 async fn after_shutdown_nothing_is_held_and_new_work_is_unavailable() {
@@ -100,22 +101,49 @@ async fn queued_work_is_unavailable_and_a_running_load_does_not_delay_the_shutdo
     assert!(status(&m).await.models.is_empty());
 }
 
+/// A manager over "old" (an 8 GiB LLM, with `old_keys`) and "new" (a
+/// 12 GiB LLM, whose load evicts "old"), after `prefix`, with "old" loaded.
+async fn old_and_new(prefix: &str, old_keys: &str) -> Manager {
+    let m = start(&format!(
+        "{prefix}{}{}",
+        model("old", "llm", 8, old_keys),
+        model("new", "llm", 12, "")
+    ));
+    load(&m, "old").await.unwrap();
+    m
+}
+
+/// Sends the load of "new" and answers it once it runs.
+async fn swap_running(m: &Manager) -> std::pin::Pin<Box<Request<VramActor, Load>>> {
+    let mut swap = Box::pin(m.addr.send(Load::new("new")));
+    assert!(futures::poll!(&mut swap).is_pending());
+    while !status(m).await.running {}
+    swap
+}
+
+/// Runs `test` on a thread and system of its own and answers what it
+/// answers: a manager that never answers fails the calling test (after a
+/// minute) instead of hanging it.
+fn within_a_minute<T, F>(test: impl FnOnce() -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    let (answered, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = answered.send(actix::System::new().block_on(test()));
+    });
+    answer
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the manager answers the swap after a shutdown")
+}
+
 #[actix_rt::test]
 async fn a_shutdown_while_a_swaps_victims_leave_starts_no_model() {
     // "new" evicts "old" on the same backend: one call unloads "old" and
     // would load "new" right after.
-    let m = start(
-        &[
-            model("old", "llm", 8, "unload_ms = 300"),
-            model("new", "llm", 12, ""),
-        ]
-        .concat(),
-    );
-    load(&m, "old").await.unwrap();
-    let swap = m.addr.send(Load::new("new"));
-    futures::pin_mut!(swap);
-    assert!(futures::poll!(&mut swap).is_pending());
-    assert!(status(&m).await.running);
+    let m = old_and_new("", "unload_ms = 300").await;
+    let swap = swap_running(&m).await;
 
     // The shutdown lands while "old" is still leaving.
     m.shutdown().await;
@@ -134,32 +162,14 @@ async fn a_shutdown_while_a_swaps_victims_leave_starts_no_model() {
 #[test]
 fn a_shutdown_during_a_release_wait_that_never_ends_answers_the_load() {
     // "old" leaves the backend, but the card never shows its memory back:
-    // the swap waits for it. The manager runs on its own thread so that a
-    // manager that never answers fails this test instead of hanging it.
-    let (answered, answer) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        actix::System::new().block_on(async move {
-            let m = start(
-                &[
-                    model("old", "llm", 8, "release_ms = 3600000"),
-                    model("new", "llm", 12, ""),
-                ]
-                .concat(),
-            );
-            load(&m, "old").await.unwrap();
-            let swap = m.addr.send(Load::new("new"));
-            futures::pin_mut!(swap);
-            assert!(futures::poll!(&mut swap).is_pending());
-            while !status(&m).await.running {}
-            m.shutdown().await;
-            let swap = swap.await.unwrap().map_err(|e| e.code());
-            let loads = m.sims["llm"].load_count();
-            let _ = answered.send((swap.map(|_| ()), loads));
-        });
+    // the swap waits for it.
+    let (swap, loads) = within_a_minute(|| async {
+        let m = old_and_new("", "release_ms = 3600000").await;
+        let swap = swap_running(&m).await;
+        m.shutdown().await;
+        let swap = swap.await.unwrap().map(|_| ()).map_err(|e| e.code());
+        (swap, m.sims["llm"].load_count())
     });
-    let (swap, loads) = answer
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the manager answers the swap after a shutdown");
     assert_eq!(swap, Err("unavailable"));
     assert_eq!(loads, 1, "only \"old\" was ever loaded");
 }
@@ -168,36 +178,19 @@ fn a_shutdown_during_a_release_wait_that_never_ends_answers_the_load() {
 fn a_shutdown_during_a_wait_for_leases_answers_the_load() {
     // "new" needs "old" out, but "old" is leased twice: the load waits for
     // the leases. A shutdown ends every wait at once, and one lease given
-    // back afterwards must not start the wait over and over. The manager
-    // runs on its own thread so that one that never answers fails this
-    // test instead of hanging it.
-    let (answered, answer) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        actix::System::new().block_on(async move {
-            let m = start(&format!(
-                "[policy]\nlease_wait = \"60s\"\n{}{}",
-                model("old", "llm", 8, ""),
-                model("new", "llm", 12, "")
-            ));
-            load(&m, "old").await.unwrap();
-            let first = m.addr.send(Acquire::new("old")).await.unwrap().unwrap();
-            let second = m.addr.send(Acquire::new("old")).await.unwrap().unwrap();
-            let swap = m.addr.send(Load::new("new"));
-            futures::pin_mut!(swap);
-            assert!(futures::poll!(&mut swap).is_pending());
-            while !status(&m).await.running {}
-            let shutdown = m.addr.send(Shutdown);
-            drop(first);
-            shutdown.await.unwrap();
-            let swap = swap.await.unwrap().map_err(|e| e.code());
-            drop(second);
-            let loads = m.sims["llm"].load_count();
-            let _ = answered.send((swap.map(|_| ()), loads));
-        });
+    // back afterwards must not start the wait over and over.
+    let (swap, loads) = within_a_minute(|| async {
+        let m = old_and_new("[policy]\nlease_wait = \"60s\"\n", "").await;
+        let first = m.addr.send(Acquire::new("old")).await.unwrap().unwrap();
+        let second = m.addr.send(Acquire::new("old")).await.unwrap().unwrap();
+        let swap = swap_running(&m).await;
+        let shutdown = m.addr.send(Shutdown);
+        drop(first);
+        shutdown.await.unwrap();
+        let swap = swap.await.unwrap().map(|_| ()).map_err(|e| e.code());
+        drop(second);
+        (swap, m.sims["llm"].load_count())
     });
-    let (swap, loads) = answer
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the manager answers the swap after a shutdown");
     assert!(swap.is_err(), "the swap cannot succeed: {swap:?}");
     assert_eq!(loads, 1, "only \"old\" was ever loaded");
 }

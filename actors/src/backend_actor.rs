@@ -682,16 +682,7 @@ impl Handler<Call> for BackendActor {
             return;
         }
         match what {
-            CallKind::Load(spec) => {
-                let timeout = Some(self.load_timeout);
-                self.guarded_then(
-                    &spec.id,
-                    timeout,
-                    ctx,
-                    |b| b.load(&spec),
-                    |r| answer.send(Answer::Done(r)),
-                );
-            }
+            CallKind::Load(spec) => self.load_now(spec, answer, ctx),
             CallKind::Wake(id) => {
                 let timeout = Some(self.load_timeout);
                 self.guarded_then(
@@ -795,8 +786,8 @@ impl BackendActor {
         }
     }
 
-    /// Loads `spec` for a caller that asked before it closed; a stopped
-    /// caller gets nothing.
+    /// Loads `spec`, unless its caller has closed since it asked (it
+    /// answers `unavailable`); a stopped caller gets nothing.
     fn load_now(&mut self, spec: Arc<ModelSpec>, answer: AnswerTo, ctx: &mut Context<Self>) {
         if answer.caller_stopped() {
             // Nobody waits for the load: it is not started (dropped, the

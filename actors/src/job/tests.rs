@@ -1038,13 +1038,9 @@ fn load_without_card(
     (given, job.outcome())
 }
 
-#[test]
-fn with_no_card_victims_on_the_models_backend_and_its_load_are_one_call() {
-    let mut world = World::new(vec![1]);
-    world.load("llm-b"); // 10 GiB
-    // llm-a (8 GiB) needs llm-b out: same backend, nothing to wait for.
-    let (commands, outcome) = load_without_card(&mut world, "llm-a");
-    let calls: Vec<&Command> = commands
+/// The loads and unloads among `commands`.
+fn backend_calls(commands: &[Command]) -> Vec<&Command> {
+    commands
         .iter()
         .filter(|c| {
             matches!(
@@ -1052,7 +1048,16 @@ fn with_no_card_victims_on_the_models_backend_and_its_load_are_one_call() {
                 Command::Load(_) | Command::Unload { .. } | Command::UnloadThenLoad { .. }
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn with_no_card_victims_on_the_models_backend_and_its_load_are_one_call() {
+    let mut world = World::new(vec![1]);
+    world.load("llm-b"); // 10 GiB
+    // llm-a (8 GiB) needs llm-b out: same backend, nothing to wait for.
+    let (commands, outcome) = load_without_card(&mut world, "llm-a");
+    let calls = backend_calls(&commands);
     assert!(
         matches!(calls.as_slice(), [Command::UnloadThenLoad { models, spec, when_free: None }]
             if models.as_slice() == ["llm-b"] && spec.id == "llm-a"),
@@ -1074,15 +1079,7 @@ fn victims_on_another_backend_are_unloaded_before_the_load_is_asked_for() {
     world.load("llm-c"); // 4 GiB
     // tts-b (3 GiB) evicts an LLM: another backend, so two calls.
     let (commands, outcome) = load_without_card(&mut world, "tts-b");
-    let calls: Vec<&Command> = commands
-        .iter()
-        .filter(|c| {
-            matches!(
-                c,
-                Command::Load(_) | Command::Unload { .. } | Command::UnloadThenLoad { .. }
-            )
-        })
-        .collect();
+    let calls = backend_calls(&commands);
     assert!(
         matches!(calls.as_slice(), [Command::Unload { kind, .. }, Command::Load(spec)]
             if kind == "llm" && spec.id == "tts-b"),
