@@ -958,8 +958,24 @@ fn park_idle(world: &mut World, model: &str) -> crate::events::Unloaded {
 }
 
 /// Runs a load of `model` in `world`, answering every command; answers
-/// the commands the job gave.
+/// the commands the job gave (it must load).
 fn load_collecting(world: &mut World, model: &str) -> Vec<Command> {
+    let (given, outcome) = load_driven(world, model, true);
+    assert!(matches!(outcome, Some(Ok(_))), "{model} did not load");
+    given
+}
+
+/// Runs a load of `model` in `world`, answering every command (every card
+/// read with `None` unless `card`); answers the commands the job gave and
+/// its outcome.
+fn load_driven(
+    world: &mut World,
+    model: &str,
+    card: bool,
+) -> (
+    Vec<Command>,
+    Option<Result<crate::events::Loaded, VramError>>,
+) {
     let mut job = LoadJob::new(model);
     let mut given = Vec::new();
     let mut events = VecDeque::from([Event::Start]);
@@ -968,13 +984,14 @@ fn load_collecting(world: &mut World, model: &str) -> Vec<Command> {
         job.handle(event, &mut world.books, world.now, &mut out);
         for command in out {
             given.push(command.clone());
-            if let Ok(next) = world.answers(command, Some(model)) {
+            if !card && command == Command::ReadCard {
+                events.push_back(Event::Card(None));
+            } else if let Ok(next) = world.answers(command, Some(model)) {
                 events.extend(next);
             }
         }
     }
-    assert!(matches!(job.outcome(), Some(Ok(_))), "{model} did not load");
-    given
+    (given, job.outcome())
 }
 
 #[test]
@@ -1010,34 +1027,6 @@ fn events_are_built_only_for_subscribers_and_evictions_count_either_way() {
     assert_eq!(with, without, "the books do not depend on who listens");
 }
 
-/// Runs a load of `model` in `world` on a manager with no card to read
-/// (every read answers `None`); answers the commands the job gave and
-/// its outcome.
-fn load_without_card(
-    world: &mut World,
-    model: &str,
-) -> (
-    Vec<Command>,
-    Option<Result<crate::events::Loaded, VramError>>,
-) {
-    let mut job = LoadJob::new(model);
-    let mut given = Vec::new();
-    let mut events = VecDeque::from([Event::Start]);
-    while let Some(event) = events.pop_front() {
-        let mut out = Vec::new();
-        job.handle(event, &mut world.books, world.now, &mut out);
-        for command in out {
-            given.push(command.clone());
-            if command == Command::ReadCard {
-                events.push_back(Event::Card(None));
-            } else if let Ok(next) = world.answers(command, Some(model)) {
-                events.extend(next);
-            }
-        }
-    }
-    (given, job.outcome())
-}
-
 /// The loads and unloads among `commands`.
 fn backend_calls(commands: &[Command]) -> Vec<&Command> {
     commands
@@ -1056,7 +1045,7 @@ fn with_no_card_victims_on_the_models_backend_and_its_load_are_one_call() {
     let mut world = World::new(vec![1]);
     world.load("llm-b"); // 10 GiB
     // llm-a (8 GiB) needs llm-b out: same backend, nothing to wait for.
-    let (commands, outcome) = load_without_card(&mut world, "llm-a");
+    let (commands, outcome) = load_driven(&mut world, "llm-a", false);
     let calls = backend_calls(&commands);
     assert!(
         matches!(calls.as_slice(), [Command::UnloadThenLoad { models, spec, when_free: None }]
@@ -1078,7 +1067,7 @@ fn victims_on_another_backend_are_unloaded_before_the_load_is_asked_for() {
     world.load("llm-b"); // 10 GiB
     world.load("llm-c"); // 4 GiB
     // tts-b (3 GiB) evicts an LLM: another backend, so two calls.
-    let (commands, outcome) = load_without_card(&mut world, "tts-b");
+    let (commands, outcome) = load_driven(&mut world, "tts-b", false);
     let calls = backend_calls(&commands);
     assert!(
         matches!(calls.as_slice(), [Command::Unload { kind, .. }, Command::Load(spec)]
@@ -1093,7 +1082,7 @@ fn a_victim_that_will_not_leave_stops_a_combined_call_before_its_load() {
     // Die 10: loads and card reads succeed, every unload fails.
     let mut world = World::new(vec![10]);
     world.load("llm-b");
-    let (commands, outcome) = load_without_card(&mut world, "llm-a");
+    let (commands, outcome) = load_driven(&mut world, "llm-a", false);
     assert!(
         commands
             .iter()
