@@ -424,15 +424,6 @@ impl VramActor {
                 self.last_card = Some(memory);
                 self.feed(job, Event::LoadingAfter(memory), ctx);
             }
-            Answer::Lost(Lost::Card) => {
-                // The backend went before it read the card (so it did not
-                // load): the read falls back to the manager.
-                let label = self.call_label(&self.actors[slot].0);
-                self.backend_lost(slot, &label, MailboxError::Closed, ctx);
-                if let Some(read) = self.execute(job, Command::ReadCard, ctx) {
-                    self.feed(job, read, ctx);
-                }
-            }
             Answer::Lost(Lost::Unloaded(first)) => {
                 let result = Err(self.backend_lost(slot, &first, MailboxError::Closed, ctx));
                 let unloaded = Event::Unloaded {
@@ -446,6 +437,12 @@ impl VramActor {
                 let error = self.backend_lost(slot, &label, MailboxError::Closed, ctx);
                 let event = match lost {
                     Lost::Listed => Event::Listed(Err(error)),
+                    // The backend went before it read the card (so it did
+                    // not load): the read falls back to the manager.
+                    Lost::Card => match self.execute(job, Command::ReadCard, ctx) {
+                        Some(read) => read,
+                        None => return,
+                    },
                     _ => Event::Loaded(Err(error)),
                 };
                 self.feed(job, event, ctx);

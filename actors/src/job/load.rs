@@ -41,11 +41,11 @@ enum Phase {
         pending: usize,
         /// The first unload that failed, if one did.
         failed: Option<VramError>,
-        card: Option<GpuMemory>,
-        /// Bytes the victims really held.
-        back: u64,
-        /// Bytes of the card held by other processes at plan time.
-        others: u64,
+        /// The card's use at plan time (`None`: no reading).
+        used: Option<u64>,
+        /// The free bytes to wait for once they have left, when the card
+        /// can show some back (see [`release_target`]).
+        release: Option<u64>,
         /// The backend loads the model as soon as its victims have left
         /// ([`Command::UnloadThenLoad`]): no load to ask for after them.
         load_follows: bool,
@@ -349,22 +349,23 @@ impl LoadJob {
             self.planned
                 .extend(planned.iter().chain(&parking).map(|(m, _)| m.clone()));
         }
-        // With no card to wait for, nothing is decided between the last
-        // unload and the load but whether every victim left, which their
-        // backend knows: when they all share the model's backend, it loads
-        // the model right after them, and a message to it and an answer
-        // back are saved.
-        // With a card, the backend checks the release target the job
-        // would wait for (a card that shows nothing coming back is read
-        // after the unloads only to measure: not combined).
-        let when_free =
-            card.map(|before| release_target(before, back, others, books.release.fraction));
+        // The free bytes to wait for once the victims have left (none
+        // without a card, or with nothing it could show back).
+        let release = card
+            .filter(|_| back > 0)
+            .map(|before| release_target(before, back, others, books.release.fraction));
+        // Between the last unload and the load the job decides only
+        // whether every victim left and the card shows `release` free:
+        // when the victims share the model's backend, that backend checks
+        // both and loads right after them, which saves a message to it
+        // and an answer back. (A card that shows nothing coming back is
+        // read after the unloads only to measure: not combined.)
         let follows = match &*kinds {
             [kind]
                 if parking.is_empty()
                     && !self.waking
                     && !planned.is_empty()
-                    && (card.is_none() || back > 0) =>
+                    && (card.is_none() || release.is_some()) =>
             {
                 books
                     .declared
@@ -379,7 +380,7 @@ impl LoadJob {
                 out.push(Command::UnloadThenLoad {
                     models: planned.into_iter().map(|(model, _)| model).collect(),
                     spec,
-                    when_free,
+                    when_free: release,
                 });
                 1
             }
@@ -395,9 +396,8 @@ impl LoadJob {
         self.phase = Phase::Evicting {
             pending,
             failed: None,
-            card,
-            back,
-            others,
+            used: card.map(|c| c.used),
+            release,
             load_follows,
         };
         self.evictions_done(books, now, out);
@@ -409,9 +409,8 @@ impl LoadJob {
         let Phase::Evicting {
             pending,
             failed,
-            card,
-            back,
-            others,
+            used,
+            release,
             load_follows,
         } = &mut self.phase
         else {
@@ -424,9 +423,8 @@ impl LoadJob {
             return self.abort(error, books, out);
         }
         let load_follows = *load_follows;
-        match *card {
-            Some(before) if *back > 0 => {
-                let target = release_target(before, *back, *others, books.release.fraction);
+        match (*release, *used) {
+            (Some(target), _) => {
                 self.phase = Phase::Releasing {
                     target,
                     since: now,
@@ -441,8 +439,8 @@ impl LoadJob {
                 }
             }
             // Asked for with the unloads; no card to measure it on.
-            None if load_follows => self.phase = Phase::Loading { used_before: None },
-            card => self.start_load(card.map(|c| c.used), books, out),
+            (None, None) if load_follows => self.phase = Phase::Loading { used_before: None },
+            (None, used) => self.start_load(used, books, out),
         }
     }
 
@@ -847,9 +845,8 @@ impl Job for LoadJob {
                 Phase::Evicting {
                     mut pending,
                     mut failed,
-                    card,
-                    back,
-                    others,
+                    used,
+                    release,
                     load_follows,
                 },
                 event @ (Event::Unloaded { .. }
@@ -874,9 +871,8 @@ impl Job for LoadJob {
                 self.phase = Phase::Evicting {
                     pending,
                     failed,
-                    card,
-                    back,
-                    others,
+                    used,
+                    release,
                     load_follows,
                 };
                 self.evictions_done(books, now, out);
