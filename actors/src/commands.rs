@@ -386,9 +386,14 @@ impl ActorFuture<VramActor> for FeedAnswers {
             this.registered = true;
         }
         // One at a time: feeding an answer may drop a call whose answer
-        // comes back into the same queue.
+        // comes back into the same queue. The answers that came together
+        // (a backend's unloads, card reading and load, answered at once)
+        // are fed at one reading of the clock: they came microseconds
+        // apart, and a reading costs as much as the rest of an answer.
+        let mut now = None;
         while let Some(msg) = this.caller.next() {
-            act.answered(msg, ctx);
+            let now = *now.get_or_insert_with(crate::vram_actor::now);
+            act.answered(msg, now, ctx);
         }
         std::task::Poll::Pending
     }
@@ -409,20 +414,26 @@ impl VramActor {
         });
     }
 
-    /// Feeds one backend answer to its job.
-    fn answered(&mut self, msg: CallAnswered, ctx: &mut Context<Self>) {
+    /// Feeds one backend answer to its job, at `now`.
+    fn answered(&mut self, msg: CallAnswered, now: Instant, ctx: &mut Context<Self>) {
         let CallAnswered { job, slot, answer } = msg;
         match answer {
-            Answer::Done(result) => self.feed(job, Event::Loaded(result), ctx),
-            Answer::Listed(result) => self.feed(job, Event::Listed(result), ctx),
-            Answer::Unloaded(results) => self.feed(job, Event::Unloads(results), ctx),
+            Answer::Done(result) => {
+                self.feed_at(job, Event::Loaded(result), now, ctx);
+            }
+            Answer::Listed(result) => {
+                self.feed_at(job, Event::Listed(result), now, ctx);
+            }
+            Answer::Unloaded(results) => {
+                self.feed_at(job, Event::Unloads(results), now, ctx);
+            }
             Answer::Card(read) => {
                 self.last_card = card(read);
-                self.feed(job, Event::Card(self.last_card), ctx);
+                self.feed_at(job, Event::Card(self.last_card), now, ctx);
             }
             Answer::LoadingAfter(memory) => {
                 self.last_card = Some(memory);
-                self.feed(job, Event::LoadingAfter(memory), ctx);
+                self.feed_at(job, Event::LoadingAfter(memory), now, ctx);
             }
             Answer::Lost(Lost::Unloaded(first)) => {
                 let result = Err(self.backend_lost(slot, &first, MailboxError::Closed, ctx));
@@ -430,7 +441,7 @@ impl VramActor {
                     model: first,
                     result,
                 };
-                self.feed_all(job, [unloaded, Event::UnloadsDone], ctx);
+                self.feed_all_at(job, [unloaded, Event::UnloadsDone], now, ctx);
             }
             Answer::Lost(lost) => {
                 let label = self.call_label(&self.actors[slot].0);
@@ -445,7 +456,7 @@ impl VramActor {
                     },
                     _ => Event::Loaded(Err(error)),
                 };
-                self.feed(job, event, ctx);
+                self.feed_at(job, event, now, ctx);
             }
         }
     }

@@ -364,7 +364,17 @@ impl VramActor {
         events: impl IntoIterator<Item = Event>,
         ctx: &mut Context<Self>,
     ) {
-        let now = now();
+        self.feed_all_at(id, events, now(), ctx);
+    }
+
+    /// [`VramActor::feed_all`] at `now`.
+    pub(crate) fn feed_all_at(
+        &mut self,
+        id: u64,
+        events: impl IntoIterator<Item = Event>,
+        now: Instant,
+        ctx: &mut Context<Self>,
+    ) {
         for event in events {
             if !self.feed_at(id, event, now, ctx) {
                 break;
@@ -373,7 +383,13 @@ impl VramActor {
     }
 
     /// [`VramActor::feed`] at `now`; answers whether job `id` still runs.
-    fn feed_at(&mut self, id: u64, event: Event, now: Instant, ctx: &mut Context<Self>) -> bool {
+    pub(crate) fn feed_at(
+        &mut self,
+        id: u64,
+        event: Event,
+        now: Instant,
+        ctx: &mut Context<Self>,
+    ) -> bool {
         let (mut next, mut later) = (Some(event), VecDeque::new());
         let mut out = std::mem::take(&mut self.scratch);
         while let Some(event) = next.take().or_else(|| later.pop_front()) {

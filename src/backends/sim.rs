@@ -6,7 +6,7 @@
 //! scenarios, tests and examples.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -18,8 +18,10 @@ use crate::gpu::SimCard;
 #[derive(Debug, Default)]
 struct State {
     /// The models held (loaded or parked), each with what it allocated
-    /// (for its wake): one map, so a load or an unload touches one entry.
-    held: BTreeMap<ArcStr, u64>,
+    /// (for its wake): one map, so a load or an unload touches one entry;
+    /// hashed (a load and its unload each touch it once), sorted only
+    /// when listed.
+    held: foldhash::HashMap<ArcStr, u64>,
     /// Of those, the ones asleep (parked).
     parked: BTreeSet<String>,
     loads: u64,
@@ -165,12 +167,15 @@ impl SimBackend {
 
     /// The models this backend holds now (parked ones included).
     pub fn holding(&self) -> Vec<String> {
-        self.state
+        let mut ids: Vec<String> = self
+            .state
             .borrow()
             .held
             .keys()
             .map(ToString::to_string)
-            .collect()
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 }
 

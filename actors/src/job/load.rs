@@ -230,12 +230,13 @@ impl LoadJob {
         now: Instant,
         out: &mut Vec<Command>,
     ) {
-        let Some(declared_bytes) = books.declared.get(&self.model).map(|s| s.bytes) else {
+        let Some(declared) = books.declared.shared(&self.model) else {
             let e = VramError::UnknownModel {
                 model: self.model.to_string(),
             };
             return self.finish(Err(e));
         };
+        let declared_bytes = declared.bytes;
         let charged = books
             .planned
             .get(&self.model)
@@ -310,9 +311,7 @@ impl LoadJob {
         if books.ledger.wake(&self.model, charged) {
             self.waking = true;
         } else {
-            if let Some(declared) = books.declared.get(&self.model) {
-                books.ledger.reserve(declared);
-            }
+            books.ledger.reserve(&declared);
             // The weights can be read while the victims leave.
             out.push(Command::Warm);
             if charged > declared_bytes {
@@ -321,7 +320,7 @@ impl LoadJob {
         }
         tracing::info!(
             model = %self.model,
-            kind = books.declared.get(&self.model).map_or("", |s| s.kind.as_str()),
+            kind = %declared.kind,
             bytes = charged,
             victims = planned.len(),
             "loading"
@@ -367,10 +366,7 @@ impl LoadJob {
                     && !planned.is_empty()
                     && (card.is_none() || release.is_some()) =>
             {
-                books
-                    .declared
-                    .shared(&self.model)
-                    .filter(|spec| spec.kind == *kind)
+                (declared.kind == *kind).then(|| declared.clone())
             }
             _ => None,
         };
