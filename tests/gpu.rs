@@ -411,3 +411,101 @@ fn victims_on_different_backends_leave_at_once() {
     let ms = report.steps[2].ms;
     assert!((300.0..400.0).contains(&ms), "the swap took {ms} ms");
 }
+
+/// A probe that reads a simulated card but panics on every second read,
+/// in one of the three places a probe can: in `memory_at_once`, while
+/// building its future, or while that future runs.
+struct PanickingProbe {
+    card: SimCard,
+    at: PanicAt,
+    reads: std::rc::Rc<std::cell::Cell<u32>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum PanicAt {
+    AtOnce,
+    Building,
+    Running,
+}
+
+impl PanickingProbe {
+    /// Counts a read: whether this one breaks.
+    fn breaks(&self) -> bool {
+        self.reads.set(self.reads.get() + 1);
+        self.reads.get() % 2 == 0
+    }
+}
+
+impl vram_manager::GpuProbe for PanickingProbe {
+    fn memory(&self) -> vram_manager::ProbeFuture<vram_manager::GpuMemory> {
+        let memory = self.card.memory_now();
+        match self.at {
+            PanicAt::Building if self.breaks() => panic!("the probe broke building its read"),
+            PanicAt::Running if self.breaks() => {
+                Box::pin(async { panic!("the probe broke reading") })
+            }
+            _ => Box::pin(std::future::ready(Ok(memory))),
+        }
+    }
+
+    fn memory_at_once(&self) -> Option<Result<vram_manager::GpuMemory, vram_manager::ProbeError>> {
+        match self.at {
+            PanicAt::AtOnce if self.breaks() => panic!("the probe broke"),
+            PanicAt::AtOnce => Some(Ok(self.card.memory_now())),
+            PanicAt::Building | PanicAt::Running => None,
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_probe_that_panics_is_a_failed_read_not_a_dead_manager() {
+    use std::collections::{BTreeMap, HashMap};
+    use std::rc::Rc;
+
+    use actix::Actor;
+    use vram_manager::backends::SimBackend;
+    use vram_manager::{Backend, Catalog, Load, ModelSpec, Status, VramActor};
+
+    for at in [PanicAt::AtOnce, PanicAt::Building, PanicAt::Running] {
+        // Two LLMs that do not fit together: the second load evicts the
+        // first on their shared backend. The reads, in order: a's plan
+        // (1) and measure (2, breaks: a stays unmeasured); b's plan (3)
+        // and the backend's read between the unload and the load (4,
+        // breaks: the load goes on as without a card, and b stays
+        // unmeasured).
+        let card = SimCard::new(16 * GIB, 0);
+        let sim = SimBackend::new(HashMap::new()).on_card(card.clone());
+        let catalog: Catalog = [
+            ModelSpec::new("a", "llm", 8 * GIB),
+            ModelSpec::new("b", "llm", 12 * GIB),
+        ]
+        .into_iter()
+        .collect();
+        let backends =
+            BTreeMap::from([("llm".to_string(), Rc::new(sim.clone()) as Rc<dyn Backend>)]);
+        let reads = Rc::new(std::cell::Cell::new(0));
+        let probe = PanickingProbe {
+            card: card.clone(),
+            at,
+            reads: reads.clone(),
+        };
+        let addr = VramActor::new(common::default_config(catalog), backends)
+            .with_probe(Rc::new(probe))
+            .start();
+        let a = addr
+            .send(Load::new("a"))
+            .await
+            .expect("the manager answers");
+        assert!(a.is_ok(), "{at:?}: {a:?}");
+        let b = addr
+            .send(Load::new("b"))
+            .await
+            .expect("the manager answers");
+        assert_eq!(b.expect("b loads").evicted, ["a"], "{at:?}");
+        let s = addr.send(Status).await.expect("status is answered");
+        assert_eq!(s.resident(), ["b"], "{at:?}");
+        assert_eq!(sim.holding(), ["b"], "{at:?}");
+        assert_eq!(card.memory_now().used, 12 * GIB, "{at:?}");
+        assert_eq!(reads.get(), 4, "{at:?}: every read, broken or not");
+    }
+}

@@ -38,9 +38,9 @@ use futures::FutureExt;
 
 use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
 use crate::config::ManagerConfig;
-use crate::error::VramError;
+use crate::error::{VramError, panic_text};
 use crate::model::{Ids, ModelSpec, Unloads};
-use crate::probe::{GpuMemory, GpuProbe, ProbeError};
+use crate::probe::{self, GpuMemory, GpuProbe, ProbeError};
 
 /// Told to the `VramActor` each time a backend actor restarts.
 #[derive(Debug, Clone, Message)]
@@ -574,14 +574,6 @@ impl<T> From<Result<Result<T, BackendError>, Box<dyn std::any::Any + Send>>> for
     }
 }
 
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
 impl Actor for BackendActor {
     type Context = Context<Self>;
 
@@ -755,13 +747,15 @@ impl BackendActor {
             let unread = ProbeError("no probe for the backend to read".to_string());
             return answer.send(Answer::Card(Err(unread)));
         };
-        match probe.memory_at_once() {
+        match probe::read_at_once(probe.as_ref()) {
             Some(read) => self.load_if_free(read, target, spec, answer, ctx),
             None => {
                 ctx.spawn(
-                    probe.memory().into_actor(self).map(move |read, act, ctx| {
-                        act.load_if_free(read, target, spec, answer, ctx)
-                    }),
+                    probe::read(probe.as_ref())
+                        .into_actor(self)
+                        .map(move |read, act, ctx| {
+                            act.load_if_free(read, target, spec, answer, ctx)
+                        }),
                 );
             }
         }

@@ -21,7 +21,7 @@ use crate::error::VramError;
 use crate::job::RestartJob;
 use crate::job::{Command, Event};
 use crate::model::Ids;
-use crate::probe::{GpuMemory, ProbeError};
+use crate::probe::{self, GpuMemory, ProbeError};
 use crate::queue::Queued;
 use crate::vram_actor::{VramActor, now};
 
@@ -51,11 +51,11 @@ impl VramActor {
                 let Some(probe) = self.probe.clone() else {
                     return Some(Event::Card(None));
                 };
-                if let Some(result) = probe.memory_at_once() {
+                if let Some(result) = probe::read_at_once(probe.as_ref()) {
                     self.last_card = card(result);
                     return Some(Event::Card(self.last_card));
                 }
-                let mut read = probe.memory();
+                let mut read = probe::read(probe.as_ref());
                 // A simulated card answers at once: no trip through the
                 // actor's context.
                 if let Some(result) = (&mut read).now_or_never() {

@@ -5,7 +5,12 @@
 //! Futures are local: a probe whose calls block (NVML) must run them on a
 //! blocking thread itself, never on the manager's arbiter.
 
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 use futures::future::LocalBoxFuture;
+
+use crate::error::panic_text;
 
 /// The card's memory, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -36,6 +41,10 @@ pub struct ProbeError(pub String);
 pub type ProbeFuture<T> = LocalBoxFuture<'static, Result<T, ProbeError>>;
 
 /// Reads the memory of one card.
+///
+/// A read that panics (while it is made, or while its future runs) is a
+/// failed read: the manager catches it and plans on the ledger alone, as
+/// for a [`ProbeError`].
 pub trait GpuProbe {
     /// The card's total, used and free bytes now.
     fn memory(&self) -> ProbeFuture<GpuMemory>;
@@ -51,4 +60,30 @@ pub trait GpuProbe {
     fn processes(&self) -> ProbeFuture<Vec<GpuProcess>> {
         Box::pin(async { Ok(Vec::new()) })
     }
+}
+
+/// [`GpuProbe::memory_at_once`], with a panic inside the probe answered as
+/// a [`ProbeError`]: a probe is the embedding app's code, and its panic
+/// must not take the manager or a backend actor down with it (a failed
+/// read plans on the ledger alone).
+pub(crate) fn read_at_once(probe: &dyn GpuProbe) -> Option<Result<GpuMemory, ProbeError>> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| probe.memory_at_once()))
+        .unwrap_or_else(|panic| Some(Err(panicked(&panic))))
+}
+
+/// [`GpuProbe::memory`], with a panic while the probe builds or runs its
+/// future answered as a [`ProbeError`] (see [`read_at_once`]).
+pub(crate) fn read(probe: &dyn GpuProbe) -> ProbeFuture<GpuMemory> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| probe.memory())) {
+        Ok(read) => Box::pin(
+            AssertUnwindSafe(read)
+                .catch_unwind()
+                .map(|outcome| outcome.unwrap_or_else(|panic| Err(panicked(&panic)))),
+        ),
+        Err(panic) => Box::pin(std::future::ready(Err(panicked(&panic)))),
+    }
+}
+
+fn panicked(panic: &Box<dyn std::any::Any + Send>) -> ProbeError {
+    ProbeError(format!("the probe panicked: {}", panic_text(panic)))
 }
