@@ -224,9 +224,11 @@ impl Caller {
         self.inbox().waker = Some(waker.clone());
     }
 
-    /// The next answer to feed.
-    pub(crate) fn next(&self) -> Option<CallAnswered> {
-        self.inbox().answers.pop_front()
+    /// Moves every answer not fed yet, in order, into the empty `batch`
+    /// (one lock for all of them; the inbox keeps `batch`'s buffer, so
+    /// neither side allocates once both have grown).
+    pub(crate) fn take_all(&self, batch: &mut VecDeque<CallAnswered>) {
+        std::mem::swap(&mut self.inbox().answers, batch);
     }
 
     fn answer(&self, answer: CallAnswered) {

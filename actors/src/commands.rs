@@ -7,6 +7,7 @@
 //! answered at once; a wait is a timer. A backend actor found dead is
 //! replaced.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -369,6 +370,9 @@ struct FeedAnswers {
     /// task for its whole life, so its waker is given once, not at every
     /// pass of the context (each pass polls this future).
     registered: bool,
+    /// The answers being fed (kept: its buffer and the inbox's are
+    /// swapped, not made anew).
+    batch: VecDeque<CallAnswered>,
 }
 
 impl ActorFuture<VramActor> for FeedAnswers {
@@ -385,15 +389,22 @@ impl ActorFuture<VramActor> for FeedAnswers {
             this.caller.wake(task.waker());
             this.registered = true;
         }
-        // One at a time: feeding an answer may drop a call whose answer
-        // comes back into the same queue. The answers that came together
-        // (a backend's unloads, card reading and load, answered at once)
-        // are fed at one reading of the clock: they came microseconds
-        // apart, and a reading costs as much as the rest of an answer.
+        // In order, batch after batch: feeding an answer may drop a call
+        // whose answer comes back into the inbox, behind the batch. The
+        // answers that came together (a backend's unloads, card reading
+        // and load, answered at once) are fed at one reading of the
+        // clock: they came microseconds apart, and a reading costs as
+        // much as the rest of an answer.
         let mut now = None;
-        while let Some(msg) = this.caller.next() {
+        loop {
+            this.caller.take_all(&mut this.batch);
+            if this.batch.is_empty() {
+                break;
+            }
             let now = *now.get_or_insert_with(crate::vram_actor::now);
-            act.answered(msg, now, ctx);
+            while let Some(msg) = this.batch.pop_front() {
+                act.answered(msg, now, ctx);
+            }
         }
         std::task::Poll::Pending
     }
@@ -411,6 +422,7 @@ impl VramActor {
         ctx.spawn(FeedAnswers {
             caller: self.caller.clone(),
             registered: false,
+            batch: VecDeque::new(),
         });
     }
 
