@@ -40,7 +40,7 @@ use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
 use crate::config::ManagerConfig;
 use crate::error::{VramError, panic_text};
 use crate::model::{Ids, ModelSpec, Unloads};
-use crate::probe::{self, GpuMemory, GpuProbe, ProbeError};
+use crate::probe::{GpuMemory, GpuProbe, ProbeError, guarded_read, guarded_read_at_once};
 
 /// Told to the `VramActor` each time a backend actor restarts.
 #[derive(Debug, Clone, Message)]
@@ -228,6 +228,7 @@ impl Caller {
     /// (one lock for all of them; the inbox keeps `batch`'s buffer, so
     /// neither side allocates once both have grown).
     pub(crate) fn take_all(&self, batch: &mut VecDeque<CallAnswered>) {
+        debug_assert!(batch.is_empty(), "a batch is fed whole before the next");
         std::mem::swap(&mut self.inbox().answers, batch);
     }
 
@@ -749,11 +750,11 @@ impl BackendActor {
             let unread = ProbeError("no probe for the backend to read".to_string());
             return answer.send(Answer::Card(Err(unread)));
         };
-        match probe::read_at_once(probe.as_ref()) {
+        match guarded_read_at_once(probe.as_ref()) {
             Some(read) => self.load_if_free(read, target, spec, answer, ctx),
             None => {
                 ctx.spawn(
-                    probe::read(probe.as_ref())
+                    guarded_read(probe.as_ref())
                         .into_actor(self)
                         .map(move |read, act, ctx| {
                             act.load_if_free(read, target, spec, answer, ctx)

@@ -22,7 +22,7 @@ use crate::error::VramError;
 use crate::job::RestartJob;
 use crate::job::{Command, Event};
 use crate::model::Ids;
-use crate::probe::{self, GpuMemory, ProbeError};
+use crate::probe::{GpuMemory, ProbeError, guarded_read, guarded_read_at_once};
 use crate::queue::Queued;
 use crate::vram_actor::{VramActor, now};
 
@@ -52,11 +52,11 @@ impl VramActor {
                 let Some(probe) = self.probe.clone() else {
                     return Some(Event::Card(None));
                 };
-                if let Some(result) = probe::read_at_once(probe.as_ref()) {
+                if let Some(result) = guarded_read_at_once(probe.as_ref()) {
                     self.last_card = card(result);
                     return Some(Event::Card(self.last_card));
                 }
-                let mut read = probe::read(probe.as_ref());
+                let mut read = guarded_read(probe.as_ref());
                 // A simulated card answers at once: no trip through the
                 // actor's context.
                 if let Some(result) = (&mut read).now_or_never() {
@@ -390,18 +390,18 @@ impl ActorFuture<VramActor> for FeedAnswers {
             this.registered = true;
         }
         // In order, batch after batch: feeding an answer may drop a call
-        // whose answer comes back into the inbox, behind the batch. The
-        // answers that came together (a backend's unloads, card reading
-        // and load, answered at once) are fed at one reading of the
-        // clock: they came microseconds apart, and a reading costs as
-        // much as the rest of an answer.
-        let mut now = None;
+        // whose answer comes back into the inbox, behind the batch. One
+        // reading of the clock per batch: its answers came together (a
+        // backend's unloads, card reading and load, answered at once),
+        // and a job started while the batch is fed (the next in the
+        // queue, which reads the clock itself) has its answers in a later
+        // batch, never timed before it started.
         loop {
             this.caller.take_all(&mut this.batch);
             if this.batch.is_empty() {
                 break;
             }
-            let now = *now.get_or_insert_with(crate::vram_actor::now);
+            let now = crate::vram_actor::now();
             while let Some(msg) = this.batch.pop_front() {
                 act.answered(msg, now, ctx);
             }

@@ -16,7 +16,7 @@ use crate::messages::{
     Shutdown, Snapshot, Status, StatusReport, Subscribe, Unload,
 };
 use crate::policy::{Order, scores, servable};
-use crate::probe;
+use crate::probe::{guarded_read, guarded_read_at_once};
 use crate::queue::{LoadWaiter, Queued};
 use crate::reply::{Deferred, deferred};
 use crate::vram_actor::{VramActor, now};
@@ -320,12 +320,12 @@ impl Handler<Snapshot> for VramActor {
             return ActorResponse::reply(snapshot);
         };
         // A card that fails to answer is left out (the ledger stands).
-        if let Some(read) = probe::read_at_once(probe.as_ref()) {
+        if let Some(read) = guarded_read_at_once(probe.as_ref()) {
             snapshot.card_free = read.ok().map(|m| m.free.saturating_sub(reserve));
             return ActorResponse::reply(snapshot);
         }
         ActorResponse::r#async(fut::wrap_future(async move {
-            snapshot.card_free = probe::read(probe.as_ref())
+            snapshot.card_free = guarded_read(probe.as_ref())
                 .await
                 .ok()
                 .map(|m| m.free.saturating_sub(reserve));

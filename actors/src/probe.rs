@@ -43,8 +43,10 @@ pub type ProbeFuture<T> = LocalBoxFuture<'static, Result<T, ProbeError>>;
 /// Reads the memory of one card.
 ///
 /// A read that panics (while it is made, or while its future runs) is a
-/// failed read: the manager catches it and plans on the ledger alone, as
-/// for a [`ProbeError`].
+/// failed read, as a [`ProbeError`] is: the manager catches the panic; a
+/// plan then counts on the ledger alone, a load's measurement leaves the
+/// model unmeasured, and a card snapshot leaves the card's free memory
+/// out.
 pub trait GpuProbe {
     /// The card's total, used and free bytes now.
     fn memory(&self) -> ProbeFuture<GpuMemory>;
@@ -65,15 +67,15 @@ pub trait GpuProbe {
 /// [`GpuProbe::memory_at_once`], with a panic inside the probe answered as
 /// a [`ProbeError`]: a probe is the embedding app's code, and its panic
 /// must not take the manager or a backend actor down with it (a failed
-/// read plans on the ledger alone).
-pub(crate) fn read_at_once(probe: &dyn GpuProbe) -> Option<Result<GpuMemory, ProbeError>> {
+/// read is handled as any other; see [`GpuProbe`]).
+pub(crate) fn guarded_read_at_once(probe: &dyn GpuProbe) -> Option<Result<GpuMemory, ProbeError>> {
     std::panic::catch_unwind(AssertUnwindSafe(|| probe.memory_at_once()))
         .unwrap_or_else(|panic| Some(Err(panicked(&panic))))
 }
 
 /// [`GpuProbe::memory`], with a panic while the probe builds or runs its
-/// future answered as a [`ProbeError`] (see [`read_at_once`]).
-pub(crate) fn read(probe: &dyn GpuProbe) -> ProbeFuture<GpuMemory> {
+/// future answered as a [`ProbeError`] (see [`guarded_read_at_once`]).
+pub(crate) fn guarded_read(probe: &dyn GpuProbe) -> ProbeFuture<GpuMemory> {
     match std::panic::catch_unwind(AssertUnwindSafe(|| probe.memory())) {
         Ok(read) => Box::pin(
             AssertUnwindSafe(read)
