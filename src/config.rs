@@ -119,10 +119,8 @@ struct RawPark {
     wake: Option<String>,
     vram: String,
     host: String,
-    #[serde(default)]
-    sleep_ms: u64,
-    #[serde(default)]
-    wake_ms: u64,
+    sleep_ms: Option<u64>,
+    wake_ms: Option<u64>,
 }
 
 /// One `[[gpus]]` entry.
@@ -197,16 +195,14 @@ struct RawModel {
     pinned: bool,
     #[serde(default = "default_backend")]
     backend: String,
-    #[serde(default)]
-    load_ms: u64,
+    // The simulated backend's fields (`None`: not written, so a process
+    // model that names one can be told it does nothing there).
+    load_ms: Option<u64>,
     warm_load_ms: Option<u64>,
-    #[serde(default)]
-    unload_ms: u64,
-    #[serde(default)]
-    fail_load: bool,
+    unload_ms: Option<u64>,
+    fail_load: Option<bool>,
     actual_vram: Option<String>,
-    #[serde(default)]
-    release_ms: u64,
+    release_ms: Option<u64>,
     #[serde(default, with = "humantime_serde")]
     ttl: Option<Duration>,
     command: Option<Vec<String>>,
@@ -228,6 +224,46 @@ struct RawModel {
 
 fn default_backend() -> String {
     "sim".to_string()
+}
+
+impl RawModel {
+    /// The first field written that only the other backend reads: the
+    /// simulated backend's timings and faults on a process model, a
+    /// server's command, readiness and stop settings on a simulated one.
+    /// Such a field would do nothing, silently.
+    fn foreign_field(&self) -> Option<(&'static str, &'static str)> {
+        let park = self.park.as_ref();
+        let sim_only = [
+            ("load_ms", self.load_ms.is_some()),
+            ("warm_load_ms", self.warm_load_ms.is_some()),
+            ("unload_ms", self.unload_ms.is_some()),
+            ("fail_load", self.fail_load.is_some()),
+            ("actual_vram", self.actual_vram.is_some()),
+            ("release_ms", self.release_ms.is_some()),
+            ("park.sleep_ms", park.is_some_and(|p| p.sleep_ms.is_some())),
+            ("park.wake_ms", park.is_some_and(|p| p.wake_ms.is_some())),
+        ];
+        let process_only = [
+            ("command", self.command.is_some()),
+            ("env", !self.env.is_empty()),
+            ("cwd", self.cwd.is_some()),
+            ("ready", self.ready.is_some()),
+            ("ready_timeout", self.ready_timeout.is_some()),
+            ("stop_timeout", self.stop_timeout.is_some()),
+            ("stop", self.stop.is_some()),
+            ("park.sleep", park.is_some_and(|p| p.sleep.is_some())),
+            ("park.wake", park.is_some_and(|p| p.wake.is_some())),
+        ];
+        let (foreign, owner) = match self.backend.as_str() {
+            "sim" => (&process_only[..], "process"),
+            "process" => (&sim_only[..], "sim"),
+            _ => return None,
+        };
+        foreign
+            .iter()
+            .find(|(_, written)| *written)
+            .map(|(field, _)| (*field, owner))
+    }
 }
 
 // ---------------------------------------------------------- validated stage
@@ -825,10 +861,24 @@ impl RawSettings {
                     "must be more than 0 bytes",
                 ));
             }
+            if let Some((field, owner)) = raw.foreign_field() {
+                return Err(SettingsError::invalid(
+                    key(field),
+                    format!(
+                        "only a model with backend = \"{owner}\" uses it; this model's backend is {:?}",
+                        raw.backend
+                    ),
+                ));
+            }
+            let (load_ms, unload_ms, release_ms) = (
+                raw.load_ms.unwrap_or(0),
+                raw.unload_ms.unwrap_or(0),
+                raw.release_ms.unwrap_or(0),
+            );
             for (field, ms) in [
-                ("load_ms", raw.load_ms),
-                ("unload_ms", raw.unload_ms),
-                ("release_ms", raw.release_ms),
+                ("load_ms", load_ms),
+                ("unload_ms", unload_ms),
+                ("release_ms", release_ms),
             ] {
                 bounded(&key(field), Duration::from_millis(ms))?;
             }
@@ -842,16 +892,16 @@ impl RawSettings {
             }
             let backend = match raw.backend.as_str() {
                 "sim" => BackendSpec::Sim(SimOptions {
-                    load_ms: raw.load_ms,
-                    warm_load_ms: raw.warm_load_ms.map(|w| w.min(raw.load_ms)),
-                    unload_ms: raw.unload_ms,
-                    fail_load: raw.fail_load,
+                    load_ms,
+                    warm_load_ms: raw.warm_load_ms.map(|w| w.min(load_ms)),
+                    unload_ms,
+                    fail_load: raw.fail_load.unwrap_or(false),
                     actual_bytes: raw
                         .actual_vram
                         .as_deref()
                         .map(|v| parse_size(&key("actual_vram"), v))
                         .transpose()?,
-                    release_ms: raw.release_ms,
+                    release_ms,
                     park: None,
                 }),
                 "process" => {
@@ -994,15 +1044,17 @@ impl RawSettings {
                         ));
                     }
                     let host = parse_size(&key("host"), &park.host)?;
-                    for (field, ms) in [("sleep_ms", park.sleep_ms), ("wake_ms", park.wake_ms)] {
+                    let (sleep_ms, wake_ms) =
+                        (park.sleep_ms.unwrap_or(0), park.wake_ms.unwrap_or(0));
+                    for (field, ms) in [("sleep_ms", sleep_ms), ("wake_ms", wake_ms)] {
                         bounded(&key(field), Duration::from_millis(ms))?;
                     }
                     match &mut backend {
                         BackendSpec::Sim(sim) => {
                             sim.park = Some(SimPark {
                                 vram,
-                                sleep_ms: park.sleep_ms,
-                                wake_ms: park.wake_ms,
+                                sleep_ms,
+                                wake_ms,
                             });
                         }
                         BackendSpec::Process(spec) => {

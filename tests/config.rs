@@ -479,3 +479,72 @@ fn environment_variables_are_held_to_the_same_types() {
     assert!(!s.kinds.get("asr").unwrap().protected);
     assert_eq!(s.gpu.release_fraction, 0.5);
 }
+
+#[test]
+fn a_field_only_the_other_backend_reads_is_refused_naming_it() {
+    let process = "backend = \"process\"\ncommand = [\"server\"]\nready = \"tcp://127.0.0.1:9\"\n";
+    let park = "[models.park]\nvram = \"100MiB\"\nhost = \"1GiB\"\n";
+    // (extra keys of model "a", the key the error must name, the backend
+    // that reads it)
+    let cases = [
+        (format!("{process}load_ms = 0"), "models[0].load_ms", "sim"),
+        (
+            format!("{process}fail_load = false"),
+            "models[0].fail_load",
+            "sim",
+        ),
+        (
+            format!("{process}actual_vram = \"2GiB\""),
+            "models[0].actual_vram",
+            "sim",
+        ),
+        (
+            format!("{process}release_ms = 5"),
+            "models[0].release_ms",
+            "sim",
+        ),
+        (
+            format!(
+                "{process}{park}sleep = \"http://127.0.0.1:9/s\"\nwake = \"http://127.0.0.1:9/w\"\nsleep_ms = 5"
+            ),
+            "models[0].park.sleep_ms",
+            "sim",
+        ),
+        (
+            "ready = \"tcp://127.0.0.1:9\"".to_string(),
+            "models[0].ready",
+            "process",
+        ),
+        (
+            "stop_timeout = \"1s\"".to_string(),
+            "models[0].stop_timeout",
+            "process",
+        ),
+        (
+            "env = { CUDA_VISIBLE_DEVICES = \"0\" }".to_string(),
+            "models[0].env",
+            "process",
+        ),
+        (
+            format!("{park}sleep = \"http://127.0.0.1:9/s\""),
+            "models[0].park.sleep",
+            "process",
+        ),
+    ];
+    for (extra, key, owner) in cases {
+        let text = one_model(&extra);
+        let e = error_of(&text);
+        assert!(e.contains(key), "{text}\n-> {e} (should name {key})");
+        let says = format!("backend = \"{owner}\"");
+        assert!(e.contains(&says), "{text}\n-> {e} (should say {says})");
+    }
+    // Each backend's own fields are accepted.
+    Settings::parse(&one_model(&format!(
+        "load_ms = 5\nunload_ms = 1\nrelease_ms = 2\nfail_load = false\n{park}sleep_ms = 1\nwake_ms = 2"
+    )))
+    .expect("a simulated model's own fields");
+    Settings::parse(&one_model(&format!(
+        "{process}stop_timeout = \"1s\"\nenv = {{ A = \"1\" }}\n{park}sleep = \"http://127.0.0.1:9/s\"\nwake = \"http://127.0.0.1:9/w\""
+    )))
+    .expect("a process model's own fields");
+}
