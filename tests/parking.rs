@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{GIB, free_port, settings};
-use vram_manager::{Manager, ModelState};
+use vram_manager::{Backend, Manager, ModelState};
 
 const STAND_IN: &str = env!("CARGO_BIN_EXE_vram-stand-in");
 
@@ -91,6 +91,10 @@ async fn a_parked_server_keeps_its_pid_and_wakes_without_a_restart() {
     assert_eq!(state(&m, "llm-a").await, Some(ModelState::Parked));
     assert!(alive(pid_a), "a parked server keeps running");
     assert!(is_sleeping(a).await);
+    // The backend says which of its servers sleep (a manager rebuilding
+    // its ledger asks).
+    let asleep = || Backend::parked(&m.processes["llm"]);
+    assert_eq!(asleep().await.unwrap(), ["llm-a"]);
     let status = vram.status().await.unwrap();
     assert_eq!(status.used, 11 * GIB, "llm-b and llm-a's parked 1 GiB");
     // Its next request wakes the same process; llm-b (cannot park) stops.
@@ -103,13 +107,16 @@ async fn a_parked_server_keeps_its_pid_and_wakes_without_a_restart() {
         "woken, not restarted"
     );
     assert!(!is_sleeping(a).await);
+    assert!(asleep().await.unwrap().is_empty(), "woken");
     assert!(gone(pid_b), "llm-b was stopped");
     drop(lease);
     // An explicit unload of a parked model stops its server.
     vram.load("llm-b").await.unwrap();
     assert_eq!(state(&m, "llm-a").await, Some(ModelState::Parked));
+    assert_eq!(asleep().await.unwrap(), ["llm-a"]);
     vram.unload("llm-a").await.unwrap();
     assert!(gone(pid_a), "unloading a parked model stops it");
+    assert!(asleep().await.unwrap().is_empty(), "stopped");
     let pid_b = m.processes["llm"].pids()["llm-b"];
     m.shutdown().await;
     assert!(gone(pid_b), "nothing is left running");

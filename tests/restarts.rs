@@ -154,3 +154,94 @@ async fn no_model_server_starts_after_shutdown() {
         "a model server was started after Shutdown: {log:?}"
     );
 }
+
+/// Loads, unloads, parks and wakes at once, keeping what it holds and
+/// which of it sleeps; wakes are logged.
+#[derive(Default)]
+struct Sleepy {
+    held: RefCell<std::collections::BTreeSet<String>>,
+    asleep: RefCell<std::collections::BTreeSet<String>>,
+    wakes: Rc<RefCell<Vec<String>>>,
+}
+
+impl Backend for Sleepy {
+    fn load(&self, model: &ModelSpec) -> BackendFuture<()> {
+        self.held.borrow_mut().insert(model.id.to_string());
+        Box::pin(async { Ok(()) })
+    }
+    fn unload(&self, id: &str) -> BackendFuture<()> {
+        self.held.borrow_mut().remove(id);
+        self.asleep.borrow_mut().remove(id);
+        Box::pin(async { Ok(()) })
+    }
+    fn park(&self, id: &str) -> BackendFuture<()> {
+        self.asleep.borrow_mut().insert(id.to_string());
+        Box::pin(async { Ok(()) })
+    }
+    fn wake(&self, id: &str) -> BackendFuture<()> {
+        self.asleep.borrow_mut().remove(id);
+        self.wakes.borrow_mut().push(id.to_string());
+        Box::pin(async { Ok(()) })
+    }
+    fn loaded(&self) -> BackendFuture<Vec<String>> {
+        let held = self.held.borrow().iter().cloned().collect();
+        Box::pin(async move { Ok(held) })
+    }
+    fn parked(&self) -> BackendFuture<Vec<String>> {
+        let asleep = self.asleep.borrow().iter().cloned().collect();
+        Box::pin(async move { Ok(asleep) })
+    }
+}
+
+#[actix_rt::test]
+async fn after_a_restart_of_the_manager_a_parked_model_is_still_asleep_and_woken_for_a_request() {
+    tokio::time::pause();
+    let wakes = Rc::new(RefCell::new(vec![]));
+    let sleepy: Rc<dyn Backend> = Rc::new(Sleepy {
+        wakes: wakes.clone(),
+        ..Default::default()
+    });
+    let be: BTreeMap<String, Rc<dyn Backend>> = [("llm".to_string(), sleepy)].into_iter().collect();
+    // "a" (8 GiB) parks holding 1 GiB; "b" (12 GiB) needs its room.
+    let mut a = ModelSpec::new("a", "llm", 8 * GIB);
+    a.park = Some(vram_manager::Park {
+        vram: GIB,
+        host: 8 * GIB,
+    });
+    let cfg = ManagerConfig {
+        catalog: [a, ModelSpec::new("b", "llm", 12 * GIB)]
+            .into_iter()
+            .collect(),
+        host_budget: 8 * GIB,
+        ..config(Duration::ZERO)
+    };
+    let capacity = cfg.capacity;
+    let addr = Supervisor::start(move |_| VramActor::new(cfg, be));
+    addr.send(Load::new("a")).await.unwrap().unwrap();
+    let loaded = addr.send(Load::new("b")).await.unwrap().unwrap();
+    assert_eq!(loaded.evicted, ["a"]);
+    let parked = |status: &vram_manager::StatusReport| {
+        let a = status
+            .models
+            .iter()
+            .find(|m| m.id == "a")
+            .map(|m| (m.state, m.bytes));
+        (a, status.used)
+    };
+    let before = parked(&addr.send(Status).await.unwrap());
+    assert_eq!(
+        before,
+        (Some((vram_manager::ModelState::Parked, GIB)), 13 * GIB)
+    );
+    // The manager restarts; its ledger is rebuilt from the backend, which
+    // says "a" sleeps.
+    addr.send(StopManager).await.unwrap();
+    actix::clock::sleep(Duration::from_secs(1)).await;
+    let status = addr.send(Status).await.unwrap();
+    assert!(status.used <= capacity, "{} > {capacity}", status.used);
+    assert_eq!(parked(&status), before, "asleep, charged its residual");
+    // A request for "a" wakes it (making room: "b" leaves).
+    let lease = addr.send(Acquire::new("a")).await.unwrap().unwrap();
+    assert_eq!(*wakes.borrow(), ["a"]);
+    assert_eq!(lease.evicted(), ["b"]);
+}

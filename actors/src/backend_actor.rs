@@ -39,6 +39,7 @@ use futures::FutureExt;
 use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
 use crate::config::ManagerConfig;
 use crate::error::{VramError, panic_text};
+use crate::job::Held;
 use crate::model::{Ids, ModelSpec, Unloads};
 use crate::probe::{GpuMemory, GpuProbe, ProbeError, guarded_read, guarded_read_at_once};
 
@@ -147,8 +148,8 @@ pub(crate) enum Answer {
     Done(Result<(), VramError>),
     /// An unload: each model tried, with its result.
     Unloaded(Unloads),
-    /// A list.
-    Listed(Result<Vec<String>, VramError>),
+    /// A list: what the backend holds, and which of it is parked.
+    Listed(Result<Held, VramError>),
     /// The card read after the unloads of an unload-then-load, which did
     /// not load.
     Card(Result<GpuMemory, ProbeError>),
@@ -717,7 +718,15 @@ impl Handler<Call> for BackendActor {
                     &label,
                     timeout,
                     ctx,
-                    |b| b.loaded(),
+                    |b| {
+                        let (loaded, parked) = (b.loaded(), b.parked());
+                        Box::pin(async move {
+                            Ok(Held {
+                                loaded: loaded.await?,
+                                parked: parked.await?,
+                            })
+                        })
+                    },
                     |r| answer.send(Answer::Listed(r)),
                 );
             }

@@ -20,7 +20,7 @@ use crate::backend_actor::{
 };
 use crate::error::VramError;
 use crate::job::RestartJob;
-use crate::job::{Command, Event};
+use crate::job::{Command, Event, Held};
 use crate::model::Ids;
 use crate::probe::{GpuMemory, ProbeError, guarded_read, guarded_read_at_once};
 use crate::queue::Queued;
@@ -174,7 +174,7 @@ impl VramActor {
         }
         let failed = Err(no_backend(kind, &self.call_label(kind)));
         Some(match what {
-            CallKind::List => Event::Listed(failed.map(|()| Vec::new())),
+            CallKind::List => Event::Listed(failed.map(|()| Held::default())),
             _ => Event::Loaded(failed),
         })
     }

@@ -27,7 +27,7 @@
 //!   is reported through [`Backend::watch`] once the tree is gone.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -58,6 +58,9 @@ struct State {
     /// How each model's last server process ended, e.g.
     /// "signal: 15 (SIGTERM)".
     exits: HashMap<String, String>,
+    /// The models whose server was put to sleep (`park`) and not woken
+    /// since; only those still in `running` count.
+    asleep: HashSet<String>,
 }
 
 /// Runs each of its models as a model-server process. Clones share state.
@@ -117,6 +120,29 @@ impl ProcessBackend {
                     answer.status()
                 )))
             }
+        })
+    }
+
+    /// [`ProcessBackend::post_to`], then, once the server said yes, records
+    /// it `asleep` or awake.
+    fn post_then(
+        &self,
+        id: &str,
+        pick: impl Fn(&ProcessSpec) -> Option<String>,
+        what: &'static str,
+        asleep: bool,
+    ) -> BackendFuture<()> {
+        let post = self.post_to(id, pick, what);
+        let (state, id) = (self.state.clone(), id.to_string());
+        Box::pin(async move {
+            post.await?;
+            let mut state = state.borrow_mut();
+            if !asleep {
+                state.asleep.remove(&id);
+            } else if state.running.contains_key(&id) {
+                state.asleep.insert(id);
+            }
+            Ok(())
         })
     }
 
@@ -334,16 +360,19 @@ impl Backend for ProcessBackend {
                 actix::clock::sleep(READY_POLL).await;
             }
             tracing::info!(model = %id, pid = server.leader.as_raw(), "model server ready");
-            this.state
-                .borrow_mut()
-                .running
-                .insert(id.to_string(), server);
+            let mut state = this.state.borrow_mut();
+            state.asleep.remove(id.as_str());
+            state.running.insert(id.to_string(), server);
             Ok(())
         })
     }
 
     fn unload(&self, id: &str) -> BackendFuture<()> {
-        let server = self.state.borrow_mut().running.remove(id);
+        let server = {
+            let mut state = self.state.borrow_mut();
+            state.asleep.remove(id);
+            state.running.remove(id)
+        };
         let stop_timeout = self.stop_timeout(id);
         Box::pin(async move {
             match server {
@@ -356,17 +385,29 @@ impl Backend for ProcessBackend {
     /// POSTs the model's `sleep` URL: its server leaves the card and
     /// keeps running.
     fn park(&self, id: &str) -> BackendFuture<()> {
-        self.post_to(id, |spec| spec.sleep.clone(), "sleep")
+        self.post_then(id, |spec| spec.sleep.clone(), "sleep", true)
     }
 
     /// POSTs the model's `wake` URL.
     fn wake(&self, id: &str) -> BackendFuture<()> {
-        self.post_to(id, |spec| spec.wake.clone(), "wake")
+        self.post_then(id, |spec| spec.wake.clone(), "wake", false)
     }
 
     fn loaded(&self) -> BackendFuture<Vec<String>> {
         let ids = self.state.borrow().running.keys().cloned().collect();
         Box::pin(async move { Ok(ids) })
+    }
+
+    /// The servers put to sleep and not woken since (a failed wake leaves
+    /// a server counted asleep: nothing says it woke).
+    fn parked(&self) -> BackendFuture<Vec<String>> {
+        let state = self.state.borrow();
+        let mut ids: Vec<String> = (state.asleep.iter())
+            .filter(|id| state.running.contains_key(*id))
+            .cloned()
+            .collect();
+        ids.sort();
+        Box::pin(std::future::ready(Ok(ids)))
     }
 
     /// Kills every model server this backend started (its restart must not

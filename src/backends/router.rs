@@ -59,6 +59,15 @@ impl Backend for Router {
         })
     }
 
+    fn parked(&self) -> BackendFuture<Vec<String>> {
+        let (sim, process) = (Backend::parked(&self.sim), self.process.parked());
+        Box::pin(async move {
+            let mut ids = sim.await?;
+            ids.extend(process.await?);
+            Ok(ids)
+        })
+    }
+
     fn reset(&self) {
         self.sim.reset();
         self.process.reset();
@@ -77,5 +86,31 @@ impl Backend for Router {
             let (sim, process) = futures::join!(sim, process);
             sim.and(process)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SimOptions, SimPark};
+    use futures::executor::block_on;
+
+    #[test]
+    fn the_parked_models_of_both_backends_are_listed() {
+        let options = SimOptions {
+            park: Some(SimPark::default()),
+            ..SimOptions::default()
+        };
+        let sim = SimBackend::new([("a".to_string(), options)].into_iter().collect());
+        let router = Router {
+            sim,
+            process: ProcessBackend::default(),
+        };
+        block_on(router.load(&ModelSpec::new("a", "llm", 1))).unwrap();
+        assert!(block_on(Backend::parked(&router)).unwrap().is_empty());
+        block_on(router.park("a")).unwrap();
+        assert_eq!(block_on(Backend::parked(&router)).unwrap(), ["a"]);
+        block_on(router.wake("a")).unwrap();
+        assert!(block_on(Backend::parked(&router)).unwrap().is_empty());
     }
 }

@@ -323,6 +323,10 @@ impl Backend for SimBackend {
         Box::pin(async move { Ok(holding) })
     }
 
+    fn parked(&self) -> BackendFuture<Vec<String>> {
+        Box::pin(std::future::ready(Ok(SimBackend::parked(self))))
+    }
+
     /// A crash takes the simulated server down with everything it held.
     fn reset(&self) {
         let mut state = self.state.borrow_mut();

@@ -33,6 +33,15 @@ use crate::model::{Catalog, Ids, ModelSpec, Unloads};
 use crate::policy::Order;
 use crate::probe::GpuMemory;
 
+/// What a backend holds, as it answers a [`Command::List`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Held {
+    /// Every model it holds, parked ones included (their servers run).
+    pub(crate) loaded: Vec<String>,
+    /// Those of them that are parked (asleep).
+    pub(crate) parked: Vec<String>,
+}
+
 /// What happened, fed to the running job.
 #[derive(Debug, Clone)]
 pub(crate) enum Event {
@@ -72,7 +81,7 @@ pub(crate) enum Event {
     /// The backend crashed as asked and restarted.
     Crashed(Result<(), VramError>),
     /// The backend listed the models it holds.
-    Listed(Result<Vec<String>, VramError>),
+    Listed(Result<Held, VramError>),
     /// A lease was released while the job waited for one.
     Released,
     /// The time the job waited for has come.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use arcstr::ArcStr;
 
-use super::{Books, Command, Event, Job};
+use super::{Books, Command, Event, Held, Job};
 use crate::error::VramError;
 use crate::events::VramEvent;
 use crate::ledger::ModelState;
@@ -84,8 +84,8 @@ impl Job for RestartJob {
             (Phase::Crashing, Event::Crashed(Err(e))) | (Phase::Listing, Event::Listed(Err(e))) => {
                 self.finish(Err(e))
             }
-            (Phase::Listing, Event::Listed(Ok(loaded))) => {
-                let lost = reconcile(books, &kind, &loaded, now);
+            (Phase::Listing, Event::Listed(Ok(held))) => {
+                let lost = reconcile(books, &kind, &held, now);
                 tracing::warn!(kind = %kind, lost = ?lost, "ledger reconciled with restarted backend");
                 out.push(Command::Publish(VramEvent::BackendRestarted { kind, lost }));
                 self.finish(Ok(()));
@@ -105,17 +105,16 @@ impl Job for RestartJob {
     }
 }
 
-/// Makes the ledger's models of `kind` equal to `loaded`; answers the
-/// models it dropped. Leases on models the backend no longer holds become
-/// void; a model the backend holds that the ledger did not know of becomes
-/// resident (counting the leases still held on it, as after a restart of
-/// the manager itself).
-pub(crate) fn reconcile(
-    books: &mut Books,
-    kind: &str,
-    loaded: &[String],
-    now: Instant,
-) -> Vec<ArcStr> {
+/// Makes the ledger's models of `kind` equal to what the backend `held`;
+/// answers the models it dropped. Leases on models the backend no longer
+/// holds become void; a model the backend holds that the ledger did not
+/// know of becomes resident (counting the leases still held on it, as
+/// after a restart of the manager itself), or parked, charged only its
+/// residual, when the backend says it sleeps: a request for it then wakes
+/// it first, and the ledger does not count its whole size on a card
+/// where it holds only the residual.
+pub(crate) fn reconcile(books: &mut Books, kind: &str, held: &Held, now: Instant) -> Vec<ArcStr> {
+    let loaded = &held.loaded;
     let lost: Vec<ArcStr> = books
         .ledger
         .entries()
@@ -146,6 +145,13 @@ pub(crate) fn reconcile(
             if let Some(planned) = books.planned.get(id).filter(|p| p.bytes > spec.bytes) {
                 let bytes = planned.bytes;
                 books.ledger.calibrate(id, bytes);
+            }
+            if spec.park.is_some() && held.parked.iter().any(|p| p == id) {
+                // Asleep: no lease can be on it, and its idle clock is
+                // stopped (as `Books::park` leaves a model it parks).
+                let residual = books.residual(id);
+                books.ledger.park(id, residual);
+                continue;
             }
             books.used_now_id(&spec.id, now);
             let held = books.leases.values().filter(|(m, _)| m == id).count();

@@ -580,12 +580,18 @@ impl World {
                 }
                 Event::Crashed(Ok(()))
             }
-            Command::List { kind } => Event::Listed(Ok(self
-                .loaded
-                .iter()
-                .filter(|m| self.books.declared.get(m).is_some_and(|s| s.kind == kind))
-                .map(ToString::to_string)
-                .collect())),
+            Command::List { kind } => {
+                let of_kind = |set: &BTreeSet<ArcStr>| {
+                    set.iter()
+                        .filter(|m| self.books.declared.get(m).is_some_and(|s| s.kind == kind))
+                        .map(ToString::to_string)
+                        .collect()
+                };
+                Event::Listed(Ok(Held {
+                    loaded: of_kind(&self.loaded),
+                    parked: of_kind(&self.parked),
+                }))
+            }
             Command::WaitRelease { until } => {
                 let leased: Vec<ArcStr> =
                     self.books.leases.values().map(|(m, _)| m.clone()).collect();
@@ -810,9 +816,56 @@ fn a_reconcile_keeps_the_measured_size() {
     assert_eq!((entry.bytes, entry.measured), (13 * GIB, Some(13 * GIB)));
     // The manager restarts: its ledger is rebuilt from the backends.
     world.books.ledger = Ledger::new(CAPACITY);
-    restart::reconcile(&mut world.books, "llm", &["big".to_string()], world.now);
+    let held = Held {
+        loaded: vec!["big".to_string()],
+        parked: vec![],
+    };
+    restart::reconcile(&mut world.books, "llm", &held, world.now);
     let entry = world.books.ledger.get("big").unwrap();
     assert_eq!((entry.bytes, entry.measured), (13 * GIB, Some(13 * GIB)));
+}
+
+#[test]
+fn a_manager_restart_finds_a_parked_model_asleep_and_wakes_it_for_its_next_load() {
+    // llm-a (8 GiB) parks holding 1 GiB for llm-b (10 GiB).
+    let mut world = World::new(vec![1]);
+    world.load("llm-a");
+    world
+        .run(LoadJob::new("llm-b"), Some("llm-b"))
+        .unwrap()
+        .unwrap();
+    let held = |world: &World| -> Vec<(ArcStr, ModelState, u64)> {
+        let entries = world.books.ledger.entries();
+        entries.map(|e| (e.id.clone(), e.state, e.bytes)).collect()
+    };
+    let before = held(&world);
+    // The manager restarts: its ledger is rebuilt from the backend, which
+    // holds both servers, llm-a asleep.
+    world.books.ledger = Ledger::new(CAPACITY);
+    world
+        .run(RestartJob::reconcile("llm"), None)
+        .unwrap()
+        .unwrap();
+    let entry = world.books.ledger.get("llm-a").unwrap();
+    assert_eq!((entry.state, entry.bytes), (ModelState::Parked, GIB));
+    assert!(
+        !world.books.last_used.contains_key("llm-a"),
+        "no idle clock"
+    );
+    assert_eq!(
+        held(&world),
+        before,
+        "each model held as before the restart"
+    );
+    assert_eq!(world.books.ledger.used(), 11 * GIB);
+    // Its next load wakes it (the world fails a wake of a model awake).
+    world.books.ledger.note_request("llm-a");
+    let woke = world
+        .run(LoadJob::new("llm-a"), Some("llm-a"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(woke.evicted, ["llm-b"]);
+    assert!(!world.parked.contains("llm-a") && world.loaded.contains("llm-a"));
 }
 
 #[test]
