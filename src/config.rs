@@ -206,8 +206,7 @@ struct RawModel {
     #[serde(default, with = "humantime_serde")]
     ttl: Option<Duration>,
     command: Option<Vec<String>>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: Option<BTreeMap<String, String>>,
     cwd: Option<String>,
     ready: Option<String>,
     #[serde(default, with = "humantime_serde")]
@@ -245,7 +244,7 @@ impl RawModel {
         ];
         let process_only = [
             ("command", self.command.is_some()),
-            ("env", !self.env.is_empty()),
+            ("env", self.env.is_some()),
             ("cwd", self.cwd.is_some()),
             ("ready", self.ready.is_some()),
             ("ready_timeout", self.ready_timeout.is_some()),
@@ -862,13 +861,16 @@ impl RawSettings {
                 ));
             }
             if let Some((field, owner)) = raw.foreign_field() {
-                return Err(SettingsError::invalid(
-                    key(field),
-                    format!(
-                        "only a model with backend = \"{owner}\" uses it; this model's backend is {:?}",
-                        raw.backend
-                    ),
-                ));
+                let message = match owner {
+                    // The likeliest slip: a server's keys without `backend`.
+                    "process" => {
+                        "only a model-server process (backend = \"process\") uses it; this model is simulated (backend \"sim\", the default when none is set)"
+                    }
+                    _ => {
+                        "only a simulated model (backend = \"sim\") uses it; this model's backend is \"process\""
+                    }
+                };
+                return Err(SettingsError::invalid(key(field), message));
             }
             let (load_ms, unload_ms, release_ms) = (
                 raw.load_ms.unwrap_or(0),
@@ -965,7 +967,7 @@ impl RawSettings {
                     BackendSpec::Process(ProcessSpec {
                         command,
                         stop,
-                        env: raw.env.clone(),
+                        env: raw.env.clone().unwrap_or_default(),
                         cwd: raw.cwd.as_ref().map(Into::into),
                         ready: ReadyCheck::parse(ready)
                             .map_err(|m| SettingsError::invalid(key("ready"), m))?,

@@ -511,8 +511,48 @@ fn a_field_only_the_other_backend_reads_is_refused_naming_it() {
             "sim",
         ),
         (
+            format!("{process}warm_load_ms = 1"),
+            "models[0].warm_load_ms",
+            "sim",
+        ),
+        (
+            format!("{process}unload_ms = 1"),
+            "models[0].unload_ms",
+            "sim",
+        ),
+        (
+            format!(
+                "{process}{park}sleep = \"http://127.0.0.1:9/s\"\nwake = \"http://127.0.0.1:9/w\"\nwake_ms = 5"
+            ),
+            "models[0].park.wake_ms",
+            "sim",
+        ),
+        (
             "ready = \"tcp://127.0.0.1:9\"".to_string(),
             "models[0].ready",
+            "process",
+        ),
+        (
+            "command = [\"server\"]".to_string(),
+            "models[0].command",
+            "process",
+        ),
+        ("cwd = \"/tmp\"".to_string(), "models[0].cwd", "process"),
+        (
+            "ready_timeout = \"1s\"".to_string(),
+            "models[0].ready_timeout",
+            "process",
+        ),
+        (
+            "stop = [\"docker\", \"stop\", \"a\"]".to_string(),
+            "models[0].stop",
+            "process",
+        ),
+        // Even empty: it says the model was meant to be a server.
+        ("env = {}".to_string(), "models[0].env", "process"),
+        (
+            format!("{park}wake = \"http://127.0.0.1:9/w\""),
+            "models[0].park.wake",
             "process",
         ),
         (
