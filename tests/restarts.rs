@@ -162,6 +162,8 @@ struct Sleepy {
     held: RefCell<std::collections::BTreeSet<String>>,
     asleep: RefCell<std::collections::BTreeSet<String>>,
     wakes: Rc<RefCell<Vec<String>>>,
+    /// `parked()` fails.
+    cannot_tell: bool,
 }
 
 impl Backend for Sleepy {
@@ -188,19 +190,18 @@ impl Backend for Sleepy {
         Box::pin(async move { Ok(held) })
     }
     fn parked(&self) -> BackendFuture<Vec<String>> {
+        if self.cannot_tell {
+            return Box::pin(async { Err(vram_manager::BackendError::new("no answer")) });
+        }
         let asleep = self.asleep.borrow().iter().cloned().collect();
         Box::pin(async move { Ok(asleep) })
     }
 }
 
-#[actix_rt::test]
-async fn after_a_restart_of_the_manager_a_parked_model_is_still_asleep_and_woken_for_a_request() {
-    tokio::time::pause();
-    let wakes = Rc::new(RefCell::new(vec![]));
-    let sleepy: Rc<dyn Backend> = Rc::new(Sleepy {
-        wakes: wakes.clone(),
-        ..Default::default()
-    });
+/// A supervised manager over one `Sleepy` backend where "a" (8 GiB) has
+/// parked (holding 1 GiB) for "b" (12 GiB) on a 16 GiB card.
+async fn a_parked_for_b(sleepy: Sleepy) -> (Addr<VramActor>, u64) {
+    let sleepy: Rc<dyn Backend> = Rc::new(sleepy);
     let be: BTreeMap<String, Rc<dyn Backend>> = [("llm".to_string(), sleepy)].into_iter().collect();
     // "a" (8 GiB) parks holding 1 GiB; "b" (12 GiB) needs its room.
     let mut a = ModelSpec::new("a", "llm", 8 * GIB);
@@ -220,6 +221,18 @@ async fn after_a_restart_of_the_manager_a_parked_model_is_still_asleep_and_woken
     addr.send(Load::new("a")).await.unwrap().unwrap();
     let loaded = addr.send(Load::new("b")).await.unwrap().unwrap();
     assert_eq!(loaded.evicted, ["a"]);
+    (addr, capacity)
+}
+
+#[actix_rt::test]
+async fn after_a_restart_of_the_manager_a_parked_model_is_still_asleep_and_woken_for_a_request() {
+    tokio::time::pause();
+    let wakes = Rc::new(RefCell::new(vec![]));
+    let (addr, capacity) = a_parked_for_b(Sleepy {
+        wakes: wakes.clone(),
+        ..Default::default()
+    })
+    .await;
     let parked = |status: &vram_manager::StatusReport| {
         let a = status
             .models
@@ -244,4 +257,20 @@ async fn after_a_restart_of_the_manager_a_parked_model_is_still_asleep_and_woken
     let lease = addr.send(Acquire::new("a")).await.unwrap().unwrap();
     assert_eq!(*wakes.borrow(), ["a"]);
     assert_eq!(lease.evicted(), ["b"]);
+}
+
+#[actix_rt::test]
+async fn a_backend_that_cannot_say_what_sleeps_still_has_its_ledger_rebuilt_counting_all_whole() {
+    tokio::time::pause();
+    let (addr, _) = a_parked_for_b(Sleepy {
+        cannot_tell: true,
+        ..Default::default()
+    })
+    .await;
+    addr.send(StopManager).await.unwrap();
+    actix::clock::sleep(Duration::from_secs(1)).await;
+    // Both rebuilt, "a" at its whole size: never less than it may hold.
+    let status = addr.send(Status).await.unwrap();
+    assert_eq!(status.resident(), ["a", "b"]);
+    assert_eq!(status.used, 20 * GIB);
 }

@@ -113,12 +113,16 @@ pub trait Backend {
     /// included: their servers run).
     fn loaded(&self) -> BackendFuture<Vec<String>>;
 
-    /// The ids of the models of [`Backend::loaded`] that are parked right
-    /// now (asleep after [`Backend::park`], not woken since). The manager
-    /// asks with `loaded()` when it rebuilds its ledger after its own
-    /// restart: a sleeping model is then recorded asleep, charged only its
-    /// residual and woken before a request reaches it, not taken for an
-    /// awake one. The default: none (right for a backend that never parks).
+    /// The ids of the models of [`Backend::loaded`] that are surely asleep
+    /// right now: parked by [`Backend::park`] (once it succeeded), and no
+    /// [`Backend::wake`] started since. The manager asks with `loaded()`
+    /// when it rebuilds its ledger after its own restart: a sleeping model
+    /// is then recorded asleep, charged only its residual and woken before
+    /// a request reaches it, not taken for an awake one. Anything in doubt
+    /// (a sleep or a wake under way, a wake that failed) must be left out:
+    /// it is then charged its whole size, never less than it may hold. An
+    /// error counts as none asleep. The default: none (right for a backend
+    /// that never parks).
     fn parked(&self) -> BackendFuture<Vec<String>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }

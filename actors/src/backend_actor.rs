@@ -12,7 +12,8 @@
 //!
 //! Restart: `Supervised::restarting` calls [`Backend::reset`], counts the
 //! restart and tells the `VramActor`, which then makes its ledger equal to
-//! what the backend reports as [`loaded`](Backend::loaded). Messages queued
+//! what the backend reports as [`loaded`](Backend::loaded) (and, of that,
+//! [`parked`](Backend::parked)). Messages queued
 //! in the mailbox survive the restart and are handled afterwards, after a
 //! back-off (`restart_backoff`, doubling with every restart that is not
 //! followed by a successful call, capped at `restart_backoff_max`) so a
@@ -721,10 +722,14 @@ impl Handler<Call> for BackendActor {
                     |b| {
                         let (loaded, parked) = (b.loaded(), b.parked());
                         Box::pin(async move {
-                            Ok(Held {
-                                loaded: loaded.await?,
-                                parked: parked.await?,
-                            })
+                            let loaded = loaded.await?;
+                            // Not knowing which models sleep is no reason
+                            // to leave the ledger unrebuilt: all count whole.
+                            let parked = parked.await.unwrap_or_else(|e| {
+                                tracing::warn!(error = %e.message, "could not list the parked models; counting every model whole");
+                                Vec::new()
+                            });
+                            Ok(Held { loaded, parked })
                         })
                     },
                     |r| answer.send(Answer::Listed(r)),

@@ -609,7 +609,8 @@ impl Actor for VramActor {
 /// A restart of the manager itself (when run under a `Supervisor`): the
 /// running and queued jobs are dropped (their callers' answers went with
 /// the old context: they see `unavailable`); the ledger is rebuilt from
-/// every backend's `loaded()` by reconcile jobs, started with the actor.
+/// every backend's `loaded()` and `parked()` by reconcile jobs, started
+/// with the actor.
 impl Supervised for VramActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         tracing::warn!(

@@ -123,8 +123,9 @@ impl ProcessBackend {
         })
     }
 
-    /// [`ProcessBackend::post_to`], then, once the server said yes, records
-    /// it `asleep` or awake.
+    /// [`ProcessBackend::post_to`] for a sleep (`asleep`) or a wake: a
+    /// server counts as asleep once its sleep succeeded, and no longer from
+    /// the moment a wake starts.
     fn post_then(
         &self,
         id: &str,
@@ -133,13 +134,17 @@ impl ProcessBackend {
         asleep: bool,
     ) -> BackendFuture<()> {
         let post = self.post_to(id, pick, what);
+        if !asleep {
+            // Waking: it may take its whole size back at any moment, so
+            // from now on it no longer counts as asleep (nor after a wake
+            // that fails: nothing says it still sleeps).
+            self.state.borrow_mut().asleep.remove(id);
+        }
         let (state, id) = (self.state.clone(), id.to_string());
         Box::pin(async move {
             post.await?;
             let mut state = state.borrow_mut();
-            if !asleep {
-                state.asleep.remove(&id);
-            } else if state.running.contains_key(&id) {
+            if asleep && state.running.contains_key(&id) {
                 state.asleep.insert(id);
             }
             Ok(())
@@ -398,8 +403,9 @@ impl Backend for ProcessBackend {
         Box::pin(async move { Ok(ids) })
     }
 
-    /// The servers put to sleep and not woken since (a failed wake leaves
-    /// a server counted asleep: nothing says it woke).
+    /// The servers put to sleep and not woken since (a server being put to
+    /// sleep counts once its sleep succeeded; one being woken, or whose
+    /// wake failed, does not).
     fn parked(&self) -> BackendFuture<Vec<String>> {
         let state = self.state.borrow();
         let mut ids: Vec<String> = (state.asleep.iter())

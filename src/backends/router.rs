@@ -113,4 +113,26 @@ mod tests {
         block_on(router.wake("a")).unwrap();
         assert!(block_on(Backend::parked(&router)).unwrap().is_empty());
     }
+
+    #[actix_rt::test]
+    async fn a_model_being_woken_is_not_listed_asleep() {
+        tokio::time::pause();
+        let options = SimOptions {
+            park: Some(SimPark {
+                wake_ms: 1_000,
+                ..SimPark::default()
+            }),
+            ..SimOptions::default()
+        };
+        let sim = SimBackend::new([("a".to_string(), options)].into_iter().collect());
+        sim.load(&ModelSpec::new("a", "llm", 1)).await.unwrap();
+        sim.park("a").await.unwrap();
+        assert_eq!(Backend::parked(&sim).await.unwrap(), ["a"]);
+        // Mid-wake it may hold its whole size at any moment: not asleep.
+        let mut waking = sim.wake("a");
+        assert!(futures::poll!(&mut waking).is_pending());
+        assert!(Backend::parked(&sim).await.unwrap().is_empty());
+        waking.await.unwrap();
+        assert!(Backend::parked(&sim).await.unwrap().is_empty());
+    }
 }

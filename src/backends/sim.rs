@@ -200,6 +200,10 @@ impl SimBackend {
                 .map_err(BackendError::new)?;
         }
         let mut state = self.state.borrow_mut();
+        if !state.parked.is_empty() {
+            // A fresh server is awake.
+            state.parked.remove(id.as_str());
+        }
         state.held.insert(id.clone(), bytes);
         state.loads += 1;
         Ok(())
@@ -300,7 +304,8 @@ impl Backend for SimBackend {
             let Some(park) = options.park else {
                 return Err(BackendError::new(format!("{id} cannot be woken")));
             };
-            if !state.borrow().parked.contains(&id) {
+            // Awake from the moment the wake starts (see `Backend::parked`).
+            if !state.borrow_mut().parked.remove(&id) {
                 return Err(BackendError::new(format!("{id} is not asleep")));
             }
             if park.wake_ms > 0 {
@@ -311,9 +316,7 @@ impl Backend for SimBackend {
                 card.allocate(id.as_str(), full.saturating_sub(park.vram))
                     .map_err(BackendError::new)?;
             }
-            let mut state = state.borrow_mut();
-            state.parked.remove(&id);
-            state.wakes += 1;
+            state.borrow_mut().wakes += 1;
             Ok(())
         })
     }

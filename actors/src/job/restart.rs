@@ -147,10 +147,13 @@ pub(crate) fn reconcile(books: &mut Books, kind: &str, held: &Held, now: Instant
                 books.ledger.calibrate(id, bytes);
             }
             if spec.park.is_some() && held.parked.iter().any(|p| p == id) {
-                // Asleep: no lease can be on it, and its idle clock is
-                // stopped (as `Books::park` leaves a model it parks).
+                // Asleep, as `Books::park` leaves a model it parks: no
+                // lease (one kept from before the restart is void) and no
+                // idle clock.
                 let residual = books.residual(id);
                 books.ledger.park(id, residual);
+                books.void_leases(id);
+                books.last_used.remove(id.as_str());
                 continue;
             }
             books.used_now_id(&spec.id, now);
