@@ -14,8 +14,6 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{GIB, free_port, outcome, temp_file, wait_listening};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 const MANAGER: &str = env!("CARGO_BIN_EXE_vram-manager");
@@ -147,8 +145,7 @@ struct Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let _ = self.child.wait();
+        common::terminate(&mut self.child);
     }
 }
 

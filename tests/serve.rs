@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, temp_file, wait_listening};
+use common::{free_port, temp_file, terminate, wait_listening};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -17,18 +17,23 @@ use serde_json::{Value, json};
 const MANAGER: &str = env!("CARGO_BIN_EXE_vram-manager");
 const STAND_IN: &str = env!("CARGO_BIN_EXE_vram-stand-in");
 
-/// A running `serve`, killed when dropped (a failing test leaves nothing).
+/// A running `serve`, killed when dropped (a failing test leaves nothing);
+/// its stderr goes to a file, printed if the test fails.
 struct Serve {
     child: Child,
     base: String,
     /// The mark in the environment of its model servers.
     mark: String,
+    log: PathBuf,
 }
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let _ = self.child.wait();
+        terminate(&mut self.child);
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("--- serve's stderr ({}):\n{log}", self.log.display());
+        }
     }
 }
 
@@ -59,19 +64,22 @@ fn settings(mark: &str, extra: &str) -> String {
 /// Starts `serve` on `path` and waits (up to 10 s) for `/health`.
 fn serve(path: &Path) -> Serve {
     let port = free_port();
+    let log = path.with_extension("log");
     let child = Command::new(MANAGER)
         .args(["serve", path.to_str().unwrap(), "--listen"])
         .arg(format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_listening(port, "serve");
-    Serve {
+    let serving = Serve {
         child,
         base: format!("http://127.0.0.1:{port}"),
         mark: String::new(),
-    }
+        log,
+    };
+    wait_listening(port, "serve");
+    serving
 }
 
 /// `serve` on the settings of [`settings`] with `extra`, its model servers

@@ -49,6 +49,17 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Stops `child` with SIGTERM and waits for it, unless it has already
+/// ended: once reaped, its process id may belong to another process (this
+/// machine's ids wrap at 32768), which a signal must not reach.
+pub fn terminate(child: &mut std::process::Child) {
+    if let Ok(None) = child.try_wait() {
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = child.wait();
+    }
+}
+
 /// Waits (up to 10 s) until something listens on `port` of 127.0.0.1;
 /// fails the test, naming `what`, if nothing does.
 pub fn wait_listening(port: u16, what: &str) {
