@@ -27,7 +27,7 @@ pub enum Outcome {
     /// The input was invalid; nothing ran (exit 2).
     BadInput(String),
     /// A signal (SIGINT 2, SIGTERM 15, SIGHUP 1) stopped the run after every model
-    /// server was stopped (exit 128 + the signal: 130, 143).
+    /// server was stopped (exit 128 + the signal: 130, 143, 129).
     Interrupted(i32),
 }
 
@@ -527,7 +527,7 @@ impl Output {
 }
 
 /// The last JSON line of a scenario run:
-/// `{"summary":{"steps":N,"failed":N,"peak":N,"overcommitted":B}}`.
+/// `{"summary":{"steps":N,"failed":N,"peak":N,"overcommitted":B,"external_peak":N}}`.
 #[derive(serde::Serialize)]
 struct Summary {
     summary: SummaryCounts,

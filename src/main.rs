@@ -1,6 +1,7 @@
 //! The `vram-manager` command: parses arguments, installs tracing, runs one
 //! subcommand and maps its outcome to an exit status (0 ok, 1 an
-//! expectation failed, 2 bad input).
+//! expectation failed, 2 bad input, 128 + the signal after SIGINT, SIGTERM
+//! or SIGHUP: 130, 143, 129).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

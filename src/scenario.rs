@@ -4,7 +4,8 @@
 //! The format (see the README, "Scenario files"): every key of the
 //! settings, plus `description` and `[[steps]]` with `op` (load, unload,
 //! acquire, release, crash, sleep, external), the op's arguments, and
-//! optional expectations `expect`, `resident`, `free` and `evicted`.
+//! optional expectations `expect`, `resident`, `free`, `evicted`, `gpu`
+//! and `parked`.
 //! Scenarios run on a simulated card (`gpu.total`, with `gpu.external`
 //! used by other processes) and do not read `VRAM__*` variables, so a
 //! scenario means the same everywhere.

@@ -588,3 +588,26 @@ fn a_field_only_the_other_backend_reads_is_refused_naming_it() {
     )))
     .expect("a process model's own fields");
 }
+
+/// Every settings example in the README is valid as printed: a newcomer
+/// copies them.
+#[test]
+fn every_settings_example_of_the_readme_is_valid() {
+    let readme = include_str!("../README.md");
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .collect();
+    assert!(blocks.len() >= 5, "found {} TOML blocks", blocks.len());
+    for block in blocks {
+        let checked = if vram_manager::scenario::looks_like_scenario(block) {
+            vram_manager::scenario::Scenario::parse("README", block).map(drop)
+        } else {
+            Settings::parse(block).map(drop)
+        };
+        if let Err(e) = checked {
+            panic!("README example refused: {e}\n{block}");
+        }
+    }
+}

@@ -163,6 +163,16 @@ pub trait Backend {
     }
 }
 
+/// What a backend holds, as its actor answers a listing (the ledger
+/// rebuilt after a restart starts from it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Held {
+    /// Every model it holds, parked ones included (their servers run).
+    pub(crate) loaded: Vec<String>,
+    /// Those of them that are parked (asleep).
+    pub(crate) parked: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;

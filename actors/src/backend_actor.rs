@@ -37,10 +37,10 @@ use actix::prelude::*;
 use arcstr::ArcStr;
 use futures::FutureExt;
 
+use crate::backend::Held;
 use crate::backend::{Backend, BackendError, BackendFuture, ModelExit};
 use crate::config::ManagerConfig;
 use crate::error::{VramError, panic_text};
-use crate::job::Held;
 use crate::model::{Ids, ModelSpec, Unloads};
 use crate::probe::{GpuMemory, GpuProbe, ProbeError, guarded_read, guarded_read_at_once};
 

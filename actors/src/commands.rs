@@ -15,12 +15,13 @@ use actix::prelude::*;
 use arcstr::ArcStr;
 use futures::FutureExt;
 
+use crate::backend::Held;
 use crate::backend_actor::{
     Answer, AnswerTo, Call, CallAnswered, CallKind, Caller, Crash, Lost, ParkModel, UnloadModels,
 };
 use crate::error::VramError;
 use crate::job::RestartJob;
-use crate::job::{Command, Event, Held};
+use crate::job::{Command, Event};
 use crate::model::Ids;
 use crate::probe::{GpuMemory, ProbeError, guarded_read, guarded_read_at_once};
 use crate::queue::Queued;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::kind::Kinds;
 use crate::model::Catalog;
-use crate::policy::Order;
+use crate::order::Order;
 
 /// What a `VramActor` is built from.
 #[derive(Debug, Clone)]

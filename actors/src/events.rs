@@ -71,7 +71,7 @@ pub enum VramEvent {
         /// The model it made room for.
         for_model: ArcStr,
         /// The eviction order that chose it (`strict` or `adaptive`).
-        order: crate::policy::Order,
+        order: crate::order::Order,
     },
     /// A model left the card by parking: its server sleeps, holding
     /// `bytes` on the card and its weights in host RAM.

@@ -32,8 +32,8 @@ use crate::messages::{
     StatusReport, Subscribe, Unload,
 };
 use crate::model::Catalog;
+use crate::order::Order;
 use crate::placement::{CardView, place};
-use crate::policy::Order;
 use crate::vram_actor::VramActor;
 
 /// What the fleet's request futures share.

@@ -15,7 +15,8 @@ use crate::messages::{
     Acquire, BackendOf, CardSnapshot, CardStatus, CrashBackend, Lease, Load, Release, SetPinned,
     Shutdown, Snapshot, Status, StatusReport, Subscribe, Unload,
 };
-use crate::policy::{Order, scores, servable};
+use crate::order::Order;
+use crate::policy::{scores, servable};
 use crate::probe::{guarded_read, guarded_read_at_once};
 use crate::queue::{LoadWaiter, Queued};
 use crate::reply::{Deferred, deferred};

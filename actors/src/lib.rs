@@ -8,10 +8,11 @@
 //! time; [`BackendActor`]s, one per kind and supervised, talk to
 //! [`Backend`]s.
 //!
-//! Modules import one way: `kind`, `model`, `error`, `events`, `probe` ->
-//! `ledger` -> `policy` -> `job` -> `backend`, `backend_actor`, `config`
-//! -> `messages` -> `queue` -> `vram_actor` -> `commands`, `handlers`,
-//! `handle`.
+//! Modules import one way, from plain data up to the actor: `kind`,
+//! `model`, `error`, `events`, `probe`, `order`, `meters` -> `ledger`,
+//! `backend`, `config`, `reply` -> `policy`, `backend_actor` -> `job`,
+//! `messages`, `placement` -> `queue` -> `vram_actor`, `commands`,
+//! `handlers` -> `fleet` -> `handle`.
 #![warn(missing_docs)]
 
 mod backend;
@@ -29,6 +30,7 @@ mod ledger;
 mod messages;
 mod meters;
 mod model;
+mod order;
 mod placement;
 mod policy;
 mod probe;
@@ -58,8 +60,9 @@ pub use messages::{
     Status, StatusReport, Subscribe, Unload,
 };
 pub use model::{Catalog, ModelSpec, Park};
+pub use order::Order;
 pub use placement::{CardView, Placement, place};
-pub use policy::{Order, Plan, Score, expired, is_expired, plan, plan_in_order, scores, servable};
+pub use policy::{Plan, Score, expired, is_expired, plan, plan_in_order, scores, servable};
 pub use probe::{GpuMemory, GpuProbe, GpuProcess, ProbeError, ProbeFuture};
 pub use reply::Deferred;
 pub use vram_actor::{JobObserver, VramActor};

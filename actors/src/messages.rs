@@ -168,7 +168,7 @@ pub struct StatusReport {
     /// The card as last read (by a load), when a probe is present.
     pub card: Option<crate::probe::GpuMemory>,
     /// The order in which eviction candidates are taken.
-    pub order: crate::policy::Order,
+    pub order: crate::order::Order,
     /// Under the adaptive order, how it ranks each resident model now (by
     /// id): cheaper `value` leaves first. Empty under the strict order.
     pub scores: Vec<crate::policy::Score>,

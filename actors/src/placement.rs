@@ -26,7 +26,8 @@ use crate::error::VramError;
 use crate::kind::Kinds;
 use crate::ledger::Ledger;
 use crate::model::Catalog;
-use crate::policy::{Order, Plan, plan_in_order};
+use crate::order::Order;
+use crate::policy::{Plan, plan_in_order};
 
 /// One card as placement sees it.
 #[derive(Debug, Clone, Copy)]

@@ -32,6 +32,7 @@ use crate::error::VramError;
 use crate::kind::{Kind, Kinds};
 use crate::ledger::{Entry, History, Ledger, ModelState};
 use crate::model::{Catalog, ModelSpec};
+use crate::order::Order;
 
 /// What the planner decided for a request that can be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,29 +53,6 @@ impl Plan {
         match self {
             Plan::Resident => &[],
             Plan::Load { victims } => victims,
-        }
-    }
-}
-
-/// The order in which eviction candidates are taken (policy step 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Order {
-    /// Lowest tier first, then least recently used.
-    #[default]
-    Strict,
-    /// Cheapest expected reload first: each candidate's reload cost (its
-    /// bytes) weighed by the chance it is asked for again soon, predicted
-    /// from the request history kept in the ledger.
-    Adaptive,
-}
-
-impl Order {
-    /// The name used in settings and outputs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Order::Strict => "strict",
-            Order::Adaptive => "adaptive",
         }
     }
 }

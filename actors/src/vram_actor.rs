@@ -40,7 +40,8 @@ use crate::job::{Books, Command, Event, Job as _, LoadJob, ReleaseWait, RestartJ
 use crate::ledger::Ledger;
 use crate::messages::{Lease, Release};
 use crate::meters::Meters;
-use crate::policy::{Order, expired};
+use crate::order::Order;
+use crate::policy::expired;
 use crate::probe::GpuProbe;
 use crate::queue::{LoadWaiter, LoadWaiters, Queued, refuse_load};
 

@@ -335,7 +335,7 @@ unsafe fn processes(device: Device, count: *mut c_uint, infos: *mut ProcessInfo)
 /// `nvmlDeviceGetComputeRunningProcesses_v3`.
 ///
 /// # Safety
-/// As [`processes`].
+/// `count` must be valid; `infos` valid for `*count` entries (or null).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     device: Device,

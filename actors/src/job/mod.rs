@@ -25,22 +25,14 @@ pub(crate) use load::LoadJob;
 pub(crate) use restart::RestartJob;
 pub(crate) use unload::UnloadJob;
 
+use crate::backend::Held;
 use crate::error::VramError;
 use crate::events::VramEvent;
 use crate::kind::Kinds;
 use crate::ledger::{Entry, Ledger};
 use crate::model::{Catalog, Ids, ModelSpec, Unloads};
-use crate::policy::Order;
+use crate::order::Order;
 use crate::probe::GpuMemory;
-
-/// What a backend holds, as it answers a [`Command::List`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Held {
-    /// Every model it holds, parked ones included (their servers run).
-    pub(crate) loaded: Vec<String>,
-    /// Those of them that are parked (asleep).
-    pub(crate) parked: Vec<String>,
-}
 
 /// What happened, fed to the running job.
 #[derive(Debug, Clone)]

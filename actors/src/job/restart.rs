@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use arcstr::ArcStr;
 
-use super::{Books, Command, Event, Held, Job};
+use super::{Books, Command, Event, Job};
+use crate::backend::Held;
 use crate::error::VramError;
 use crate::events::VramEvent;
 use crate::ledger::ModelState;

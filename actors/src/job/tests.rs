@@ -20,7 +20,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::kind::Kind;
 use crate::ledger::ModelState;
-use crate::policy::Order;
+use crate::order::Order;
 
 const GIB: u64 = 1 << 30;
 const CAPACITY: u64 = 16 * GIB;
