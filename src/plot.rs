@@ -3,7 +3,7 @@
 //! and failures marked and labelled; one panel per card. Written as SVG
 //! with plotters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use plotters::prelude::*;
@@ -151,29 +151,37 @@ fn panel<DB: DrawingBackend>(
         .map_err(|e| e.to_string())?;
 
     // One band per model: a rectangle per step it is resident in, stacked
-    // in the fixed order above.
-    for ((id, _, _), colour) in models.iter().zip(colours) {
-        let mut rects = Vec::new();
-        for (i, step) in report.steps.iter().enumerate() {
-            let mut below = 0u64;
-            for (other, _, _) in models {
-                let Some((_, bytes, _)) = step
-                    .charged
-                    .iter()
-                    .find(|(m, _, gpu)| m == other && (cards == 1 || *gpu == card))
-                else {
-                    continue;
-                };
-                if other == id {
-                    let (lo, hi) = (below as f64 / GIB, (below + bytes) as f64 / GIB);
-                    let (x0, x1) = (i as f64 + 0.5, i as f64 + 1.5);
-                    rects.push(Rectangle::new([(x0, lo), (x1, hi)], colour.filled()));
-                    rects.push(Rectangle::new([(x0, lo), (x1, hi)], WHITE.stroke_width(1)));
-                    break;
-                }
-                below += bytes;
-            }
+    // in the fixed order above. Each step is stacked once (its charged
+    // models sorted into that order), so the work grows with steps times
+    // resident models, not with the square of the catalog.
+    let order: HashMap<&str, usize> = models
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _, _))| (*id, i))
+        .collect();
+    let mut bands: Vec<Vec<Rectangle<(f64, f64)>>> = models.iter().map(|_| Vec::new()).collect();
+    let mut here: Vec<(usize, u64)> = Vec::new();
+    for (i, step) in report.steps.iter().enumerate() {
+        here.clear();
+        here.extend(
+            step.charged
+                .iter()
+                .filter(|(_, _, gpu)| cards == 1 || *gpu == card)
+                .filter_map(|(m, bytes, _)| order.get(m.as_str()).map(|&at| (at, *bytes))),
+        );
+        // Stable, so a model charged twice keeps its first entry.
+        here.sort_by_key(|&(at, _)| at);
+        here.dedup_by_key(|&mut (at, _)| at);
+        let mut below = 0u64;
+        for &(at, bytes) in &here {
+            let (lo, hi) = (below as f64 / GIB, (below + bytes) as f64 / GIB);
+            let (x0, x1) = (i as f64 + 0.5, i as f64 + 1.5);
+            bands[at].push(Rectangle::new([(x0, lo), (x1, hi)], colours[at].filled()));
+            bands[at].push(Rectangle::new([(x0, lo), (x1, hi)], WHITE.stroke_width(1)));
+            below += bytes;
         }
+    }
+    for (((id, _, _), colour), rects) in models.iter().zip(colours).zip(bands) {
         let colour = *colour;
         chart
             .draw_series(rects)
