@@ -84,7 +84,7 @@ pub fn check_config(file: Option<&Path>) -> Outcome {
         out!(text, "scenario: {steps} steps, all valid");
     }
     for warning in settings_warnings(&settings) {
-        eprintln!("warning: {warning}");
+        say!("warning: {warning}");
     }
     emit(&text)
 }
@@ -415,7 +415,7 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         return Outcome::Failed(format!("cannot write the output: {e}"));
     }
     if plot.is_some() && report.stopped {
-        eprintln!("warning: the output was closed before the last step; no plot was drawn");
+        say!("warning: the output was closed before the last step; no plot was drawn");
     }
     if let Some(path) = plot
         && !report.stopped

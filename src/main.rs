@@ -7,6 +7,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// Writes one line to stderr, ignoring a failure: with stderr closed or
+/// full (`2>&1 | head -1`, `2>/dev/full`) a message that cannot be shown
+/// must not turn into a panic and a different exit status.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod plot;
 
@@ -75,6 +86,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped: the subscriber's own
+        // report of it would go to the same closed stderr, and panic there.
+        .log_internal_errors(false)
+        // Colour only for a person at a terminal, never in a file or a pipe.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     // Backend panics are caught and answered as backend_failed; report
     // them as one log line rather than the default hook's backtrace.
@@ -93,15 +112,15 @@ fn main() -> ExitCode {
     match outcome {
         Outcome::Ok => ExitCode::SUCCESS,
         Outcome::Failed(message) => {
-            eprintln!("error: {message}");
+            say!("error: {message}");
             ExitCode::from(1)
         }
         Outcome::BadInput(message) => {
-            eprintln!("error: {message}");
+            say!("error: {message}");
             ExitCode::from(2)
         }
         Outcome::Interrupted(signal) => {
-            eprintln!("stopped by signal {signal}; every model server was stopped");
+            say!("stopped by signal {signal}; every model server was stopped");
             ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
         }
     }

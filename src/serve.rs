@@ -248,7 +248,11 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
         .run();
         let handle = server.handle();
         let running = actix_web::rt::spawn(server);
-        eprintln!("vram-manager serving on http://{listen}");
+        // Ignored if stderr is closed: serving goes on without the line.
+        {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "vram-manager serving on http://{listen}");
+        }
         let signal = crate::scenario::shutdown_signal().await;
         let _ = closing_tx.send(true);
         handle.stop(true).await;

@@ -447,3 +447,34 @@ fn sizes_near_two_to_the_64_add_up_without_a_panic() {
     let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
     assert_eq!(code, 0, "{out}\n{err}");
 }
+
+/// A stderr that cannot be written (`2>/dev/full`, or a pipe its reader
+/// closed) loses the messages, not the exit status: bad input still exits
+/// 2, and a run with logs (a crash step logs its panic) still exits 0.
+#[test]
+fn an_unwritable_stderr_changes_no_exit_status() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("skipped: this system has no /dev/full");
+        return;
+    };
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vram-manager"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(full.try_clone().unwrap())
+            .status()
+            .expect("the binary runs")
+            .code()
+    };
+    assert_eq!(run(&["scenario", "/nonexistent/scenario.toml"]), Some(2));
+    assert_eq!(
+        run(&["scenario", "config/scenarios/crash-restart.toml"]),
+        Some(0)
+    );
+    assert_eq!(
+        run(&["check-config", "/nonexistent/settings.toml"]),
+        Some(2)
+    );
+}
