@@ -762,7 +762,10 @@ async fn run_steps(
     vram.subscribe(collector.clone().recipient())
         .await
         .map_err(stopped)?;
-    let mut leases: HashMap<String, Lease> = HashMap::new();
+    // The leases held under each name: a name acquired again while held
+    // holds one more (each acquire holds until a release names it; the
+    // release lets go of the latest).
+    let mut leases: HashMap<String, Vec<Lease>> = HashMap::new();
     let mut lease_models: HashMap<String, String> = HashMap::new();
     for (i, step) in scenario.steps.iter().enumerate() {
         // What is collected from here on is this step's.
@@ -782,7 +785,7 @@ async fn run_steps(
                     Some(model.clone()),
                     acquired.map(|l| {
                         let evicted = names(l.evicted());
-                        leases.insert(lease.clone(), l);
+                        leases.entry(lease.clone()).or_default().push(l);
                         evicted
                     }),
                 )
@@ -790,8 +793,13 @@ async fn run_steps(
             Op::Release(lease) => {
                 // Dropping the lease sends Release; the Status below is
                 // queued behind it in the same mailbox.
-                leases.remove(lease);
-                (lease_models.get(lease).cloned(), Ok(vec![]))
+                let released = leases.get_mut(lease).and_then(Vec::pop);
+                let model = match &released {
+                    Some(held) => Some(held.model().to_string()),
+                    None => lease_models.get(lease).cloned(),
+                };
+                drop(released);
+                (model, Ok(vec![]))
             }
             Op::Crash(kind) => (None, vram.crash_backend(kind).await.map(|()| vec![])),
             Op::Sleep(d) => {

@@ -478,3 +478,50 @@ fn an_unwritable_stderr_changes_no_exit_status() {
         Some(2)
     );
 }
+
+/// A lease name acquired again while held holds a second lease: one
+/// release leaves the model leased (a load that needs its room is
+/// refused), the second frees it.
+#[test]
+fn a_lease_name_acquired_twice_takes_two_releases() {
+    let path = temp_file(
+        "lease-twice.toml",
+        r#"
+[policy]
+lease_wait = "0s"
+
+[[models]]
+id = "llm-a"
+kind = "llm"
+vram = "10GiB"
+[[models]]
+id = "llm-b"
+kind = "llm"
+vram = "10GiB"
+
+[[steps]]
+op = "acquire"
+model = "llm-a"
+[[steps]]
+op = "acquire"
+model = "llm-a"
+[[steps]]
+op = "release"
+lease = "llm-a"
+[[steps]]
+op = "load"
+model = "llm-b"
+expect = "insufficient_vram"
+resident = ["llm-a"]
+[[steps]]
+op = "release"
+lease = "llm-a"
+[[steps]]
+op = "load"
+model = "llm-b"
+evicted = ["llm-a"]
+"#,
+    );
+    let (code, stdout, stderr) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+}
