@@ -836,6 +836,14 @@ impl RawSettings {
             if raw.id.trim().is_empty() {
                 return Err(SettingsError::invalid(key("id"), "must not be empty"));
             }
+            // An id is printed in timelines, logs, JSON, metrics labels and
+            // plots: a control character would break a line or an SVG.
+            if raw.id.chars().any(char::is_control) {
+                return Err(SettingsError::invalid(
+                    key("id"),
+                    format!("{:?} holds a control character", raw.id),
+                ));
+            }
             if !seen.insert(raw.id.clone()) {
                 return Err(SettingsError::invalid(
                     key("id"),

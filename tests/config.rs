@@ -199,6 +199,11 @@ fn check_config_exits_2_naming_what_was_wrong() {
             "duplicate model id \"a\"",
         ),
         ("toml.toml", "[gpu\n", "line 1, column"),
+        (
+            "control.toml",
+            "[[models]]\nid = \"\\u0007bell\"\nkind = \"asr\"\nvram = \"1GiB\"\n",
+            "models[0].id: \"\\u{7}bell\" holds a control character",
+        ),
     ];
     for (name, text, expected) in cases {
         let path = temp_file(name, text);
