@@ -837,6 +837,10 @@ fn hop_by_hop(name: &HeaderName) -> bool {
             | "host"
             | "content-length"
             | "authorization"
+            // The proxy has read the whole body already (and answered the
+            // client's 100 Continue): passed on, it would make the client
+            // wait for a 100 that a server may never send.
+            | "expect"
     )
 }
 

@@ -774,3 +774,44 @@ async fn an_answer_that_ends_at_close_is_refused_not_forwarded_empty() {
     )
     .await;
 }
+
+/// A client that sends `Expect: 100-continue` (curl does for a body over
+/// 1 MiB, such as a recording) gets its answer: the proxy has read the body
+/// already, so the header is not passed to a model server that would never
+/// answer it with a 100 of its own.
+#[actix_rt::test]
+async fn a_request_that_expects_100_continue_is_answered() {
+    use std::io::{Read, Write};
+    let s = start("expect", "[server]\nupstream_timeout = \"20s\"");
+    let address = s.base.trim_start_matches("http://").to_string();
+    let body = chat("llm-b").to_string();
+    let answer = actix_web::rt::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\
+             Expect: 100-continue\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        let mut interim = [0u8; 25];
+        stream.read_exact(&mut interim).unwrap();
+        assert!(
+            String::from_utf8_lossy(&interim).starts_with("HTTP/1.1 100"),
+            "{}",
+            String::from_utf8_lossy(&interim)
+        );
+        stream.write_all(body.as_bytes()).unwrap();
+        let mut rest = String::new();
+        let _ = stream.read_to_string(&mut rest);
+        rest
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("llm-b"), "{answer}");
+}
