@@ -191,7 +191,8 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                 actix_web::rt::time::sleep(Duration::from_millis(250)).await;
                 let now = Instant::now();
                 if let Ok(mut leases) = leases.lock() {
-                    leases.retain(|_, (_, _, expiry)| *expiry > now);
+                    // Expired, or void: its model left the card.
+                    leases.retain(|_, (lease, _, expiry)| *expiry > now && lease.is_valid());
                 }
             }
         });
@@ -684,15 +685,30 @@ async fn take_lease(shared: web::Data<Shared>, body: web::Bytes) -> HttpResponse
 async fn renew_lease(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
     let renewed = shared.leases.lock().ok().and_then(|mut leases| {
         let (lease, ttl, expiry) = leases.get_mut(id.as_str())?;
+        // A lease whose model left the card (its server exited or its
+        // backend crashed) protects nothing: it is gone, not renewed.
+        if !lease.is_valid() {
+            let model = lease.model().to_string();
+            leases.remove(id.as_str());
+            return Some(Err(model));
+        }
         *expiry = Instant::now() + *ttl;
-        Some((lease.model().to_string(), *ttl))
+        Some(Ok((lease.model().to_string(), *ttl)))
     });
     match renewed {
-        Some((model, ttl)) => HttpResponse::Ok().json(json!({
+        Some(Ok((model, ttl))) => HttpResponse::Ok().json(json!({
             "lease": id.into_inner(),
             "model": model,
             "expires_in_s": ttl.as_secs_f64(),
         })),
+        Some(Err(model)) => error_body(
+            StatusCode::NOT_FOUND,
+            "unknown_lease",
+            &format!(
+                "lease {:?} ended when {model:?} left the card (its server exited or its backend restarted); take a new one",
+                id.as_str()
+            ),
+        ),
         None => unknown_lease(&id),
     }
 }

@@ -815,3 +815,46 @@ async fn a_request_that_expects_100_continue_is_answered() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("llm-b"), "{answer}");
 }
+
+/// A lease of the HTTP API ends with its model: once the model's server
+/// has died, renewing the lease answers `unknown_lease` instead of
+/// promising protection for a model that is gone.
+#[actix_rt::test]
+async fn a_lease_ends_when_its_model_server_dies() {
+    let s = start("lease-crash", "");
+    let base = &s.base;
+    let (status, lease) = call(
+        "POST",
+        &format!("{base}/api/leases"),
+        Some(json!({"model": "llm-b", "ttl": "1m"})),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{lease}");
+    let id = lease["lease"].as_str().unwrap().to_string();
+    let servers: Vec<i32> = common::marked(&s.mark)
+        .into_iter()
+        .filter(|pid| {
+            // The server itself, not the keeper whose arguments name it.
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|b| *b == 0)
+                    .next()
+                    .is_some_and(|argv0| argv0.ends_with(b"vram-stand-in"))
+            })
+        })
+        .collect();
+    assert_eq!(servers.len(), 1, "llm-b's server: {servers:?}");
+    kill(Pid::from_raw(servers[0]), Signal::SIGKILL).unwrap();
+    // The manager notices the exit: llm-b leaves the ledger.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leases_of(base, "llm-b").await.is_some_and(|n| n > 0) {
+        assert!(Instant::now() < deadline, "the exit was never noticed");
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, error) = call("POST", &format!("{base}/api/leases/{id}/renew"), None, None).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("unknown_lease")),
+        "{error}"
+    );
+}
