@@ -200,7 +200,8 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
             App::new()
                 .wrap(
                     actix_web::middleware::ErrorHandlers::new()
-                        .handler(StatusCode::PAYLOAD_TOO_LARGE, too_large),
+                        .handler(StatusCode::PAYLOAD_TOO_LARGE, too_large)
+                        .handler(StatusCode::BAD_REQUEST, unreadable),
                 )
                 .wrap(actix_web::middleware::from_fn(require_token))
                 .app_data(web::Data::new(shared.clone()))
@@ -233,6 +234,7 @@ pub fn run(settings: &Settings, listen: Option<SocketAddr>) -> Result<i32, Serve
                 .route("/v1/embeddings", web::post().to(forward_json))
                 .route("/v1/audio/speech", web::post().to(forward_json))
                 .route("/upstream/{model}/{tail:.*}", web::route().to(forward_any))
+                .default_service(web::to(no_route))
         })
         .workers(2)
         // Answers are small writes (a streamed token each): send them at
@@ -425,6 +427,40 @@ fn too_large<B>(
     Ok(actix_web::middleware::ErrorHandlerResponse::Response(
         actix_web::dev::ServiceResponse::new(request, answer),
     ))
+}
+
+/// A request actix refused before a handler saw it (a body cut short, a
+/// bad header), as our JSON error; our own 400s pass unchanged.
+fn unreadable<B>(
+    response: actix_web::dev::ServiceResponse<B>,
+) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    let ours = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if ours {
+        return Ok(actix_web::middleware::ErrorHandlerResponse::Response(
+            response.map_into_left_body(),
+        ));
+    }
+    let message = match response.response().error() {
+        Some(e) => format!("the request could not be read: {e}"),
+        None => "the request could not be read".to_string(),
+    };
+    let (request, _) = response.into_parts();
+    let answer = error_body(StatusCode::BAD_REQUEST, "bad_request", &message).map_into_right_body();
+    Ok(actix_web::middleware::ErrorHandlerResponse::Response(
+        actix_web::dev::ServiceResponse::new(request, answer),
+    ))
+}
+
+/// A method and path no route takes.
+async fn no_route(request: HttpRequest) -> HttpResponse {
+    error_body(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no route for {} {}", request.method(), request.path()),
+    )
 }
 
 async fn dashboard() -> HttpResponse {

@@ -858,3 +858,55 @@ async fn a_lease_ends_when_its_model_server_dies() {
         "{error}"
     );
 }
+
+/// Every error is the documented JSON, also for what no handler sees: a
+/// path or method no route takes, and a body cut short.
+#[actix_rt::test]
+async fn unknown_routes_and_cut_bodies_answer_json_errors() {
+    use std::io::{Read, Write};
+    let s = start("routes", "");
+    let base = &s.base;
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("GET", "/v1/chat/completions"),
+        ("PUT", "/api/status"),
+        ("GET", "/upstream/llm-a"),
+    ] {
+        let (status, error) = call(method, &format!("{base}{path}"), None, None).await;
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{method} {path}: {error}"
+        );
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(path)),
+            "{error}"
+        );
+    }
+    // A body shorter than its Content-Length, then the client stops.
+    let address = s.base.trim_start_matches("http://").to_string();
+    let answer = actix_web::rt::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\": \"llm"
+        )
+        .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let error: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    assert_eq!(error["error"]["code"], "bad_request", "{answer}");
+}
