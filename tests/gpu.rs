@@ -439,7 +439,7 @@ impl PanickingProbe {
     /// Counts a read: whether this one breaks.
     fn breaks(&self) -> bool {
         self.reads.set(self.reads.get() + 1);
-        self.reads.get() % 2 == 0
+        self.reads.get().is_multiple_of(2)
     }
 }
 

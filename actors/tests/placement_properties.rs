@@ -239,10 +239,10 @@ impl World {
             }
             Op::Unload(i) => {
                 let id = Self::id(i);
-                if let Some(c) = self.card_of(&id) {
-                    if self.cards[c].get(&id).is_some_and(|e| e.leases == 0) {
-                        self.cards[c].remove(&id);
-                    }
+                if let Some(c) = self.card_of(&id)
+                    && self.cards[c].get(&id).is_some_and(|e| e.leases == 0)
+                {
+                    self.cards[c].remove(&id);
                 }
             }
         }

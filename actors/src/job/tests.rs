@@ -397,7 +397,7 @@ impl World {
                 prop_assert!(them.evictable_by(&us), "{} is protected", model);
             }
         }
-        let result = if self.die() % 10 == 0 {
+        let result = if self.die().is_multiple_of(10) {
             if self.parked.contains(&model) {
                 self.unknown.insert(model.clone());
             }
@@ -427,7 +427,7 @@ impl World {
         };
         prop_assert!(parks(&model).is_some(), "{} cannot park", model);
         let result = match result {
-            Ok(()) if self.die() % 5 == 0 => Ok(false),
+            Ok(()) if self.die().is_multiple_of(5) => Ok(false),
             Ok(()) => {
                 // `unload` took it off; parked, it stays loaded, asleep.
                 self.loaded.insert(model.clone());
@@ -499,7 +499,7 @@ impl World {
         }
         // A backend's answer comes as one batch (as the actor feeds it) or
         // as single events: both must lead to the same books.
-        if self.die() % 2 == 0 {
+        if self.die().is_multiple_of(2) {
             let batch = events
                 .into_iter()
                 .filter_map(|e| match e {
@@ -517,7 +517,7 @@ impl World {
     fn answer(&mut self, command: Command) -> Result<Option<Event>, TestCaseError> {
         Ok(Some(match command {
             Command::ReadCard => {
-                if self.die() % 8 == 0 {
+                if self.die().is_multiple_of(8) {
                     Event::Card(None)
                 } else {
                     Event::Card(Some(self.memory()))
@@ -532,7 +532,7 @@ impl World {
                     "{} woken but not asleep",
                     spec.id
                 );
-                if self.die() % 8 == 0 {
+                if self.die().is_multiple_of(8) {
                     Event::Loaded(Err(VramError::BackendFailed {
                         model: spec.id.to_string(),
                         reason: "would not wake".into(),
@@ -552,7 +552,7 @@ impl World {
                     "{} started twice by one job",
                     spec.id
                 );
-                if self.die() % 8 == 0 {
+                if self.die().is_multiple_of(8) {
                     Event::Loaded(Err(VramError::Timeout {
                         model: spec.id.to_string(),
                         after_ms: 5,
@@ -568,7 +568,7 @@ impl World {
             }
             Command::Crash { kind } => {
                 // The crash loses the kind's models now and then.
-                if self.die() % 2 == 0 {
+                if self.die().is_multiple_of(2) {
                     let lost: Vec<ArcStr> = self
                         .loaded
                         .iter()
@@ -601,7 +601,7 @@ impl World {
             Command::WaitRelease { until } => {
                 let leased: Vec<ArcStr> =
                     self.books.leases.values().map(|(m, _)| m.clone()).collect();
-                if !leased.is_empty() && self.die() % 2 == 0 {
+                if !leased.is_empty() && self.die().is_multiple_of(2) {
                     let i = self.die() as usize % leased.len();
                     self.release(&leased[i]);
                     // Time passes while a job waits, release or not.
