@@ -50,10 +50,16 @@ pub fn check_config(file: Option<&Path>) -> Outcome {
             Err(e) => return Outcome::BadInput(e.to_string()),
         }
     };
+    // Each card as the manager will see it: asked (NVML, or its fallback)
+    // only where the manager asks it.
     let mut choices = Vec::with_capacity(settings.gpus.len());
     for index in 0..settings.gpus.len() {
+        if !gpu::asks_the_card(&settings, index) {
+            choices.push(None);
+            continue;
+        }
         match gpu::resolve_card(&settings, index) {
-            Ok(choice) => choices.push(choice),
+            Ok(choice) => choices.push(Some(choice)),
             Err(e) => return Outcome::BadInput(e.to_string()),
         }
     }
@@ -63,6 +69,16 @@ pub fn check_config(file: Option<&Path>) -> Outcome {
             "card".to_string()
         } else {
             format!("card {index}")
+        };
+        let Some(choice) = choice else {
+            let capacity = settings.gpus[index].capacity().unwrap_or(0);
+            out!(
+                text,
+                "{name}: simulated (every model on it is simulated: the real card is not asked); capacity {} ({} bytes)",
+                ByteSize(capacity),
+                capacity
+            );
+            continue;
         };
         match &choice.fallback {
             Some(reason) => out!(
@@ -335,7 +351,22 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         Ok(s) => s,
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
-    let capacity = scenario.settings.total_capacity().unwrap_or(0);
+    // Each card's capacity as the run will have it: a total of "auto" is
+    // read from the real card here, so that without one the error comes
+    // before any output.
+    let mut capacities = Vec::with_capacity(scenario.settings.gpus.len());
+    for (index, card) in scenario.settings.gpus.iter().enumerate() {
+        match card.capacity() {
+            Some(capacity) => capacities.push(capacity),
+            None => match gpu::resolve_card(&scenario.settings, index) {
+                Ok(choice) => capacities.push(choice.capacity),
+                Err(e) => return Outcome::BadInput(e.to_string()),
+            },
+        }
+    }
+    let capacity = capacities
+        .iter()
+        .fold(0u64, |sum, c| sum.saturating_add(*c));
     let cards = scenario.settings.gpus.len();
     let simulated_card = scenario
         .settings
@@ -349,12 +380,10 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
     if !json {
         out.line(format_args!("{name}: {}", scenario.description));
         if cards > 1 {
-            let each: Vec<String> = scenario
-                .settings
-                .gpus
+            let each: Vec<String> = capacities
                 .iter()
                 .enumerate()
-                .map(|(i, g)| format!("gpu {i} {}", ByteSize(g.capacity().unwrap_or(0))))
+                .map(|(i, c)| format!("gpu {i} {}", ByteSize(*c)))
                 .collect();
             out.line(format_args!(
                 "capacity {} ({capacity} bytes) on {cards} cards: {}",

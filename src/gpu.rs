@@ -172,6 +172,26 @@ pub fn resolve(settings: &Settings) -> Result<GpuChoice, SettingsError> {
     resolve_card(settings, 0)
 }
 
+/// Whether the manager of card `index` asks the real card at all: for its
+/// process-backed models (a real server uses real memory), or for its
+/// total when that is "auto". A card whose every model is simulated is
+/// its simulated card, whatever `gpu.probe` says.
+pub fn asks_the_card(settings: &Settings, index: usize) -> bool {
+    let on_card = |m: &&crate::config::ModelSettings| {
+        m.gpus.as_ref().is_none_or(|list| list.contains(&index))
+    };
+    let any_process = settings
+        .models
+        .iter()
+        .filter(on_card)
+        .any(|m| matches!(m.backend, crate::config::BackendSpec::Process(_)));
+    any_process
+        || settings
+            .gpus
+            .get(index)
+            .is_none_or(|c| c.capacity().is_none())
+}
+
 /// [`resolve`] for card `index` of [`Settings::gpus`]: its device, total
 /// and reserve, with `gpu.probe`'s choice. Errors name `gpus[i].total`
 /// when the cards come from `[[gpus]]`.

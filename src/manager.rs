@@ -202,7 +202,7 @@ impl Manager {
         // The real card is asked for process-backed models, and for its
         // total when the settings say "auto".
         let known = card_settings.capacity();
-        let choice = if any_process || known.is_none() {
+        let choice = if gpu::asks_the_card(settings, index) {
             Some(gpu::resolve_card(settings, index)?)
         } else {
             None

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{GIB, load, model, outcome, run_cli, settings, start, status};
+use common::{GIB, load, model, outcome, run_cli, settings, start, status, temp_file};
 use vram_manager::config::ProbeChoice;
 use vram_manager::gpu::{self, SimCard};
 use vram_manager::scenario::{self, Scenario};
@@ -292,15 +292,28 @@ fn nvml_required_or_total_auto_without_a_usable_card_is_an_error() {
 
 #[test]
 fn check_config_with_nvml_required_exits_2_naming_nvml() {
+    // A process-backed model: the manager asks the real card, which is
+    // not there.
+    let path = temp_file(
+        "nvml-required.toml",
+        "[[models]]\nid = \"llm\"\nkind = \"llm\"\nvram = \"4GiB\"\nbackend = \"process\"\n\
+         command = [\"true\"]\nready = \"tcp://127.0.0.1:9\"\n",
+    );
+    let nvml_absent = [
+        ("VRAM__GPU__PROBE", "nvml"),
+        ("VRAM__GPU__DEVICE", "GPU-00000000-none"),
+    ];
     let (code, _, err) = outcome(&run_cli(
-        &["check-config"],
-        &[
-            ("VRAM__GPU__PROBE", "nvml"),
-            ("VRAM__GPU__DEVICE", "GPU-00000000-none"),
-        ],
+        &["check-config", path.to_str().unwrap()],
+        &nvml_absent,
     ));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("NVML") && err.contains("gpu.probe"), "{err}");
+    // Only simulated models: the manager never asks the card (serve and
+    // scenarios start), and check-config says so instead of refusing.
+    let (code, out, err) = outcome(&run_cli(&["check-config"], &nvml_absent));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("card: simulated"), "{out}");
 }
 
 #[test]

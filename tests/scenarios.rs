@@ -525,3 +525,17 @@ evicted = ["llm-a"]
     let (code, stdout, stderr) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
     assert_eq!(code, 0, "{stdout}\n{stderr}");
 }
+
+/// A scenario whose card total is "auto" needs a real card to read it:
+/// without one, the error comes alone, before any line of output.
+#[test]
+fn a_total_read_from_a_missing_card_fails_before_any_output() {
+    let path = temp_file(
+        "auto-total.toml",
+        "[gpu]\ntotal = \"auto\"\ndevice = \"GPU-00000000-none\"\n[[steps]]\nop = \"sleep\"\nms = 1\n",
+    );
+    let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert_eq!(out, "", "{err}");
+    assert!(err.contains("gpu.total") && err.contains("NVML"), "{err}");
+}
