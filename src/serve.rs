@@ -430,22 +430,20 @@ fn too_large<B>(
 }
 
 /// A request actix refused before a handler saw it (a body cut short, a
-/// bad header), as our JSON error; our own 400s pass unchanged.
+/// bad header), as our JSON error; every other 400 passes unchanged.
 fn unreadable<B>(
     response: actix_web::dev::ServiceResponse<B>,
 ) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
-    let ours = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if ours {
-        return Ok(actix_web::middleware::ErrorHandlerResponse::Response(
-            response.map_into_left_body(),
-        ));
-    }
+    // Only a refusal made from an actix error is rewritten: a model
+    // server's own 400 (proxied, no error attached) reaches the client as
+    // it was sent, and so do our JSON errors.
     let message = match response.response().error() {
         Some(e) => format!("the request could not be read: {e}"),
-        None => "the request could not be read".to_string(),
+        None => {
+            return Ok(actix_web::middleware::ErrorHandlerResponse::Response(
+                response.map_into_left_body(),
+            ));
+        }
     };
     let (request, _) = response.into_parts();
     let answer = error_body(StatusCode::BAD_REQUEST, "bad_request", &message).map_into_right_body();

@@ -224,6 +224,17 @@ fn main() -> ExitCode {
             let ready = !args.never_ready && started.elapsed() >= ready_after;
             let route = path.split('?').next().unwrap_or_default();
             let asleep = || ASLEEP.load(std::sync::atomic::Ordering::SeqCst);
+            // A refusal of its own, in plain text, as a server may answer
+            // a bad request: a proxy must pass it on unchanged.
+            if route == "/plain-400" {
+                let body = "the model server's own refusal";
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                return;
+            }
             let (status, body) = match route {
                 "/sleep" if args.fail_sleep => {
                     ("500 Internal Server Error", "{\"error\":\"cannot sleep\"}")
