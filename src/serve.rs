@@ -417,6 +417,12 @@ async fn require_token(
 fn too_large<B>(
     response: actix_web::dev::ServiceResponse<B>,
 ) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    // A model server's own 413 (proxied, no error attached) passes as sent.
+    if response.response().error().is_none() {
+        return Ok(actix_web::middleware::ErrorHandlerResponse::Response(
+            response.map_into_left_body(),
+        ));
+    }
     let (request, _) = response.into_parts();
     let answer = error_body(
         StatusCode::PAYLOAD_TOO_LARGE,

@@ -909,16 +909,19 @@ async fn unknown_routes_and_cut_bodies_answer_json_errors() {
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
     let error: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     assert_eq!(error["error"]["code"], "bad_request", "{answer}");
-    // A model server's own 400 in plain text reaches the client unchanged.
+    // A model server's own 400 or 413 in plain text reaches the client
+    // unchanged.
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(30))
         .finish();
-    let mut refused = client
-        .get(format!("{base}/upstream/llm-b/plain-400"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status().as_u16(), 400);
-    let text = refused.body().await.unwrap();
-    assert_eq!(&text[..], b"the model server's own refusal");
+    for status in [400u16, 413] {
+        let mut refused = client
+            .get(format!("{base}/upstream/llm-b/plain-{status}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status().as_u16(), status);
+        let text = refused.body().await.unwrap();
+        assert_eq!(&text[..], b"the model server's own refusal", "{status}");
+    }
 }

@@ -226,11 +226,16 @@ fn main() -> ExitCode {
             let asleep = || ASLEEP.load(std::sync::atomic::Ordering::SeqCst);
             // A refusal of its own, in plain text, as a server may answer
             // a bad request: a proxy must pass it on unchanged.
-            if route == "/plain-400" {
+            let plain = match route {
+                "/plain-400" => Some("400 Bad Request"),
+                "/plain-413" => Some("413 Payload Too Large"),
+                _ => None,
+            };
+            if let Some(status) = plain {
                 let body = "the model server's own refusal";
                 let _ = write!(
                     stream,
-                    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 return;
