@@ -165,11 +165,6 @@ pub fn gpu_report(json: bool) -> Outcome {
             } else {
                 out!(text, "No NVIDIA driver found ({e}).");
                 match (total, capacity) {
-                    // Required, not preferred: nothing falls back.
-                    _ if settings.gpu.probe == ProbeChoice::Nvml => out!(
-                        text,
-                        "gpu.probe is \"nvml\", which requires it: vram-manager will refuse to start (set gpu.probe = \"auto\" to use gpu.total without NVML)."
-                    ),
                     (Some(total), Some(capacity)) => out!(
                         text,
                         "vram-manager will use the configured gpu.total instead: {} ({total} bytes), less a reserve of {}: capacity {} ({capacity} bytes).",

@@ -333,13 +333,6 @@ fn gpu_command_reports_the_card_or_the_fallback_and_exits_0() {
     } else {
         assert!(v["devices"].as_array().is_some_and(|d| !d.is_empty()));
     }
-    // NVML required: without it nothing falls back, and the report says so.
-    let (code, out, err) = outcome(&run_cli(&["gpu"], &[("VRAM__GPU__PROBE", "nvml")]));
-    assert_eq!(code, 0, "{err}");
-    if out.contains("No NVIDIA driver found") {
-        assert!(out.contains("will refuse to start"), "{out}");
-        assert!(!out.contains("instead"), "{out}");
-    }
 }
 
 #[test]
