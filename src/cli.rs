@@ -346,19 +346,13 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         Ok(s) => s,
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
-    // Each card's capacity as the run will have it: a total of "auto" is
-    // read from the real card here, so that without one the error comes
-    // before any output.
-    let mut capacities = Vec::with_capacity(scenario.settings.gpus.len());
-    for (index, card) in scenario.settings.gpus.iter().enumerate() {
-        match card.capacity() {
-            Some(capacity) => capacities.push(capacity),
-            None => match gpu::resolve_card(&scenario.settings, index) {
-                Ok(choice) => capacities.push(choice.capacity),
-                Err(e) => return Outcome::BadInput(e.to_string()),
-            },
-        }
-    }
+    // Every card of a scenario has a size (Scenario::parse refuses "auto").
+    let capacities: Vec<u64> = scenario
+        .settings
+        .gpus
+        .iter()
+        .map(|g| g.capacity().unwrap_or(0))
+        .collect();
     let capacity = capacities
         .iter()
         .fold(0u64, |sum, c| sum.saturating_add(*c));

@@ -204,13 +204,30 @@ impl Scenario {
     /// step) is read whole; so is a file with an error, so the message names
     /// the key and the line exactly as in the file.
     pub fn parse(origin: &str, text: &str) -> Result<Self, SettingsError> {
-        match split_steps(text) {
+        let scenario = match split_steps(text) {
             Some(split) => match Self::parse_split(origin, &split) {
-                Ok(Some(scenario)) => Ok(scenario),
-                Ok(None) | Err(_) => Self::parse_whole(origin, text),
+                Ok(Some(scenario)) => scenario,
+                Ok(None) | Err(_) => Self::parse_whole(origin, text)?,
             },
-            None => Self::parse_whole(origin, text),
+            None => Self::parse_whole(origin, text)?,
+        };
+        // Each card is simulated, sized by its total: one to be read from a
+        // real card has no size here.
+        let listed = scenario.settings.gpus.len() > 1;
+        for (i, card) in scenario.settings.gpus.iter().enumerate() {
+            if card.capacity().is_none() {
+                let key = if listed {
+                    format!("gpus[{i}].total")
+                } else {
+                    "gpu.total".to_string()
+                };
+                return Err(SettingsError::Invalid {
+                    key,
+                    message: "\"auto\" reads a real card's total, but a scenario runs on a simulated card: give a size such as \"16GiB\"".to_string(),
+                });
+            }
         }
+        Ok(scenario)
     }
 
     /// The whole file as one document, strictly: a step's type error names

@@ -125,10 +125,11 @@ fn nvml_total_auto_and_a_device_by_uuid() {
         out.contains("NVML device GPU-bbbb") && out.contains(&format!("({} bytes)", 7 * GIB)),
         "{out}"
     );
-    // A UUID the library does not know is refused, naming the setting.
+    // A UUID the library does not know is refused, naming the setting
+    // (its total is read from the card, so the card is asked).
     let wrong = temp_file(
         "nvml-wrong.toml",
-        "[gpu]\nprobe = \"nvml\"\ndevice = \"GPU-cccc\"\n",
+        "[gpu]\nprobe = \"nvml\"\ntotal = \"auto\"\ndevice = \"GPU-cccc\"\n",
     );
     let (code, _, err) = with_stub(&state, &["check-config", wrong.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");

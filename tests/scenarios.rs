@@ -526,16 +526,22 @@ evicted = ["llm-a"]
     assert_eq!(code, 0, "{stdout}\n{stderr}");
 }
 
-/// A scenario whose card total is "auto" needs a real card to read it:
-/// without one, the error comes alone, before any line of output.
+/// A scenario runs on simulated cards, each sized by its total: a total of
+/// "auto" (read from a real card) is refused when the file is read, before
+/// any line of output, by `scenario` and `check-config` alike.
 #[test]
-fn a_total_read_from_a_missing_card_fails_before_any_output() {
+fn a_card_total_of_auto_is_refused_in_a_scenario_before_any_output() {
     let path = temp_file(
         "auto-total.toml",
         "[gpu]\ntotal = \"auto\"\ndevice = \"GPU-00000000-none\"\n[[steps]]\nop = \"sleep\"\nms = 1\n",
     );
-    let (code, out, err) = outcome(&run_cli(&["scenario", path.to_str().unwrap()], &[]));
-    assert_eq!(code, 2, "{out}\n{err}");
-    assert_eq!(out, "", "{err}");
-    assert!(err.contains("gpu.total") && err.contains("NVML"), "{err}");
+    for command in ["scenario", "check-config"] {
+        let (code, out, err) = outcome(&run_cli(&[command, path.to_str().unwrap()], &[]));
+        assert_eq!(code, 2, "{command}: {out}\n{err}");
+        assert_eq!(out, "", "{command}: {err}");
+        assert!(
+            err.contains("gpu.total") && err.contains("simulated card"),
+            "{command}: {err}"
+        );
+    }
 }
