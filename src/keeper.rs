@@ -46,6 +46,11 @@ use nix::unistd::Pid;
 /// The first argument that turns an executable into a keeper.
 pub const KEEPER_ARG: &str = "__vram-keeper";
 
+/// How long the keeper waits, once its tree shows no live process, for the
+/// server's exit to complete (its last threads torn down) so it can be
+/// reaped.
+const LEADER_REAP: Duration = Duration::from_secs(2);
+
 /// Set once this executable has shown it can act as a keeper.
 static HOSTS_KEEPER: AtomicBool = AtomicBool::new(false);
 
@@ -333,7 +338,7 @@ impl Tree {
                 self.reap();
                 if self.alive().is_empty() {
                     // Zombies are not alive but still to be reaped.
-                    self.reap();
+                    self.reap_leader(Instant::now() + LEADER_REAP);
                     return;
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -367,7 +372,28 @@ impl Tree {
         } else if escalated > 0 {
             report(&Report::Escalated(escalated));
         }
-        self.reap();
+        self.reap_leader(Instant::now() + LEADER_REAP);
+    }
+
+    /// Reaps what has exited, waiting until `deadline` for the leader: a
+    /// process whose main thread has exited shows as a zombie while its
+    /// other threads are still being torn down, and cannot be reaped (nor
+    /// has it let go of its memory) until they are. Returning before would
+    /// lose its exit status and report the tree gone too soon.
+    fn reap_leader(&mut self, deadline: Instant) {
+        loop {
+            self.reap();
+            if self.leader_status.is_some() {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            // Its exit, once complete, is a SIGCHLD; a short bound in case
+            // that signal was taken by an earlier wait.
+            self.wait_signal(Some(left.min(Duration::from_millis(10))));
+        }
     }
 
     /// The live processes of the tree: the descendants, and the leader
