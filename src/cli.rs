@@ -346,13 +346,7 @@ pub fn scenario(file: Option<&Path>, json: bool, plot: Option<&Path>) -> Outcome
         Ok(s) => s,
         Err(e) => return Outcome::BadInput(e.to_string()),
     };
-    // Every card of a scenario has a size (Scenario::parse refuses "auto").
-    let capacities: Vec<u64> = scenario
-        .settings
-        .gpus
-        .iter()
-        .map(|g| g.capacity().unwrap_or(0))
-        .collect();
+    let capacities = scenario.capacities();
     let capacity = capacities
         .iter()
         .fold(0u64, |sum, c| sum.saturating_add(*c));

@@ -195,6 +195,16 @@ impl Scenario {
         Self::parse(&path.display().to_string(), &read_file(path)?)
     }
 
+    /// Each simulated card's usable bytes, in list order (every card of a
+    /// scenario has a size: [`Scenario::parse`] refuses "auto").
+    pub fn capacities(&self) -> Vec<u64> {
+        self.settings
+            .gpus
+            .iter()
+            .map(|g| g.capacity().unwrap_or(0))
+            .collect()
+    }
+
     /// Validates scenario text; `origin` names it in messages.
     ///
     /// Steps are read one `[[steps]]` table at a time, straight into their
@@ -686,12 +696,7 @@ fn run_on(
     paused: bool,
 ) -> Result<Report, SettingsError> {
     Manager::config(&scenario.settings)?;
-    let capacities: Vec<u64> = scenario
-        .settings
-        .gpus
-        .iter()
-        .map(|g| g.capacity().unwrap_or(0))
-        .collect();
+    let capacities = scenario.capacities();
     let capacity = capacities.iter().fold(0u64, |a, b| a.saturating_add(*b));
     let simulated = scenario
         .settings
