@@ -417,42 +417,38 @@ async fn require_token(
 fn too_large<B>(
     response: actix_web::dev::ServiceResponse<B>,
 ) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
-    // A model server's own 413 (proxied, no error attached) passes as sent.
-    if response.response().error().is_none() {
-        return Ok(actix_web::middleware::ErrorHandlerResponse::Response(
-            response.map_into_left_body(),
-        ));
-    }
-    let (request, _) = response.into_parts();
-    let answer = error_body(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
-        "the request body is larger than server.max_body",
-    )
-    .map_into_right_body();
-    Ok(actix_web::middleware::ErrorHandlerResponse::Response(
-        actix_web::dev::ServiceResponse::new(request, answer),
-    ))
+    as_json_error(response, "too_large", |_| {
+        "the request body is larger than server.max_body".to_string()
+    })
 }
 
-/// A request actix refused before a handler saw it (a body cut short, a
-/// bad header), as our JSON error; every other 400 passes unchanged.
+/// A body actix could not read (cut short before its Content-Length), as
+/// our JSON error.
 fn unreadable<B>(
     response: actix_web::dev::ServiceResponse<B>,
 ) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
-    // Only a refusal made from an actix error is rewritten: a model
-    // server's own 400 (proxied, no error attached) reaches the client as
-    // it was sent, and so do our JSON errors.
-    let message = match response.response().error() {
-        Some(e) => format!("the request could not be read: {e}"),
-        None => {
-            return Ok(actix_web::middleware::ErrorHandlerResponse::Response(
-                response.map_into_left_body(),
-            ));
-        }
+    as_json_error(response, "bad_request", |e| {
+        format!("the request could not be read: {e}")
+    })
+}
+
+/// Rewrites a refusal that actix made from an error as our JSON error,
+/// keeping its status. Any other response with that status passes as sent:
+/// a model server's own (proxied, with no error attached) must reach the
+/// client unchanged, and ours are JSON already.
+fn as_json_error<B>(
+    response: actix_web::dev::ServiceResponse<B>,
+    code: &str,
+    message: impl FnOnce(&actix_web::Error) -> String,
+) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    let Some(message) = response.response().error().map(message) else {
+        return Ok(actix_web::middleware::ErrorHandlerResponse::Response(
+            response.map_into_left_body(),
+        ));
     };
+    let status = response.status();
     let (request, _) = response.into_parts();
-    let answer = error_body(StatusCode::BAD_REQUEST, "bad_request", &message).map_into_right_body();
+    let answer = error_body(status, code, &message).map_into_right_body();
     Ok(actix_web::middleware::ErrorHandlerResponse::Response(
         actix_web::dev::ServiceResponse::new(request, answer),
     ))
