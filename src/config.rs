@@ -464,6 +464,13 @@ pub struct ModelSettings {
     pub gpus: Option<Vec<usize>>,
 }
 
+impl ModelSettings {
+    /// Whether it may go to card `index` of [`Settings::gpus`].
+    pub fn may_go_on(&self, index: usize) -> bool {
+        self.gpus.as_ref().is_none_or(|list| list.contains(&index))
+    }
+}
+
 /// The HTTP server of `vram-manager serve`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {

@@ -177,14 +177,10 @@ pub fn resolve(settings: &Settings) -> Result<GpuChoice, SettingsError> {
 /// total when that is "auto". A card whose every model is simulated is
 /// its simulated card, whatever `gpu.probe` says.
 pub fn asks_the_card(settings: &Settings, index: usize) -> bool {
-    let on_card = |m: &&crate::config::ModelSettings| {
-        m.gpus.as_ref().is_none_or(|list| list.contains(&index))
-    };
     let any_process = settings
         .models
         .iter()
-        .filter(on_card)
-        .any(|m| matches!(m.backend, crate::config::BackendSpec::Process(_)));
+        .any(|m| m.may_go_on(index) && matches!(m.backend, crate::config::BackendSpec::Process(_)));
     any_process
         || settings
             .gpus

@@ -191,11 +191,11 @@ impl Manager {
         page_cache: &SimPageCache,
     ) -> Result<Card, SettingsError> {
         let card_settings = &settings.gpus[index];
-        let allowed = |m: &&crate::config::ModelSettings| {
-            m.gpus.as_ref().is_none_or(|list| list.contains(&index))
-        };
-        let models: Vec<&crate::config::ModelSettings> =
-            settings.models.iter().filter(allowed).collect();
+        let models: Vec<&crate::config::ModelSettings> = settings
+            .models
+            .iter()
+            .filter(|m| m.may_go_on(index))
+            .collect();
         let any_process = models
             .iter()
             .any(|m| matches!(m.backend, BackendSpec::Process(_)));
